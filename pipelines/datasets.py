@@ -1,0 +1,98 @@
+"""Locating ImageFolder splits and labeled subsets, with clear errors.
+
+The labeled subset is either a file in SimCLR's ``10percent.txt`` format (one
+file name, or path relative to the split root, per line) or a class-stratified
+draw of ``fraction`` of each class from a seed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """The data on disk does not match what the run needs."""
+
+
+@dataclass(frozen=True)
+class ImageFolderIndex:
+    """Sorted (path, label) listing of an ImageFolder split, as torchvision orders it."""
+
+    root: Path
+    classes: tuple[str, ...]
+    paths: tuple[str, ...]  # relative to root: "<class>/<file>"
+    labels: np.ndarray  # int64, one per path
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def index_image_folder(root: str | os.PathLike) -> ImageFolderIndex:
+    """List ``root/<class>/<image>`` like torchvision's ImageFolder, but refuse
+    a missing root or an empty class folder by name instead of failing later."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data split directory not found: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise DataError(f"no class folders in {root} (expected ImageFolder layout <root>/<class>/<image>)")
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        files = sorted(
+            e.name for e in os.scandir(root / cls) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not files:
+            raise DataError(
+                f"class folder {root / cls} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); "
+                "remove it or add images"
+            )
+        paths.extend(f"{cls}/{name}" for name in files)
+        labels.extend([label] * len(files))
+    return ImageFolderIndex(root, tuple(classes), tuple(paths), np.asarray(labels, dtype=np.int64))
+
+
+def read_labeled_list(list_file: str | os.PathLike, index: ImageFolderIndex) -> np.ndarray:
+    """Sample indices named by ``list_file``: one file name (SimCLR's format,
+    e.g. ``n01440764_10026.JPEG``) or relative path per line; blank lines and
+    ``#`` comments ignored. Any name absent from the split is an error."""
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise DataError(f"labeled-subset file not found: {list_file}")
+    by_path = {p: i for i, p in enumerate(index.paths)}
+    by_name: dict[str, int] = {}
+    for i, p in enumerate(index.paths):
+        by_name.setdefault(p.split("/", 1)[1], i)
+    chosen: list[int] = []
+    missing: list[str] = []
+    for line in list_file.read_text().splitlines():
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        i = by_path.get(name.replace(os.sep, "/"), by_name.get(Path(name).name))
+        if i is None:
+            missing.append(name)
+        else:
+            chosen.append(i)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise DataError(f"{len(missing)} name(s) in labeled-subset file {list_file} are not in {index.root}: {shown}")
+    if not chosen:
+        raise DataError(f"labeled-subset file {list_file} names no images")
+    return np.unique(np.asarray(chosen, dtype=np.int64))
+
+
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int, min_per_class: int = 1) -> np.ndarray:
+    """Draw ``fraction`` of each class (at least ``min_per_class``) without replacement."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        take = min(len(members), max(min_per_class, int(round(fraction * len(members)))))
+        chosen.append(rng.choice(members, size=take, replace=False))
+    return np.sort(np.concatenate(chosen))

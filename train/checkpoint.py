@@ -1,0 +1,100 @@
+"""Atomic checkpoints and ``--resume auto``.
+
+A checkpoint is written to a temporary file in the same directory, flushed
+to disk, then renamed to ``ckpt-<global step>.pt``: a kill at any moment
+leaves either the old set of complete files or the new one, never a partial
+file under a checkpoint name. ``find_latest`` ignores temporary files and
+falls back to an older checkpoint if the newest cannot be loaded.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CKPT_PATTERN = re.compile(r"^ckpt-(\d{9})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_path(run_dir: Path, global_step: int) -> Path:
+    return Path(run_dir) / f"ckpt-{global_step:09d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), run_dir / name) for name in os.listdir(run_dir) if (m := CKPT_PATTERN.match(name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temp file beside ``path``, fsync, rename. On any error
+    the temp file is removed and ``path`` (if it existed) is untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
+        raise
+
+
+def save_checkpoint(state: dict, run_dir: Path, global_step: int, keep: int) -> Path:
+    path = checkpoint_path(run_dir, global_step)
+    save_atomic(state, path)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
+    """Newest loadable checkpoint in ``run_dir`` (None when there is none)."""
+    errors = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False), path
+        except Exception as exc:  # a damaged file: try the previous one, but say so
+            errors.append(f"{path.name}: {exc}")
+            print(f"warning: skipping unreadable checkpoint {path}: {exc}", flush=True)
+    if errors:
+        raise CheckpointError(f"no loadable checkpoint in {run_dir}: " + "; ".join(errors))
+    return None
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,276 @@
+"""Typed run configuration: dataclasses with defaults, loaded from YAML.
+
+Unknown keys and values of the wrong type are refused with a message naming
+the dotted key, before any work starts. ``--set a.b=value`` overrides parse
+``value`` as YAML (so ``--set optim.lr=0.3`` is a float).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.recipe import SimCLRRecipe
+
+BACKENDS = ("torch", "dali", "ffcv")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid."""
+
+
+@dataclass
+class DataConfig:
+    backend: str = "torch"
+    root: str = ""  # ImageFolder root holding <train_split>/ and <val_split>/, or a converted dir for dali/ffcv
+    train_split: str = "train"
+    val_split: str = "val"
+    labeled_list: str | None = None  # one relative path (or file name) per line, SimCLR's 10% list format
+    labeled_fraction: float = 0.1  # used when labeled_list is None: class-stratified draw with run.seed
+    unlabeled_batch_size: int = 44  # per rank, images (each gives 2 views)
+    support_classes: int = 20  # C, per rank
+    support_images_per_class: int = 2  # K
+    support_views: int = 1  # V augmented views of each support image
+    unique_classes: bool = False  # each rank draws disjoint classes
+    num_workers: int = 8
+    prefetch_factor: int = 2
+    knn_max_samples: int = 10000  # cap of the held-out set used by the kNN monitor
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    head_hidden_dim: int = 2048
+    head_out_dim: int = 128
+    sync_bn: bool = True
+    channels_last: bool = True
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 500
+    start_lr: float = 0.6
+    lr: float = 4.8
+    final_lr: float = 0.048
+    warmup_epochs: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-6
+    trust_coefficient: float = 0.001
+    nesterov: bool = False
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.1
+    suncet_weight: float = 1.0  # 0 gives SimCLR alone
+    supervised_epochs: int | None = None  # SuNCEt switched off from this epoch on (None: never)
+    on_nonfinite: str = "stop"  # "stop" the run, or "skip" the step and count it
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    precision: str = "auto"  # auto: fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise
+    deterministic: bool = False
+    log_every_steps: int = 10
+    checkpoint_every_steps: int = 500
+    keep_checkpoints: int = 2
+    knn_every_epochs: int = 1  # 0 disables the kNN monitor
+    knn_k: int = 20
+    max_steps_per_epoch: int | None = None  # truncate epochs (smoke tests, profiling)
+    progress_bar: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: SimCLRRecipe = field(default_factory=SimCLRRecipe)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def support_batch_size(self) -> int:
+        d = self.data
+        return d.support_classes * d.support_images_per_class * d.support_views
+
+    def validate(self, world_size: int = 1) -> None:
+        """Refuse impossible values, naming the key. Data-dependent checks
+        (C larger than the number of classes, ...) happen when loaders are built."""
+        d, o, l, r = self.data, self.optim, self.loss, self.run
+        if d.backend not in BACKENDS:
+            raise ConfigError(f"data.backend must be one of {BACKENDS}, got {d.backend!r}")
+        if r.precision not in PRECISIONS:
+            raise ConfigError(f"run.precision must be one of {PRECISIONS}, got {r.precision!r}")
+        if l.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"loss.on_nonfinite must be 'stop' or 'skip', got {l.on_nonfinite!r}")
+        positive_ints = {
+            "data.unlabeled_batch_size": d.unlabeled_batch_size,
+            "data.support_images_per_class": d.support_images_per_class,
+            "data.support_views": d.support_views,
+            "optim.epochs": o.epochs,
+            "run.log_every_steps": r.log_every_steps,
+            "run.checkpoint_every_steps": r.checkpoint_every_steps,
+            "run.keep_checkpoints": r.keep_checkpoints,
+            "run.knn_k": r.knn_k,
+            "model.head_out_dim": self.model.head_out_dim,
+        }
+        for key, value in positive_ints.items():
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if d.unlabeled_batch_size < 2:
+            raise ConfigError("data.unlabeled_batch_size must be >= 2 (NT-Xent needs negatives)")
+        if d.support_classes < 0 or d.num_workers < 0:
+            raise ConfigError("data.support_classes and data.num_workers must be >= 0")
+        if l.suncet_weight > 0 and d.support_classes < 2:
+            raise ConfigError("data.support_classes must be >= 2 when loss.suncet_weight > 0 (SuNCEt needs negatives)")
+        if not 0 < d.labeled_fraction <= 1:
+            raise ConfigError(f"data.labeled_fraction must be in (0, 1], got {d.labeled_fraction}")
+        for key in ("start_lr", "lr", "final_lr", "weight_decay", "momentum", "trust_coefficient", "warmup_epochs"):
+            value = getattr(o, key)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"optim.{key} must be finite and >= 0, got {value}")
+        if o.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+        if not math.isfinite(l.temperature) or l.temperature <= 0:
+            raise ConfigError(f"loss.temperature must be finite and > 0, got {l.temperature}")
+        if not math.isfinite(l.suncet_weight) or l.suncet_weight < 0:
+            raise ConfigError(f"loss.suncet_weight must be finite and >= 0, got {l.suncet_weight}")
+        if r.max_steps_per_epoch is not None and r.max_steps_per_epoch < 1:
+            raise ConfigError("run.max_steps_per_epoch must be >= 1 or null")
+        if world_size < 1:
+            raise ConfigError(f"world size must be >= 1, got {world_size}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` coerced to ``annotation`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(key, value, option)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_check_type(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in values.items():
+        annotation = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value, key + ".")
+        else:
+            kwargs[name] = _check_type(key, value, annotation)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # dataclass __post_init__ checks (e.g. the recipe)
+        raise ConfigError(str(exc)) from exc
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
+    """Load a YAML config (or defaults when ``path`` is None) and apply overrides."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return _build(PretrainConfig, tree, "")
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists) for YAML/JSON dumps and checkpoints."""
+
+    def convert(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            return {f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        if isinstance(obj, tuple):
+            return [convert(v) for v in obj]
+        return obj
+
+    return convert(cfg)
+
+
+def config_from_dict(tree: dict) -> PretrainConfig:
+    return _build(PretrainConfig, tree, "")

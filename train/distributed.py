@@ -1,0 +1,160 @@
+"""Everything distributed in one place: process-group setup from torchrun or
+SLURM variables, rank helpers, and a gradient-preserving all-gather."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        if name in os.environ and os.environ[name] != "":
+            return int(os.environ[name])
+    return None
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    if not nodelist:
+        return "127.0.0.1"
+    # "node[01-04,07]" or "nodeA,nodeB": the first host name is enough.
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        first = rest.split("-")[0].split(",")[0].rstrip("]")
+        return prefix + first
+    return head
+
+
+def choose_device(requested: str | None, local_rank: int) -> torch.device:
+    """``cpu``/``cuda`` when requested, else CUDA when present."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested not in (None, "auto", "cuda"):
+        raise ValueError(f"--device must be 'auto', 'cpu' or 'cuda', got {requested!r}")
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if requested == "cuda":
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    return torch.device("cpu")
+
+
+def init_distributed(requested_device: str | None = None, timeout_s: int = 1800) -> DistContext:
+    """Join the process group described by torchrun (RANK/WORLD_SIZE/LOCAL_RANK)
+    or SLURM (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) variables, or run alone.
+
+    NCCL on CUDA, gloo on CPU. Raises when the group cannot be formed, rather
+    than silently training on one process.
+    """
+    rank = _env_int("RANK", "SLURM_PROCID")
+    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS")
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    if rank is None or world_size is None or world_size == 1:
+        device = choose_device(requested_device, local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return DistContext(0, 1, 0, device)
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = _slurm_master_addr()
+    os.environ.setdefault("MASTER_PORT", "29500")
+    device = choose_device(requested_device, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    except Exception as exc:  # name what failed, then re-raise
+        raise RuntimeError(
+            f"could not join the process group (rank {rank} of {world_size}, backend {backend}, "
+            f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} MASTER_PORT={os.environ.get('MASTER_PORT')}): {exc}"
+        ) from exc
+    return DistContext(rank, world_size, local_rank, device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradients of every rank's copy and
+    returns to each rank the slice for the rows it produced."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        ctx.rank = dist.get_rank()
+        ctx.rows = x.shape[0]
+        out = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0 (rank order), keeping the
+    autograd path to every rank's own rows. Identity when not distributed.
+
+    Every rank must pass the same shape. Because each rank's loss is a mean
+    over the global batch and DDP averages gradients over ranks, the
+    all_reduce(SUM) in backward makes a W-rank run's gradients equal those of
+    one process on the concatenated batch.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).item()

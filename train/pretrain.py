@@ -1,0 +1,285 @@
+"""SimCLR + SuNCEt pre-training: ``python -m train.pretrain --config configs/X.yaml``.
+
+Runs alone or under ``torchrun`` (one or many nodes) or SLURM. Layout follows
+torchvision's references: ``build_parser``, ``main`` (wiring only),
+``train_one_epoch`` and ``evaluate_knn``.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from model import build_model, export_torchvision_state_dict
+from pipelines.build import Loaders, build_loaders
+from pipelines.datasets import DataError
+from train import checkpoint as ckpt
+from train.config import ConfigError, PretrainConfig, config_from_dict, config_to_dict, load_config
+from train.distributed import DistContext, init_distributed, shutdown_distributed
+from train.knn import extract_features, knn_accuracy
+from train.lars import LARS, lars_param_groups
+from train.precision import resolve_precision
+from train.run_logger import RunLogger
+from train.schedule import WarmupCosineSchedule
+from train.step import NonFiniteLossError, StepSettings, train_step
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=2.4 (repeatable)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--resume", default="none",
+                   help="'auto': continue from the newest checkpoint in run.output_dir if any; "
+                        "'none': start fresh (refused if the directory holds checkpoints); or a checkpoint path")
+    return p
+
+
+@dataclass
+class TrainState:
+    """Where the run is: the next step to train is ``step`` of ``epoch``."""
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    skipped_steps: int = 0
+
+
+@dataclass
+class Trainer:
+    """The objects a step needs, wired once by ``main``."""
+
+    cfg: PretrainConfig
+    ctx: DistContext
+    model: torch.nn.Module  # DDP-wrapped when distributed
+    core: torch.nn.Module  # the bare model (checkpoints, kNN, export)
+    optimizer: LARS
+    scaler: torch.amp.GradScaler
+    schedule: WarmupCosineSchedule
+    loaders: Loaders
+    steps_per_epoch: int
+    logger: RunLogger | None
+
+    def step_settings(self, epoch: int) -> StepSettings:
+        loss = self.cfg.loss
+        supervised = loss.supervised_epochs is None or epoch < loss.supervised_epochs
+        return StepSettings(loss.temperature, loss.suncet_weight if supervised else 0.0,
+                            resolve_precision(self.cfg.run.precision, self.ctx.device),
+                            skip_nonfinite=loss.on_nonfinite == "skip")
+
+    def checkpoint_state(self, state: TrainState) -> dict:
+        return {
+            "model": self.core.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "train_state": asdict(state),
+            "config": config_to_dict(self.cfg),
+            "world_size": self.ctx.world_size,
+            "rng": ckpt.rng_state(),
+        }
+
+    def save(self, state: TrainState) -> None:
+        if self.ctx.is_main:
+            ckpt.save_checkpoint(self.checkpoint_state(state), Path(self.cfg.run.output_dir), state.global_step,
+                                 self.cfg.run.keep_checkpoints)
+        if self.ctx.distributed:
+            torch.distributed.barrier()
+
+
+def train_one_epoch(tr: Trainer, state: TrainState) -> None:
+    """Train from ``state.step`` to the end of ``state.epoch``; checkpoints every
+    ``run.checkpoint_every_steps`` global steps."""
+    cfg, ctx = tr.cfg, tr.ctx
+    settings = tr.step_settings(state.epoch)
+    loader = tr.loaders.train
+    loader.set_epoch(state.epoch, state.step)
+    bar = tqdm(total=tr.steps_per_epoch, initial=state.step, desc=f"epoch {state.epoch}",
+               disable=not (ctx.is_main and cfg.run.progress_bar), dynamic_ncols=True)
+    tr.model.train()
+    batches = iter(loader)
+    t_prev = time.perf_counter()
+    while state.step < tr.steps_per_epoch:
+        batch = next(batches)
+        t_data = time.perf_counter()
+        lr = tr.schedule.apply(tr.optimizer, state.global_step)
+        out = train_step(tr.model, batch, tr.optimizer, tr.scaler, settings)  # .item() syncs the device
+        t_done = time.perf_counter()
+        step_time = t_done - t_prev
+        wait = (t_data - t_prev) / step_time if step_time > 0 else 0.0
+        t_prev = t_done
+        state.skipped_steps += int(out.pop("skipped"))
+        state.step += 1
+        state.global_step += 1
+        images_per_s = batch.unlabeled_batch_size / step_time
+        if ctx.is_main:
+            bar.update(1)
+            bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.1f}",
+                            wait=f"{100 * wait:.0f}%")
+        if state.global_step % cfg.run.log_every_steps == 0 or state.step == tr.steps_per_epoch:
+            row = {"global_step": state.global_step, "epoch": state.epoch, "step": state.step, "lr": lr,
+                   "images_per_s": images_per_s, "data_wait_frac": wait, "skipped": state.skipped_steps, **out}
+            if tr.logger is not None:
+                tr.logger.log(row)
+        if state.global_step % cfg.run.checkpoint_every_steps == 0 and state.step < tr.steps_per_epoch:
+            tr.save(state)
+    bar.close()
+    batches.close() if hasattr(batches, "close") else None
+
+
+@torch.no_grad()
+def evaluate_knn(tr: Trainer) -> dict[str, float] | None:
+    """Weighted cosine kNN of held-out images against the labeled subset."""
+    loaders = tr.loaders
+    if loaders.knn_train is None or loaders.knn_test is None:
+        return None
+    was_training = tr.core.training
+    tr.core.eval()
+    cl = tr.cfg.model.channels_last
+    progress = tr.cfg.run.progress_bar
+    train_f, train_y = extract_features(tr.core.features, loaders.knn_train, tr.ctx.device, cl, progress, "knn labeled")
+    test_f, test_y = extract_features(tr.core.features, loaders.knn_test, tr.ctx.device, cl, progress, "knn held-out")
+    tr.core.train(was_training)
+    return knn_accuracy(train_f, train_y, test_f, test_y, loaders.num_classes, k=tr.cfg.run.knn_k)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def resolve_resume(resume: str, run_dir: Path) -> tuple[dict, Path] | None:
+    if resume == "none":
+        existing = ckpt.list_checkpoints(run_dir)
+        if existing:
+            raise ConfigError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}); "
+                              "pass --resume auto to continue it, or choose another run.output_dir")
+        return None
+    if resume == "auto":
+        return ckpt.load_latest(run_dir)
+    path = Path(resume)
+    if not path.is_file():
+        raise ConfigError(f"--resume: checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=False), path
+
+
+def build_trainer(cfg: PretrainConfig, ctx: DistContext, resume_step: int | None) -> Trainer:
+    precision = resolve_precision(cfg.run.precision, ctx.device)
+    loaders = build_loaders(cfg, ctx.rank, ctx.world_size, ctx.device, precision.input_dtype)
+    m = cfg.model
+    sync_bn = m.sync_bn and ctx.distributed and ctx.device.type == "cuda"
+    core = build_model(m.arch, m.head_hidden_dim, m.head_out_dim, channels_last=m.channels_last, sync_bn=sync_bn)
+    core.to(ctx.device)
+    model = core
+    if ctx.distributed:
+        model = DistributedDataParallel(core, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    o = cfg.optim
+    optimizer = LARS(lars_param_groups(core, o.weight_decay), lr=o.start_lr, momentum=o.momentum,
+                     trust_coefficient=o.trust_coefficient, nesterov=o.nesterov)
+    steps = len(loaders.train)
+    if cfg.run.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.run.max_steps_per_epoch)
+    try:
+        schedule = WarmupCosineSchedule(steps_per_epoch=steps, epochs=o.epochs, warmup_epochs=o.warmup_epochs,
+                                        start_lr=o.start_lr, peak_lr=o.lr, final_lr=o.final_lr)
+    except ValueError as exc:
+        raise ConfigError(f"optim (epochs/warmup_epochs): {exc}") from exc
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision.use_grad_scaler)
+    logger = RunLogger(Path(cfg.run.output_dir), cfg, resume_step) if ctx.is_main else None
+    return Trainer(cfg, ctx, model, core, optimizer, scaler, schedule, loaders, steps, logger)
+
+
+def run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none") -> dict:
+    cfg.validate(ctx.world_size)
+    run_dir = Path(cfg.run.output_dir)
+    loaded = resolve_resume(resume, run_dir)
+    if loaded is not None:
+        saved_cfg = config_from_dict(loaded[0]["config"])
+        if (saved_cfg.data, saved_cfg.model) != (cfg.data, cfg.model) or loaded[0]["world_size"] != ctx.world_size:
+            print("warning: resuming with a different data/model config or world size than the checkpoint's",
+                  file=sys.stderr)
+    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    state = TrainState(**loaded[0]["train_state"]) if loaded else TrainState()
+    tr = build_trainer(cfg, ctx, state.global_step if loaded else None)
+    if loaded:
+        saved, path = loaded
+        tr.core.load_state_dict(saved["model"])
+        tr.optimizer.load_state_dict(saved["optimizer"])
+        tr.scaler.load_state_dict(saved["scaler"])
+        ckpt.set_rng_state(saved["rng"])
+        if ctx.is_main:
+            print(f"resumed from {path} at epoch {state.epoch} step {state.step} (global step {state.global_step})")
+    knn = None
+    try:
+        while state.epoch < cfg.optim.epochs:
+            train_one_epoch(tr, state)
+            if cfg.run.knn_every_epochs and (state.epoch + 1) % cfg.run.knn_every_epochs == 0 and ctx.is_main:
+                knn = evaluate_knn(tr)
+                if knn is not None:
+                    tr.logger.log({"global_step": state.global_step, "epoch": state.epoch, **knn})
+                    print(f"epoch {state.epoch}: kNN top-1 {knn['knn_top1']:.2f}%  top-5 {knn['knn_top5']:.2f}%")
+            state.epoch, state.step = state.epoch + 1, 0
+            tr.save(state)
+    except NonFiniteLossError as exc:
+        raise NonFiniteLossError(f"{exc}. Last good checkpoint kept in {run_dir}; "
+                                 "lower optim.lr or set loss.on_nonfinite=skip") from exc
+    summary = {"run_dir": str(run_dir.resolve()), "global_step": state.global_step,
+               "skipped_steps": state.skipped_steps, **(knn or {})}
+    if ctx.is_main:
+        export_encoder(tr, run_dir)
+        tr.logger.write_summary(summary)
+        tr.logger.close()
+    return summary
+
+
+def export_encoder(tr: Trainer, run_dir: Path) -> Path:
+    """torchvision-compatible state_dict where the arch is a torchvision one,
+    the raw encoder state_dict otherwise."""
+    try:
+        state = export_torchvision_state_dict(tr.core)
+        path = run_dir / f"encoder_{tr.cfg.model.arch}_torchvision.pth"
+    except ValueError:
+        state = {k: v.cpu() for k, v in tr.core.encoder.state_dict().items()}
+        path = run_dir / f"encoder_{tr.cfg.model.arch}.pth"
+    ckpt.save_atomic(state, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    ctx = init_distributed(args.device)
+    try:
+        summary = run(cfg, ctx, args.resume)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed()
+    if ctx.is_main:
+        print(f"done: {summary['global_step']} steps; run directory {summary['run_dir']}")
+        if "knn_top1" in summary:
+            print(f"final kNN top-1 {summary['knn_top1']:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""NT-Xent and SuNCEt against naive per-pair loops, and a 2-process gloo run
+against one process on the concatenated batch."""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from train.losses import init_nt_xent_loss, init_suncet_loss, nt_xent, nt_xent_positives, suncet
+
+# --------------------------------------------------------------------------- naive references
+# Written as explicit loops over pairs on 0-d float64 tensors (differentiable),
+# with cosines as dot / (|a| |b|) and plain exp/sum/log: no normalize, no
+# logsumexp, no masks.
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    dot = sum(a[k] * b[k] for k in range(a.shape[0]))
+    na = torch.sqrt(sum(a[k] * a[k] for k in range(a.shape[0])))
+    nb = torch.sqrt(sum(b[k] * b[k] for k in range(b.shape[0])))
+    return dot / (na * nb)
+
+
+def naive_nt_xent(z: torch.Tensor, t: float) -> torch.Tensor:
+    z = z.double()
+    rows = z.shape[0]
+    n = rows // 2
+    total = 0.0
+    for i in range(rows):
+        partner = i + n if i < n else i - n
+        denominator = 0.0
+        for k in range(rows):
+            if k != i:
+                denominator = denominator + torch.exp(_cos(z[i], z[k]) / t)
+        total = total - torch.log(torch.exp(_cos(z[i], z[partner]) / t) / denominator)
+    return total / rows
+
+
+def naive_suncet(z: torch.Tensor, labels: list[int], t: float) -> torch.Tensor:
+    z = z.double()
+    rows = z.shape[0]
+    total, count = 0.0, 0
+    for i in range(rows):
+        numerator, denominator, partners = 0.0, 0.0, 0
+        for j in range(rows):
+            if j == i:
+                continue
+            e = torch.exp(_cos(z[i], z[j]) / t)
+            denominator = denominator + e
+            if labels[j] == labels[i]:
+                numerator = numerator + e
+                partners += 1
+        if partners:
+            total = total - torch.log(numerator / denominator)
+            count += 1
+    return total / count
+
+
+def naive_values_math(z: torch.Tensor, t: float) -> float:
+    """NT-Xent once more with the math module only (no autograd)."""
+    rows = [[float(x) for x in r] for r in z.double()]
+    norm = [math.sqrt(sum(x * x for x in r)) for r in rows]
+
+    def cos(i, j):
+        return sum(a * b for a, b in zip(rows[i], rows[j])) / (norm[i] * norm[j])
+
+    n = len(rows) // 2
+    total = 0.0
+    for i in range(len(rows)):
+        p = (i + n) % len(rows)
+        den = sum(math.exp(cos(i, k) / t) for k in range(len(rows)) if k != i)
+        total += -math.log(math.exp(cos(i, p) / t) / den)
+    return total / len(rows)
+
+
+def _grad(fn, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    z = z.detach().clone().requires_grad_(True)
+    value = fn(z)
+    (g,) = torch.autograd.grad(value, z)
+    return value.detach(), g
+
+
+# --------------------------------------------------------------------------- NT-Xent
+
+
+@pytest.mark.parametrize("n,d,t", [(1, 3, 0.5), (3, 4, 0.1), (5, 3, 0.07)])
+def test_nt_xent_matches_naive_value_and_grad(n, d, t):
+    z = torch.randn(2 * n, d, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    value, grad = _grad(lambda x: nt_xent(x, t), z)
+    ref_value, ref_grad = _grad(lambda x: naive_nt_xent(x, t), z)
+    assert value.dtype == torch.float64
+    torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    assert value.item() == pytest.approx(naive_values_math(z, t), rel=1e-10, abs=1e-12)
+
+
+def test_nt_xent_float32_matches_naive():
+    z = torch.randn(8, 5, generator=torch.Generator().manual_seed(1))
+    value, grad = _grad(lambda x: nt_xent(x, 0.2), z)
+    ref_value, ref_grad = _grad(lambda x: naive_nt_xent(x, 0.2), z.double())
+    assert value.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(value.double(), ref_value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_nt_xent_single_pair_is_zero():
+    # With one image the positive is the only other row: loss log(1) = 0.
+    z = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    value = nt_xent(z, 0.1)
+    value.backward()
+    assert value.item() == pytest.approx(0.0, abs=1e-12)
+    assert torch.isfinite(z.grad).all()
+
+
+def test_nt_xent_positive_index_row_order():
+    # Two ranks of N=2: [v1_r0 (0,1); v2_r0 (2,3); v1_r1 (4,5); v2_r1 (6,7)].
+    assert nt_xent_positives(2, 2).tolist() == [2, 3, 0, 1, 6, 7, 4, 5]
+    assert nt_xent_positives(3, 1).tolist() == [3, 4, 5, 0, 1, 2]
+
+
+def test_nt_xent_factory_equals_function():
+    z = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
+    loss = init_nt_xent_loss(3, 0.3)
+    torch.testing.assert_close(loss(z), nt_xent(z, 0.3))
+    with pytest.raises(ValueError, match="expected 6 rows"):
+        loss(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nt_xent_low_precision_is_finite_and_close(dtype):
+    g = torch.Generator().manual_seed(3)
+    # Large entries (|z|^2 >> 65504) and a small temperature (exp(1/t) >> 65504)
+    # overflow if anything were computed in fp16.
+    z32 = 300.0 * torch.randn(8, 16, generator=g)
+    value, grad = _grad(lambda x: nt_xent(x, 0.05), z32.to(dtype))
+    ref = nt_xent(z32, 0.05)
+    assert value.dtype == torch.float32 and grad.dtype == dtype
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    assert value.item() == pytest.approx(ref.item(), rel=0.05, abs=0.05)
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, float("nan"), float("inf"), True, "0.1"])
+def test_nt_xent_rejects_bad_temperature(bad):
+    with pytest.raises(ValueError, match="temperature"):
+        nt_xent(torch.randn(4, 3), bad)
+
+
+def test_nt_xent_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="even number of rows"):
+        nt_xent(torch.randn(5, 3), 0.1)
+    with pytest.raises(ValueError, match="2-D"):
+        nt_xent(torch.randn(4), 0.1)
+    with pytest.raises(ValueError, match="at least one row"):
+        nt_xent(torch.randn(0, 3), 0.1)
+    with pytest.raises(ValueError, match="floating point"):
+        nt_xent(torch.ones(4, 3, dtype=torch.long), 0.1)
+
+
+# --------------------------------------------------------------------------- SuNCEt
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        [0, 0, 1, 1, 2, 2],  # C=3, K=2
+        [3, 1, 3, 3, 1, 0, 0, 1],  # unordered, repeated classes of different sizes
+        [0, 0, 1, 2, 2, 3],  # classes 1 and 3 have a single row (K=1): left out as anchors
+    ],
+)
+@pytest.mark.parametrize("t", [0.1, 0.5])
+def test_suncet_matches_naive_value_and_grad(labels, t):
+    z = torch.randn(len(labels), 4, generator=torch.Generator().manual_seed(len(labels)), dtype=torch.float64)
+    y = torch.tensor(labels)
+    value, grad = _grad(lambda x: suncet(x, y, t), z)
+    ref_value, ref_grad = _grad(lambda x: naive_suncet(x, labels, t), z)
+    assert value.dtype == torch.float64
+    torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_suncet_singleton_rows_still_act_as_negatives():
+    labels = torch.tensor([0, 0, 1])
+    z = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    value = suncet(z, labels, 0.1)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(z.grad).all()
+    assert z.grad[2].abs().sum() > 0  # the lone class-1 row is in both anchors' denominators
+
+
+def test_suncet_without_any_partner_raises():
+    with pytest.raises(ValueError, match="no row has a same-class partner"):
+        suncet(torch.randn(4, 3), torch.tensor([0, 1, 2, 3]), 0.1)
+
+
+def test_suncet_float32_matches_naive():
+    labels = [0, 1, 0, 1, 2, 2]
+    z = torch.randn(6, 5, generator=torch.Generator().manual_seed(4))
+    value, grad = _grad(lambda x: suncet(x, torch.tensor(labels), 0.1), z)
+    ref_value, ref_grad = _grad(lambda x: naive_suncet(x, labels, 0.1), z.double())
+    torch.testing.assert_close(value.double(), ref_value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_suncet_low_precision_is_finite_and_close(dtype):
+    g = torch.Generator().manual_seed(5)
+    z32 = 300.0 * torch.randn(8, 16, generator=g)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4])
+    value, grad = _grad(lambda x: suncet(x, y, 0.05), z32.to(dtype))
+    ref = suncet(z32, y, 0.05)
+    assert value.dtype == torch.float32 and grad.dtype == dtype
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    assert value.item() == pytest.approx(ref.item(), rel=0.05, abs=0.05)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("-inf"), float("inf")])
+def test_suncet_rejects_bad_temperature(bad):
+    with pytest.raises(ValueError, match="temperature"):
+        suncet(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]), bad)
+    with pytest.raises(ValueError, match="temperature"):
+        init_suncet_loss(4, bad)
+
+
+def test_suncet_rejects_bad_labels():
+    z = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        suncet(z, torch.tensor([0, 0, 1]), 0.1)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        suncet(z, torch.tensor([[0, 0], [1, 1]]), 0.1)
+    with pytest.raises(ValueError, match="integer class ids"):
+        suncet(z, torch.tensor([0.0, 0.0, 1.0, 1.0]), 0.1)
+
+
+# --------------------------------------------------------------------------- 2-process equivalence
+
+WORLD = 2
+N_GLOBAL = 4  # images per step across ranks for NT-Xent (2 per rank)
+M_GLOBAL = 8  # labelled rows across ranks for SuNCEt (4 per rank)
+T = 0.2
+
+
+def _fixed_batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    return {
+        "v1": torch.randn(N_GLOBAL, 5, generator=g, dtype=torch.float64),
+        "v2": torch.randn(N_GLOBAL, 5, generator=g, dtype=torch.float64),
+        "sz": torch.randn(M_GLOBAL, 5, generator=g, dtype=torch.float64),
+        # class 0 and 2 split across ranks, class 3 a singleton
+        "labels": torch.tensor([0, 1, 2, 1, 0, 2, 2, 3]),
+    }
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        b = _fixed_batch()
+        n, m = N_GLOBAL // WORLD, M_GLOBAL // WORLD
+        z = torch.cat([b["v1"][rank * n : (rank + 1) * n], b["v2"][rank * n : (rank + 1) * n]]).requires_grad_(True)
+        nt_loss = nt_xent(z, T)
+        nt_loss.backward()
+        sz = b["sz"][rank * m : (rank + 1) * m].clone().requires_grad_(True)
+        sc_loss = suncet(sz, b["labels"][rank * m : (rank + 1) * m], T)
+        sc_loss.backward()
+        torch.save(
+            {"nt_loss": nt_loss.detach(), "nt_grad": z.grad, "sc_loss": sc_loss.detach(), "sc_grad": sz.grad},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_two_ranks_match_one_process_on_concatenated_batch(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+
+    b = _fixed_batch()
+    # One process, concatenated batch: [v1_r0; v1_r1; v2_r0; v2_r1].
+    z = torch.cat([b["v1"], b["v2"]]).requires_grad_(True)
+    nt_ref = nt_xent(z, T)
+    nt_ref.backward()
+    sz = b["sz"].clone().requires_grad_(True)
+    sc_ref = suncet(sz, b["labels"], T)
+    sc_ref.backward()
+
+    n, m = N_GLOBAL // WORLD, M_GLOBAL // WORLD
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got["nt_loss"], nt_ref.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got["sc_loss"], sc_ref.detach(), rtol=1e-12, atol=1e-12)
+        # DDP averages over ranks, and only this rank produced its rows: the
+        # gradient that reaches the parameters is local grad / world.
+        rows = torch.cat([torch.arange(rank * n, (rank + 1) * n), N_GLOBAL + torch.arange(rank * n, (rank + 1) * n)])
+        torch.testing.assert_close(got["nt_grad"] / WORLD, z.grad[rows], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got["sc_grad"] / WORLD, sz.grad[rank * m : (rank + 1) * m], rtol=1e-10, atol=1e-12)

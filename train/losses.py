@@ -1,0 +1,228 @@
+"""Contrastive losses: NT-Xent (SimCLR) and SuNCEt (Assran et al. 2020, eq. 2).
+
+Both losses are built as factories (``init_nt_xent_loss``, ``init_suncet_loss``)
+that precompute their index tensors and masks for a fixed per-rank batch size
+and world size and return a short closure. ``nt_xent`` and ``suncet`` are the
+one-call versions that build the closure from the input's shape.
+
+Distributed semantics (the same for both losses)
+------------------------------------------------
+Every rank gathers the embeddings of all ranks with ``all_gather_with_grad``
+and computes the loss over *all* global anchors, so every rank returns the
+same value: the mean over the global batch. In backward, the gather sums the
+(identical) gradients of all ranks, giving each rank ``W`` times the
+single-process gradient of its own rows; DDP's division by ``W`` then makes a
+``W``-rank step equal a one-process step on the concatenated batch. The
+similarity matrix is therefore ``(W*B) x (W*B)`` on every rank; at
+SimCLR-scale global batches (4096 pairs) that is a few GFLOP, small next to
+the backbone. All ranks must pass tensors of the same shape (all_gather
+requires it) and call the loss the same number of times.
+
+Numerics: inputs are up-cast to at least float32 before normalisation, so
+fp16/bf16 embeddings never overflow in the norms, the similarities or the
+exponentials (which are only ever taken inside ``logsumexp`` /
+``cross_entropy``). The gathered tensor is float32, so the gradient
+all_reduce in backward is float32 too.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from train.distributed import all_gather_no_grad, all_gather_with_grad, get_rank_and_world
+
+NTXentFn = Callable[[torch.Tensor], torch.Tensor]
+SuNCEtFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_temperature(temperature: float) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"temperature must be a real number, got {temperature!r}")
+    value = float(temperature)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    return value
+
+
+def _check_embeddings(z: torch.Tensor, name: str) -> None:
+    if not isinstance(z, torch.Tensor) or z.ndim != 2:
+        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"{name}: z must be a 2-D tensor [rows, dim], got {shape}")
+    if not z.is_floating_point():
+        raise ValueError(f"{name}: z must be floating point, got {z.dtype}")
+    if z.shape[0] == 0 or z.shape[1] == 0:
+        raise ValueError(f"{name}: z must have at least one row and one column, got {tuple(z.shape)}")
+
+
+def _world_size(world_size: int | None) -> int:
+    if world_size is None:
+        return get_rank_and_world()[1]
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    return world_size
+
+
+def _normalize_and_gather(z: torch.Tensor) -> torch.Tensor:
+    """L2-normalise rows in (at least) float32 and gather them from all ranks."""
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    return all_gather_with_grad(F.normalize(z.to(dtype), dim=1))
+
+
+def _check_gathered(name: str, gathered_rows: int, expected_rows: int, world_size: int) -> None:
+    if gathered_rows != expected_rows:
+        raise RuntimeError(
+            f"{name}: gathered {gathered_rows} rows but the loss was built for {expected_rows} "
+            f"(world size {world_size}); rebuild the loss after the process group changes"
+        )
+
+
+# --------------------------------------------------------------------------- NT-Xent
+
+
+def nt_xent_positives(local_pairs: int, world_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Index of each gathered row's positive, for the row order documented in
+    ``init_nt_xent_loss``: row ``r*2N + j`` pairs with ``r*2N + (j+N) % 2N``."""
+    n = local_pairs
+    rows = torch.arange(2 * n * world_size, device=device)
+    block, j = rows // (2 * n), rows % (2 * n)
+    return block * (2 * n) + (j + n) % (2 * n)
+
+
+def init_nt_xent_loss(
+    local_pairs: int,
+    temperature: float,
+    world_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> NTXentFn:
+    """Build the NT-Xent loss for ``local_pairs`` images (``2*local_pairs`` rows) per rank.
+
+    Row order. Each rank passes ``z = [view1; view2]`` with shape ``[2N, D]``:
+    rows ``i`` and ``i+N`` are the two views of local image ``i``. After the
+    gather the global tensor is the rank blocks in rank order,
+    ``[v1_r0; v2_r0; v1_r1; v2_r1; ...]``, so global row ``r*2N + j`` has its
+    positive at ``r*2N + (j+N) % 2N``. Since the loss is a mean over anchors
+    it does not depend on this order, and equals the single-process loss on
+    ``[v1_r0; v1_r1; ...; v2_r0; v2_r1; ...]``.
+
+    The loss: cosine similarities ``s_ij`` of the L2-normalised rows; for each
+    of the ``2NW`` anchors ``i`` with positive ``p(i)``,
+    ``l_i = -log( exp(s_ip/t) / sum_{k != i} exp(s_ik/t) )`` (the positive is
+    in the denominator, the other ``2NW-2`` rows are negatives); the result
+    is the mean of ``l_i`` over all global anchors, identical on every rank.
+    ``world_size`` defaults to the current process group's.
+    """
+    if isinstance(local_pairs, bool) or not isinstance(local_pairs, int) or local_pairs < 1:
+        raise ValueError(f"local_pairs must be an integer >= 1, got {local_pairs!r}")
+    inv_t = 1.0 / _check_temperature(temperature)
+    world = _world_size(world_size)
+    rows = 2 * local_pairs * world
+    positives = nt_xent_positives(local_pairs, world, device)
+    self_mask = torch.eye(rows, dtype=torch.bool, device=device)
+
+    def loss(z: torch.Tensor) -> torch.Tensor:
+        _check_embeddings(z, "nt_xent")
+        if z.shape[0] != 2 * local_pairs:
+            raise ValueError(f"nt_xent: expected {2 * local_pairs} rows ([view1; view2]), got {z.shape[0]}")
+        if z.device != positives.device:
+            raise ValueError(f"nt_xent: z is on {z.device} but the loss was built for {positives.device}")
+        # 1. normalise and gather: [2NW, D], rank blocks of [view1; view2]
+        zg = _normalize_and_gather(z)
+        _check_gathered("nt_xent", zg.shape[0], rows, world)
+        # 2. cosine-similarity logits, the anchor itself removed from the softmax
+        logits = (zg @ zg.T * inv_t).masked_fill(self_mask, float("-inf"))
+        # 3. cross-entropy against the positive, mean over all global anchors
+        return F.cross_entropy(logits, positives)
+
+    return loss
+
+
+def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent of ``z = [view1; view2]`` (``[2N, D]``); see ``init_nt_xent_loss``
+    for the loss and the distributed row order. Returns a float32 (or float64)
+    scalar, the same on every rank."""
+    _check_embeddings(z, "nt_xent")
+    if z.shape[0] % 2:
+        raise ValueError(f"nt_xent: z must have an even number of rows ([view1; view2]), got {z.shape[0]}")
+    return init_nt_xent_loss(z.shape[0] // 2, temperature, device=z.device)(z)
+
+
+# --------------------------------------------------------------------------- SuNCEt
+
+
+def init_suncet_loss(
+    local_size: int,
+    temperature: float,
+    world_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> SuNCEtFn:
+    """Build the SuNCEt loss for ``local_size`` labelled rows per rank.
+
+    ``z`` (``[M, D]``) and ``labels`` (``[M]``, integer class ids) are gathered
+    from all ranks in rank order (``z`` keeping gradients, ``labels`` with a
+    plain all_gather). For each global anchor ``i``, with cosine similarities
+    ``s_ij``::
+
+        l_i = -log( sum_{j != i, y_j = y_i} exp(s_ij/t) / sum_{k != i} exp(s_ik/t) )
+
+    computed as a difference of two float32 ``logsumexp``s with ``-inf``
+    masks. An anchor whose class has no other row in the gathered batch has an
+    empty numerator (``l_i = inf``); such anchors are left out of the mean
+    (they still act as negatives for the others). The result is the mean of
+    ``l_i`` over the remaining anchors, identical on every rank; if no anchor
+    has a partner, ``ValueError`` is raised (on every rank, as the check uses
+    the gathered labels).
+    """
+    if isinstance(local_size, bool) or not isinstance(local_size, int) or local_size < 1:
+        raise ValueError(f"local_size must be an integer >= 1, got {local_size!r}")
+    inv_t = 1.0 / _check_temperature(temperature)
+    world = _world_size(world_size)
+    rows = local_size * world
+    self_mask = torch.eye(rows, dtype=torch.bool, device=device)
+
+    def loss(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        _check_embeddings(z, "suncet")
+        if z.shape[0] != local_size:
+            raise ValueError(f"suncet: expected {local_size} rows, got {z.shape[0]}")
+        if not isinstance(labels, torch.Tensor) or labels.shape != (local_size,):
+            shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"suncet: labels must have shape ({local_size},) to match z, got {shape}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"suncet: labels must be integer class ids, got {labels.dtype}")
+        if z.device != self_mask.device:
+            raise ValueError(f"suncet: z is on {z.device} but the loss was built for {self_mask.device}")
+        # 1. normalise and gather rows; gather labels (no gradient)
+        zg = _normalize_and_gather(z)
+        yg = all_gather_no_grad(labels.to(z.device))
+        _check_gathered("suncet", zg.shape[0], rows, world)
+        # 2. same-class partners of each anchor, the anchor itself excluded
+        same = (yg[:, None] == yg[None, :]) & ~self_mask
+        has_partner = same.any(dim=1)
+        if not bool(has_partner.any()):
+            raise ValueError(
+                "suncet: no row has a same-class partner in the gathered batch "
+                "(every class appears once); sample at least two rows per class"
+            )
+        # 3. keep anchors with a partner (an empty numerator would give inf, and NaN gradients)
+        logits = (zg[has_partner] @ zg.T) * inv_t
+        same, self_rows = same[has_partner], self_mask[has_partner]
+        log_den = torch.logsumexp(logits.masked_fill(self_rows, float("-inf")), dim=1)
+        log_num = torch.logsumexp(logits.masked_fill(~same, float("-inf")), dim=1)
+        # 4. mean over the kept global anchors
+        return (log_den - log_num).mean()
+
+    return loss
+
+
+def suncet(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SuNCEt of ``z`` (``[M, D]``) with class ids ``labels`` (``[M]``); see
+    ``init_suncet_loss``. Returns a float32 (or float64) scalar, the same on
+    every rank."""
+    _check_embeddings(z, "suncet")
+    return init_suncet_loss(z.shape[0], temperature, device=z.device)(z, labels)

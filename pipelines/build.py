@@ -57,8 +57,11 @@ def build_support_sampler(cfg, labels: np.ndarray, rank: int, world_size: int) -
     d = cfg.data
     if cfg.loss.suncet_weight == 0 or d.support_classes == 0:
         return None
-    return ClassBalancedSampler(labels, d.support_classes, d.support_images_per_class, rank=rank,
-                                world_size=world_size, unique_classes=d.unique_classes, seed=cfg.run.seed)
+    try:
+        return ClassBalancedSampler(labels, d.support_classes, d.support_images_per_class, rank=rank,
+                                    world_size=world_size, unique_classes=d.unique_classes, seed=cfg.run.seed)
+    except ValueError as exc:  # impossible support set for this labeled subset: a data/config problem
+        raise DataError(f"support set: {exc}") from exc
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:

@@ -28,12 +28,16 @@ class RunLogger:
             self._csv.writeheader()
         self._tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:  # tensorboard is a dependency, but keep a bare torch env usable
+                print(f"warning: TensorBoard logging off ({exc})")
+            else:
+                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step)
 
     def _truncate_after(self, resume_step: int | None) -> None:
-        """On resume, drop rows of steps that will be trained again."""
+        """On resume from global step S, keep rows of steps <= S (done before the
+        checkpoint); later rows are trained again and rewritten."""
         if not self.csv_path.exists():
             return
         with open(self.csv_path, newline="") as f:
@@ -41,7 +45,7 @@ class RunLogger:
         if resume_step is None:
             resume_step = -1
             rows = []
-        kept = [r for r in rows if r.get("global_step") not in (None, "") and int(r["global_step"]) < resume_step]
+        kept = [r for r in rows if r.get("global_step") not in (None, "") and int(r["global_step"]) <= resume_step]
         with open(self.csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
             writer.writeheader()

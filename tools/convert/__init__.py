@@ -1,0 +1,1 @@
+"""ImageFolder -> FFCV / DALI conversion pieces used by ``tools.convert_imagenet``."""

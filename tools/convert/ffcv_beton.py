@@ -1,0 +1,102 @@
+"""The FFCV ``.beton`` writer: fields ``image``, ``label``, ``index`` in that order."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tools.convert.source import SourceChanged, load_rgb
+
+INSTALL_HINT = "pip install .[ffcv]  (from the repository root; or `make setup`)"
+
+
+def require_ffcv() -> None:
+    """Import FFCV's writer, or raise ``ImportError`` naming the extra to install.
+
+    Importing FFCV sets torch's thread count to 1 (``ffcv.pipeline.compiler``);
+    a count set before the import is put back, so converting in-process does
+    not slow down the caller's torch.
+    """
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        import ffcv.writer  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"writing FFCV .beton files needs ffcv, which failed to import ({e}); install it with: {INSTALL_HINT}") from e
+    finally:
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+
+class _Samples:
+    """FFCV indexed dataset: ``(uint8 HWC RGB, label, index)``.
+
+    FFCV's writer processes wait forever for a sample whose worker raised, so
+    a decoding failure is recorded in ``errors_path`` and a 1x1 black image is
+    returned in its place; the caller checks that file and fails the split.
+    """
+
+    def __init__(self, items: list[tuple[str, int]], errors_path: str, max_resolution: int):
+        self.items = items
+        self.errors_path = errors_path
+        self.max_resolution = max_resolution
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        path, label = self.items[index]
+        try:
+            image = load_rgb(path)
+            height, width = image.shape[:2]
+            if min(height, width) * self.max_resolution < max(height, width):
+                # FFCV's resizer would make the short side 0 pixels, and its worker would die.
+                raise ValueError(f"{width}x{height} is too elongated to fit a max side of {self.max_resolution}")
+        except Exception as e:  # noqa: BLE001 - reported through errors_path, see class docstring
+            with open(self.errors_path, "a") as f:
+                f.write(f"{path}\t{type(e).__name__}: {e}\n")
+            image = np.zeros((1, 1, 3), np.uint8)
+        return image, label, index
+
+
+@dataclass(frozen=True)
+class BetonSettings:
+    max_resolution: int = 512  # longest side after resizing (FFCV's INTER_AREA, never upscales)
+    jpeg_quality: int = 90
+    compress_probability: float = 0.5  # 'proportion' mode: share of images stored JPEG, the rest raw
+
+
+def page_size_for(max_resolution: int) -> int:
+    """FFCV page size that fits the largest raw image (FFCV's default 8 MiB at least)."""
+    need = 3 * max_resolution * max_resolution + 4096
+    return max(1 << 23, 1 << (need - 1).bit_length())
+
+
+def write_beton(path: Path, items: list[tuple[str, int]], settings: BetonSettings, jobs: int) -> None:
+    """Write ``items`` (absolute source path, label) to ``path``; sample ``i`` gets index ``i``.
+
+    Raises ``SourceChanged`` listing the files that failed to decode.
+    """
+    require_ffcv()
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    errors_path = f"{path}.errors"
+    if os.path.exists(errors_path):
+        os.remove(errors_path)
+    fields = {
+        "image": RGBImageField(write_mode="proportion", max_resolution=settings.max_resolution,
+                               jpeg_quality=settings.jpeg_quality, compress_probability=settings.compress_probability),
+        "label": IntField(),
+        "index": IntField(),
+    }
+    writer = DatasetWriter(str(path), fields, page_size=page_size_for(settings.max_resolution), num_workers=jobs)
+    writer.from_indexed_dataset(_Samples(items, errors_path, settings.max_resolution), chunksize=100)
+    if os.path.exists(errors_path):
+        with open(errors_path) as f:
+            errors = f.read().strip()
+        os.remove(errors_path)
+        raise SourceChanged(f"{path}: source files could not be written (changed since inspection?):\n{errors}")

@@ -1,0 +1,78 @@
+"""Where a conversion's outputs live inside ``--out``, and readers for its small files.
+
+::
+
+    labels.json                  {"classes": [wnid, ...], "class_to_idx": {wnid: index}}
+    manifest.json                settings, per-split counts, skipped files, checksums
+    samples/<split>.jsonl        one line per written sample, in sample-index order:
+                                 {"index", "label", "path" (relative to the split folder), "reencode"}
+    labeled/<split>.txt          labeled subset: one sample index per line, ascending
+    ffcv/<split>.beton           fields image (RGBImageField), label, index (IntField)
+    dali/<split>/shard-NNNNNN.tar   webdataset: <key>.jpg, <key>.cls, <key>.idx with key = %09d of the index
+    dali/<split>/shard-NNNNNN.idx   DALI index (wds2idx "v1.2" format)
+
+A sample's index is its position in the split's written samples, sorted by
+class folder then file name (torchvision's ImageFolder order) after the
+skipped files are removed; every file above uses that one numbering.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+LABELS = "labels.json"
+PARTIAL = ".partial"  # suffix of outputs being written; renamed when the split completes
+
+# Members of each webdataset sample, and the DALI dtypes to read them with.
+DALI_EXTENSIONS = ("jpg", "cls", "idx")
+
+
+def beton_path(out: Path, split: str) -> Path:
+    return Path(out) / "ffcv" / f"{split}.beton"
+
+
+def shard_dir(out: Path, split: str) -> Path:
+    return Path(out) / "dali" / split
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:06d}"
+
+
+def sample_key(index: int) -> str:
+    return f"{index:09d}"
+
+
+def samples_path(out: Path, split: str) -> Path:
+    return Path(out) / "samples" / f"{split}.jsonl"
+
+
+def labeled_path(out: Path, split: str) -> Path:
+    return Path(out) / "labeled" / f"{split}.txt"
+
+
+def shard_files(out: Path, split: str) -> tuple[list[Path], list[Path]]:
+    """The split's DALI shards and their index files, in shard order."""
+    tars = sorted(shard_dir(out, split).glob("shard-*.tar"))
+    return tars, [t.with_suffix(".idx") for t in tars]
+
+
+def read_manifest(out: Path) -> dict:
+    return json.loads((Path(out) / MANIFEST).read_text())
+
+
+def read_classes(out: Path) -> list[str]:
+    """Class index -> wnid."""
+    return json.loads((Path(out) / LABELS).read_text())["classes"]
+
+
+def read_samples(out: Path, split: str) -> list[dict]:
+    """Sample index -> ``{"index", "label", "path", "reencode"}``."""
+    with open(samples_path(out, split)) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_labeled(out: Path, split: str) -> list[int]:
+    """Sample indices of the labeled subset."""
+    return [int(line) for line in labeled_path(out, split).read_text().split()]

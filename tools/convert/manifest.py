@@ -1,0 +1,46 @@
+"""Manifest bookkeeping: file records with checksums, atomic JSON writes, split completeness."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+FORMAT_VERSION = 1
+
+
+def file_record(path: Path, out: Path) -> dict:
+    """``{"path" (relative to out), "bytes", "sha256"}`` of a written file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": Path(path).relative_to(out).as_posix(), "bytes": Path(path).stat().st_size, "sha256": digest.hexdigest()}
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` to ``path`` through a temporary file and a rename."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def new_manifest(settings: dict) -> dict:
+    return {"format_version": FORMAT_VERSION, "tool": "tools.convert_imagenet", "settings": settings, "splits": {}}
+
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ, as ``key: old -> new`` lines."""
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def split_is_complete(entry: dict | None, out: Path) -> bool:
+    """True when the entry says complete and every file it lists exists with its recorded size."""
+    if not entry or not entry.get("complete"):
+        return False
+    for record in entry["files"]:
+        path = out / record["path"]
+        if not path.is_file() or path.stat().st_size != record["bytes"]:
+            return False
+    return True

@@ -209,3 +209,16 @@ def test_two_process_torchrun_matches_one_process(data_root, tmp_path):
     # on CPU, where SyncBatchNorm is unavailable), hence the tolerance.
     first = min(one_losses)
     assert two_losses[first] == pytest.approx(one_losses[first], rel=0.01)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_uses_fp16_autocast_and_grad_scaler(data_root, tmp_path):
+    from train.distributed import choose_device
+
+    ctx = DistContext(0, 1, 0, choose_device("auto", 0))
+    cfg = tiny_config(data_root, tmp_path / "run", **{"run.precision": "auto", "data.num_workers": 2})
+    summary = pretrain.run(cfg, ctx)
+    state, _ = ckpt.load_latest(tmp_path / "run")
+    assert state["scaler"]["scale"] > 0  # GradScaler was enabled and saved
+    assert all(math.isfinite(v) for v in step_losses(tmp_path / "run").values())
+    assert summary["global_step"] > 0

@@ -85,6 +85,8 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "world_size": self.ctx.world_size,
             "rng": ckpt.rng_state(),
+            # Backends whose stream position is more than (epoch, step) expose it (e.g. DALI reader state).
+            "loader": self.loaders.train.state_dict() if hasattr(self.loaders.train, "state_dict") else None,
         }
 
     def save(self, state: TrainState) -> None:
@@ -221,6 +223,8 @@ def run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none") -> dict:
         tr.optimizer.load_state_dict(saved["optimizer"])
         tr.scaler.load_state_dict(saved["scaler"])
         ckpt.set_rng_state(saved["rng"])
+        if saved.get("loader") is not None and hasattr(tr.loaders.train, "load_state_dict"):
+            tr.loaders.train.load_state_dict(saved["loader"])
         if ctx.is_main:
             print(f"resumed from {path} at epoch {state.epoch} step {state.step} (global step {state.global_step})")
     knn = None

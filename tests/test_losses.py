@@ -308,3 +308,17 @@ def test_two_ranks_match_one_process_on_concatenated_batch(tmp_path):
         rows = torch.cat([torch.arange(rank * n, (rank + 1) * n), N_GLOBAL + torch.arange(rank * n, (rank + 1) * n)])
         torch.testing.assert_close(got["nt_grad"] / WORLD, z.grad[rows], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(got["sc_grad"] / WORLD, sz.grad[rank * m : (rank + 1) * m], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp16_losses_match_cpu_float64():
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(48, 32, generator=g, dtype=torch.float64)
+    labels = torch.arange(12).repeat_interleave(4)
+    for fn, args in ((nt_xent, ()), (suncet, (labels,))):
+        expected = fn(z, *args, 0.1)
+        z_gpu = z.to("cuda", torch.float16).requires_grad_()
+        got = fn(z_gpu, *(a.cuda() for a in args), 0.1)
+        got.backward()
+        assert torch.isfinite(z_gpu.grad).all()
+        assert got.item() == pytest.approx(expected.item(), rel=1e-2)

@@ -276,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (NonFiniteLossError, ckpt.CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         shutdown_distributed()
     if ctx.is_main:

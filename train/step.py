@@ -48,19 +48,31 @@ def forward_losses(model: torch.nn.Module, batch: PretrainBatch, settings: StepS
 
 def train_step(model, batch: PretrainBatch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                settings: StepSettings) -> dict[str, float]:
-    """Forward, backward, LARS step. Raises NonFiniteLossError on a NaN/inf loss
-    unless ``skip_nonfinite`` (then no update, and ``skipped`` = 1)."""
+    """Forward, backward, LARS step. A NaN/inf loss, or NaN/inf gradients
+    without a GradScaler (with one, fp16 overflow steps are skipped by the
+    scaler as usual), raise NonFiniteLossError unless ``skip_nonfinite`` (then
+    no update, and ``skipped`` = 1). The loss is global (gathered over ranks)
+    and DDP averages gradients, so every rank takes the same decision."""
     losses = forward_losses(model, batch, settings)
     loss = losses["loss"]
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(loss).item():
-        if settings.skip_nonfinite:
-            return {"loss": math.nan, "skipped": 1.0}
-        raise NonFiniteLossError(
-            f"non-finite loss at epoch {batch.epoch} step {batch.step}: "
-            + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-        )
+        return _nonfinite(settings, batch, "loss", losses)
     scaler.scale(loss).backward()
+    if not scaler.is_enabled():
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not torch.isfinite(torch.nn.utils.get_total_norm(grads)).item():
+            optimizer.zero_grad(set_to_none=True)
+            return _nonfinite(settings, batch, "gradients", losses)
     scaler.step(optimizer)
     scaler.update()
     return {k: v.item() for k, v in losses.items()} | {"skipped": 0.0}
+
+
+def _nonfinite(settings: StepSettings, batch: PretrainBatch, what: str, losses: dict) -> dict[str, float]:
+    if settings.skip_nonfinite:
+        return {"loss": math.nan, "skipped": 1.0}
+    raise NonFiniteLossError(
+        f"non-finite {what} at epoch {batch.epoch} step {batch.step}: "
+        + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+    )

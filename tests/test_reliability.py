@@ -1,0 +1,161 @@
+"""Failure modes of a run: disk errors while saving, kills during a checkpoint
+write, damaged checkpoints, bad files at training time, non-finite gradients,
+and a killed 2-process run resumed with --resume auto."""
+from __future__ import annotations
+
+import errno
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.build import build_loaders
+from tests.pretrain_helpers import make_split_tree, step_losses, tiny_config, tiny_overrides
+from tests.test_pretrain import CPU, REPO, _cli, _free_port, _set_args
+from train import checkpoint as ckpt
+from train import pretrain
+from train.step import NonFiniteLossError
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return make_split_tree(tmp_path_factory.mktemp("data"), classes=4, train_per_class=8, val_per_class=2)
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(data_root, tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            f.write(b"partial bytes")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    cfg = tiny_config(data_root, tmp_path / "run", **{"run.knn_every_epochs": 0})
+    with pytest.raises(ckpt.CheckpointError, match="ckpt-000000004.pt.*No space left"):
+        pretrain.run(cfg, CPU)
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    names = sorted(p.name for p in (tmp_path / "run").iterdir() if p.suffix == ".pt" or p.name.startswith(".tmp"))
+    assert names == ["ckpt-000000002.pt"]
+    state, _ = ckpt.load_latest(tmp_path / "run")
+    assert state["train_state"]["global_step"] == 2
+
+
+WRITER = """
+import sys, torch
+from train.checkpoint import save_checkpoint
+run_dir = sys.argv[1]
+big = torch.zeros(64 * 1024 * 1024 // 4)
+for step in range(1, 1000):
+    save_checkpoint({"step": step, "payload": big}, run_dir, step, keep=2)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_write_never_leaves_a_partial_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for attempt in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(run_dir)], cwd=REPO)
+        deadline = time.time() + 120
+        # Wait until a checkpoint exists and the next one is being written, then kill.
+        while not (ckpt.list_checkpoints(run_dir) and any(p.name.startswith(".tmp-") for p in run_dir.iterdir())):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for path in ckpt.list_checkpoints(run_dir):
+            state = torch.load(path, weights_only=True)  # every named checkpoint is complete
+            assert f"{state['step']:09d}" in path.name
+        state, path = ckpt.load_latest(run_dir)
+        assert path == ckpt.list_checkpoints(run_dir)[-1]
+        for leftover in run_dir.glob(".tmp-*"):
+            leftover.unlink()
+
+
+def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, capsys):
+    ckpt.save_checkpoint({"step": 1}, tmp_path, 1, keep=3)
+    ckpt.save_checkpoint({"step": 2}, tmp_path, 2, keep=3)
+    newest = ckpt.checkpoint_path(tmp_path, 2)
+    newest.write_bytes(newest.read_bytes()[:20])
+    state, path = ckpt.load_latest(tmp_path)
+    assert state["step"] == 1 and path.name == "ckpt-000000001.pt"
+    assert "skipping unreadable checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_removed_after_indexing_fails_naming_the_file(tmp_path, workers):
+    root = make_split_tree(tmp_path / "data", classes=4, train_per_class=8, val_per_class=2)
+    cfg = tiny_config(root, tmp_path / "run", **{"data.num_workers": workers})
+    loaders = build_loaders(cfg, 0, 1, torch.device("cpu"))
+    victim = root / "train" / "n00000002" / "n00000002_3.JPEG"
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated after the listing was made
+    loaders.train.set_epoch(0)
+    start = time.time()
+    with pytest.raises(RuntimeError, match="n00000002_3.JPEG"):
+        for _ in loaders.train:
+            pass
+    assert time.time() - start < 60
+
+
+def test_nonfinite_gradients_stop_the_run(data_root, tmp_path, monkeypatch):
+    real_build = pretrain.build_model
+    seen = {"n": 0}
+
+    def build_with_poisoned_grad(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        weight = next(model.head.parameters())
+
+        def hook(grad):
+            seen["n"] += 1
+            return grad * float("nan") if seen["n"] == 3 else grad
+
+        weight.register_hook(hook)
+        return model
+
+    monkeypatch.setattr(pretrain, "build_model", build_with_poisoned_grad)
+    cfg = tiny_config(data_root, tmp_path / "run", **{"run.knn_every_epochs": 0})
+    with pytest.raises(NonFiniteLossError, match="non-finite gradients at epoch 0 step 2"):
+        pretrain.run(cfg, CPU)
+    state, _ = ckpt.load_latest(tmp_path / "run")
+    assert state["train_state"]["global_step"] == 2
+    for value in state["model"].values():
+        assert torch.isfinite(value.float()).all()
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_and_resumed_matches_uninterrupted(data_root, tmp_path):
+    extra = {"optim.epochs": 2, "optim.warmup_epochs": 0.5, "run.knn_every_epochs": 0,
+             "data.unlabeled_batch_size": 4, "data.support_images_per_class": 1, "run.checkpoint_every_steps": 3}
+
+    def launch(run_dir: Path, resume: bool) -> subprocess.Popen:
+        args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                "-m", "train.pretrain", "--device", "cpu", *_set_args(tiny_overrides(data_root, run_dir, **extra))]
+        return _cli(args + (["--resume", "auto"] if resume else []), start_new_session=True)
+
+    ref = launch(tmp_path / "ref", False)
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out
+    killed = launch(tmp_path / "killed", False)
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "ckpt-000000003.pt").exists():
+        assert killed.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    import os
+
+    os.killpg(killed.pid, signal.SIGKILL)  # the launcher and both ranks
+    killed.wait()
+    resumed = launch(tmp_path / "killed", True)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    expected, got = step_losses(tmp_path / "ref"), step_losses(tmp_path / "killed")
+    assert sorted(got) == sorted(expected)
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step

@@ -179,19 +179,28 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[dict, Path] | None:
     return torch.load(path, map_location="cpu", weights_only=False), path
 
 
-def build_trainer(cfg: PretrainConfig, ctx: DistContext, resume_step: int | None) -> Trainer:
+def build_model_and_optimizer(cfg: PretrainConfig, ctx: DistContext):
+    """(bare model, DDP-wrapped or bare model, LARS, GradScaler) on ``ctx.device``.
+    SyncBN only where it works: several ranks on CUDA."""
+    m, o = cfg.model, cfg.optim
     precision = resolve_precision(cfg.run.precision, ctx.device)
-    loaders = build_loaders(cfg, ctx.rank, ctx.world_size, ctx.device, precision.input_dtype)
-    m = cfg.model
     sync_bn = m.sync_bn and ctx.distributed and ctx.device.type == "cuda"
     core = build_model(m.arch, m.head_hidden_dim, m.head_out_dim, channels_last=m.channels_last, sync_bn=sync_bn)
     core.to(ctx.device)
     model = core
     if ctx.distributed:
         model = DistributedDataParallel(core, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-    o = cfg.optim
     optimizer = LARS(lars_param_groups(core, o.weight_decay), lr=o.start_lr, momentum=o.momentum,
                      trust_coefficient=o.trust_coefficient, nesterov=o.nesterov)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision.use_grad_scaler)
+    return core, model, optimizer, scaler
+
+
+def build_trainer(cfg: PretrainConfig, ctx: DistContext, resume_step: int | None) -> Trainer:
+    precision = resolve_precision(cfg.run.precision, ctx.device)
+    loaders = build_loaders(cfg, ctx.rank, ctx.world_size, ctx.device, precision.input_dtype)
+    core, model, optimizer, scaler = build_model_and_optimizer(cfg, ctx)
+    o = cfg.optim
     steps = len(loaders.train)
     if cfg.run.max_steps_per_epoch is not None:
         steps = min(steps, cfg.run.max_steps_per_epoch)
@@ -200,7 +209,6 @@ def build_trainer(cfg: PretrainConfig, ctx: DistContext, resume_step: int | None
                                         start_lr=o.start_lr, peak_lr=o.lr, final_lr=o.final_lr)
     except ValueError as exc:
         raise ConfigError(f"optim (epochs/warmup_epochs): {exc}") from exc
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision.use_grad_scaler)
     logger = RunLogger(Path(cfg.run.output_dir), cfg, resume_step) if ctx.is_main else None
     return Trainer(cfg, ctx, model, core, optimizer, scaler, schedule, loaders, steps, logger)
 

@@ -1,0 +1,212 @@
+"""tools.throughput: verdict logic on synthetic timings, report layout, and
+short CPU runs of every mode on generated data (no timing thresholds)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers.imagefolder import make_image_folder
+from tools import throughput, throughput_report as rep
+from tools.throughput_report import Spread, verdict
+
+# --------------------------------------------------------------------------- figures and verdict
+
+
+def test_spread_median_min_max():
+    s = Spread.of([3.0, 1.0, 2.0, 10.0])
+    assert (s.median, s.min, s.max, s.windows) == (2.5, 1.0, 10.0, (3.0, 1.0, 2.0, 10.0))
+    with pytest.raises(ValueError):
+        Spread.of([])
+
+
+def test_rates_per_window():
+    assert rep.rates([10, 20], [1.0, 4.0]).windows == (10.0, 5.0)
+
+
+def test_loader_bound_from_measured_wait():
+    v = verdict(wait_frac=0.6, e2e_ips=40.0, loader_ips=45.0, compute_ips=100.0)
+    assert v.bound == "loader"
+    assert v.factor == pytest.approx(2.5)  # with data always ready: 1 / (1 - 0.6)
+    assert "loader-bound" in v.text and "60%" in v.text and "isolated" in v.text
+
+
+def test_compute_bound_reports_loader_headroom():
+    v = verdict(wait_frac=0.02, e2e_ips=100.0, loader_ips=300.0, compute_ips=105.0)
+    assert v.bound == "compute" and v.factor == pytest.approx(3.0)
+    assert verdict(wait_frac=0.02, e2e_ips=100.0).factor is None  # no loader-only figure
+
+
+def test_threshold_is_inclusive():
+    assert verdict(wait_frac=0.1, e2e_ips=1.0, threshold=0.1).bound == "loader"
+    assert verdict(wait_frac=0.0999, e2e_ips=1.0, threshold=0.1).bound == "compute"
+
+
+def test_measured_wait_wins_over_isolated_figures():
+    # isolated figures say the loader is faster, but the e2e run waited: trust the e2e run
+    assert verdict(wait_frac=0.3, e2e_ips=50.0, loader_ips=200.0, compute_ips=100.0).bound == "loader"
+
+
+def test_fed_step_slower_than_compute_only_is_pointed_out():
+    # 10% wait, so the step itself ran at 50 / 0.9 = 55.6 img/s against 100 on synthetic batches
+    v = verdict(wait_frac=0.1, e2e_ips=50.0, loader_ips=400.0, compute_ips=100.0)
+    assert "1.80x slower fed by the loader" in v.text
+    assert "slower fed" not in verdict(wait_frac=0.1, e2e_ips=85.0, loader_ips=400.0, compute_ips=100.0).text
+
+
+def test_isolated_figures_without_e2e():
+    v = verdict(loader_ips=50.0, compute_ips=200.0)
+    assert (v.bound, v.factor) == ("loader", pytest.approx(4.0))
+    v = verdict(loader_ips=300.0, compute_ips=100.0)
+    assert (v.bound, v.factor) == ("compute", pytest.approx(3.0))
+    assert verdict(loader_ips=300.0) is None
+    assert verdict() is None
+
+
+def _ok(mode, backend, ips, **extra):
+    figures = {"images_per_s": Spread.of([ips]).as_dict(), **extra}
+    return {"mode": mode, "backend": backend, "status": "ok", "reason": None, "figures": figures}
+
+
+def test_ratios_and_verdicts_from_rows():
+    rows = [
+        _ok("decode", "-", 1000.0, decodes_per_s=Spread.of([1000.0]).as_dict()),
+        _ok("compute", "-", 200.0),
+        _ok("loader", "torch", 50.0, decodes_per_s=Spread.of([100.0]).as_dict()),
+        _ok("loader", "dali", 150.0, decodes_per_s=Spread.of([300.0]).as_dict()),
+        _ok("e2e", "dali", 140.0, data_wait_frac=Spread.of([0.05]).as_dict()),
+        {"mode": "loader", "backend": "ffcv", "status": "unavailable", "reason": "ImportError: no ffcv"},
+    ]
+    rep.add_ratios(rows)
+    assert rows[2]["vs_torch"] == pytest.approx(1.0) and rows[2]["vs_decode"] == pytest.approx(0.1)
+    assert rows[3]["vs_torch"] == pytest.approx(3.0) and rows[3]["vs_decode"] == pytest.approx(0.3)
+    assert rows[5]["vs_torch"] is None and rows[0]["vs_torch"] is None
+    by_backend = {v["backend"]: v for v in rep.verdicts(rows)}
+    assert set(by_backend) == {"torch", "dali"}  # ffcv has no figure
+    assert by_backend["torch"]["bound"] == "loader" and by_backend["torch"]["factor"] == pytest.approx(4.0)
+    assert by_backend["dali"]["bound"] == "compute"
+
+
+def test_combine_ranks_mean_per_gpu_and_sum_aggregate():
+    ranks = [
+        {"images_per_s": Spread.of([10.0, 12.0]).as_dict(), "cpu_cores_used": 1.0, "peak_rss_mb": 100.0,
+         "images_per_s_per_core": None, "steps": 4},
+        {"images_per_s": Spread.of([20.0, 16.0]).as_dict(), "cpu_cores_used": 3.0, "peak_rss_mb": 300.0,
+         "images_per_s_per_core": 6.0, "steps": 4},
+    ]
+    figures, aggregate = rep.combine_ranks(ranks)
+    assert figures["images_per_s"]["median"] == pytest.approx(14.5)  # mean of 11 and 18
+    assert (figures["images_per_s"]["min"], figures["images_per_s"]["max"]) == (10.0, 20.0)
+    assert figures["images_per_s"]["windows"] == [15.0, 14.0]
+    assert figures["cpu_cores_used"] == 2.0 and figures["images_per_s_per_core"] is None and figures["steps"] == 4
+    assert aggregate == {"images_per_s": pytest.approx(29.0), "cpu_cores_used": 4.0, "peak_rss_mb": 400.0}
+
+
+def test_markdown_table_is_rectangular_and_names_unavailable_backends():
+    rows = [_ok("compute", "-", 12.5, cpu_cores_used=2.0, images_per_s_per_core=6.25),
+            {"mode": "loader", "backend": "dali", "status": "unavailable", "reason": "ImportError: no dali"}]
+    rep.add_ratios(rows)
+    table = rep.markdown_table(rows, "img/s/GPU")
+    lines = table.splitlines()
+    assert len(lines) == 4 and "img/s/GPU" in lines[0]
+    assert len({line.count("|") for line in lines}) == 1
+    assert "backend unavailable: ImportError: no dali" in lines[3]
+
+
+# --------------------------------------------------------------------------- the command on CPU
+
+TINY = ["--model", "resnet18-small", "--resolution", "16", "--batch-size", "4", "--precision", "fp32",
+        "--set", "model.head_hidden_dim=32", "--set", "model.head_out_dim=16", "--set", "data.support_classes=2",
+        "--steps", "2", "--windows", "2", "--warmup", "1", "--device", "cpu", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("throughput_data")
+    make_image_folder(root / "train", 3, 6, 24)
+    return root
+
+
+def _run(argv, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    code = throughput.main(argv + ["--json", str(out)])
+    return code, json.loads(out.read_text()), capsys.readouterr().out
+
+
+def test_compute_mode_needs_no_data(tmp_path, capsys):
+    code, report, stdout = _run(["--mode", "compute"] + TINY, tmp_path, capsys)
+    assert code == 0
+    assert report["schema"] == "tools.throughput/1" and report["unit"] == "img/s/process"
+    assert report["shape"]["views_per_step"] == 2 * 4 + 2 * 2
+    (row,) = report["results"]
+    assert (row["mode"], row["status"]) == ("compute", "ok")
+    ips = row["figures"]["images_per_s"]
+    assert len(ips["windows"]) == 2 and ips["min"] <= ips["median"] <= ips["max"]
+    assert row["figures"]["cpu_cores_used"] >= 0 and row["figures"]["peak_rss_mb"] > 0
+    assert report["environment"]["versions"]["torch"]
+    assert "| compute | - |" in stdout and report["environment"]["device"] in stdout
+
+
+def test_every_mode_on_generated_data(tmp_path, capsys, monkeypatch, tiny_data):
+    real_build = throughput.build_loaders
+
+    def build(cfg, *args):  # other backends "missing", deterministically
+        if cfg.data.backend != "torch":
+            raise ImportError(f"No module named 'pipelines.{cfg.data.backend}_backend'")
+        return real_build(cfg, *args)
+
+    monkeypatch.setattr(throughput, "build_loaders", build)
+    png = tmp_path / "chart.png"
+    argv = ["--backend", "all", "--mode", "all", "--data", str(tiny_data), "--workers", "1",
+            "--decode-workers", "1", "--plot", str(png)] + TINY
+    code, report, stdout = _run(argv, tmp_path, capsys)
+    rows = {(r["mode"], r["backend"]): r for r in report["results"]}
+    assert code == 0, [r.get("reason") for r in report["results"]]
+    for key in [("decode", "-"), ("compute", "-"), ("augment", "-"), ("loader", "torch"), ("e2e", "torch")]:
+        assert rows[key]["status"] == "ok", rows[key]
+    for backend in ("dali", "ffcv"):
+        for mode in ("loader", "e2e"):
+            assert rows[(mode, backend)]["status"] == "unavailable"
+        assert f"backend unavailable: ImportError: No module named 'pipelines.{backend}_backend'" in stdout
+    loader = rows[("loader", "torch")]
+    assert set(loader["figures"]) >= {"images_per_s", "views_per_s", "decodes_per_s", "cpu_cores_used", "peak_rss_mb"}
+    assert loader["vs_torch"] == pytest.approx(1.0) and loader["vs_decode"] > 0
+    wait = rows[("e2e", "torch")]["figures"]["data_wait_frac"]
+    assert 0 <= wait["min"] <= wait["median"] <= wait["max"] <= 1
+    (v,) = report["verdicts"]
+    assert v["backend"] == "torch" and v["bound"] in ("loader", "compute")
+    assert "verdict torch: " in stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_data_modes_refuse_to_run_without_data(capsys):
+    with pytest.raises(SystemExit) as exc:
+        throughput.main(["--mode", "loader"] + TINY)
+    assert exc.value.code == 2 and "needs --data" in capsys.readouterr().err
+
+
+def test_mode_list_and_bad_mode():
+    assert throughput.parse_modes("e2e,decode") == ("decode", "e2e")
+    assert throughput.parse_modes("all") == throughput.MODES
+    with pytest.raises(ValueError, match="unknown mode"):
+        throughput.parse_modes("loader,gpu")
+
+
+def test_step_shape_follows_the_config():
+    from train.config import load_config
+
+    cfg = load_config("configs/imagenet_10pct_suncet.yaml")
+    s = throughput.step_shape(cfg)
+    assert (s.unlabeled, s.support_images, s.views, s.decodes, s.resolution) == (44, 40, 128, 84, 224)
+    simclr = throughput.step_shape(load_config("configs/imagenet_simclr.yaml"))
+    assert (simclr.support_images, simclr.views) == (0, 88)
+
+
+def test_missing_augment_module_is_reported_unavailable(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pipelines.batch_augment", None)  # import now raises ImportError
+    code, report, stdout = _run(["--mode", "augment"] + TINY, tmp_path, capsys)
+    (row,) = report["results"]
+    assert code == 0 and row["status"] == "unavailable" and "pipelines.batch_augment" in row["reason"]
+    assert "| augment | - | unavailable: " in stdout

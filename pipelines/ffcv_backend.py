@@ -1,0 +1,249 @@
+"""FFCV backend: ``.beton`` files decoded and cropped on the CPU by FFCV, colour
+augmentation as batched torch ops on the training device.
+
+Reads the output of ``tools.convert_imagenet`` (layout in
+``tools/convert/layout.py``): ``data.root`` holds ``ffcv/<split>.beton``
+(fields ``image``, ``label``, ``index``), ``samples/<split>.jsonl``,
+``labels.json``, ``labeled/<split>.txt`` and ``manifest.json``.
+
+Two FFCV loaders feed one ``PretrainBatch`` per step:
+
+- *unlabeled*: two ``RandomResizedCropRGBImageDecoder`` pipelines on the one
+  image field (FFCV 1.0.2 decodes once per pipeline, so each view is an
+  independent crop), a CPU flip, then ``ToDevice`` and channels-last uint8;
+  plus the ``index`` field, which becomes ``sample_ids``;
+- *support*: ``support_views`` such pipelines plus ``label`` over the labeled
+  images, ``C * K`` per step in the class-balanced order.
+
+Both follow the schedules of ``pipelines.ffcv_orders`` (the reference
+backend's sample order, per rank, as a pure function of epoch and step), so
+``set_epoch(epoch, start_step)`` resumes without decoding the skipped steps.
+All images of a step go through one ``BatchColorAugment`` call (jitter,
+grayscale, blur, normalisation, cast to ``dtype``), each with its own
+parameters.
+
+Randomness: colour parameters come from a generator on the device seeded with
+(seed, epoch, rank); crops and flips come from FFCV's compiled code, which
+draws from numba's unseeded per-thread state. Sample orders are therefore
+reproducible and resumable, the augmentations are not.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pipelines.batch_augment import BatchColorAugment
+from pipelines.contract import PretrainBatch
+from pipelines.datasets import DataError, ImageFolderIndex, read_labeled_list, stratified_subset
+from pipelines.ffcv_orders import ScheduledLoader, SupportSchedule, UnlabeledSchedule, keep_torch_threads
+from pipelines.recipe import SimCLRRecipe
+from pipelines.sampler import ClassBalancedSampler
+from pipelines.torch_backend import sample_seed
+from tools.convert import layout
+
+with keep_torch_threads():
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+
+log = logging.getLogger(__name__)
+
+COLOR_STREAM = 2  # sample_seed stream of the colour-parameter generator (0, 1: reference backend)
+CONVERT_HINT = "python -m tools.convert_imagenet --src <ImageFolder root> --out <data.root> --formats ffcv"
+
+
+# --------------------------------------------------------------------------- the converted dataset
+
+
+@dataclass(frozen=True)
+class ConvertedSplit:
+    """One split of a converter output directory.
+
+    ``index`` lists the samples in beton index order with the source tree's
+    split folder as its root (the original JPEGs need not exist any more).
+    ``labeled`` holds the converter's labeled subset, or None if it made none.
+    """
+
+    beton: Path
+    index: ImageFolderIndex
+    labeled: np.ndarray | None
+
+
+def open_converted(root: str | Path, split: str) -> ConvertedSplit:
+    """Check that ``root`` holds a complete FFCV conversion of ``split`` and read its listing."""
+    root = Path(root)
+    manifest_path = root / layout.MANIFEST
+    if not manifest_path.is_file():
+        raise DataError(f"data.backend=ffcv: {root} holds no {layout.MANIFEST}; convert the dataset first: "
+                        f"{CONVERT_HINT}")
+    manifest = json.loads(manifest_path.read_text())
+    entry = manifest.get("splits", {}).get(split)
+    if not entry or not entry.get("complete"):
+        raise DataError(f"data.backend=ffcv: split {split!r} of {root} is missing or incomplete; rerun {CONVERT_HINT}")
+    beton = layout.beton_path(root, split)
+    if not beton.is_file():
+        raise DataError(f"data.backend=ffcv: {beton} not found; convert with --formats including ffcv: {CONVERT_HINT}")
+    samples = layout.read_samples(root, split)
+    if [s["index"] for s in samples] != list(range(len(samples))):
+        raise DataError(f"{layout.samples_path(root, split)} does not list indices 0..{len(samples) - 1} in order")
+    source = Path(manifest.get("settings", {}).get("src", root)) / split
+    index = ImageFolderIndex(source, tuple(layout.read_classes(root)), tuple(s["path"] for s in samples),
+                             np.asarray([s["label"] for s in samples], dtype=np.int64))
+    labeled = None
+    if layout.labeled_path(root, split).is_file():
+        labeled = np.asarray(layout.read_labeled(root, split), dtype=np.int64)
+    return ConvertedSplit(beton, index, labeled)
+
+
+def select_labeled(cfg, split: ConvertedSplit) -> np.ndarray:
+    """``data.labeled_list`` if set, else the converter's subset, else a stratified
+    draw of ``data.labeled_fraction`` (the reference backend's rule)."""
+    d = cfg.data
+    if d.labeled_list:
+        return read_labeled_list(d.labeled_list, split.index)
+    if split.labeled is not None:
+        log.info("labeled subset: %d images listed by the converter", len(split.labeled))
+        return split.labeled
+    return stratified_subset(split.index.labels, d.labeled_fraction, cfg.run.seed,
+                             min_per_class=max(1, d.support_images_per_class))
+
+
+# --------------------------------------------------------------------------- FFCV pipelines
+
+
+def view_pipeline(recipe: SimCLRRecipe, device: torch.device) -> PipelineSpec:
+    """One augmented view of the ``image`` field: random resized crop (area
+    fraction ``recipe.crop_scale``, aspect ratio ``recipe.crop_ratio``) to
+    ``recipe.resolution`` and a flip with ``recipe.flip_prob`` on the CPU, then
+    uint8 ``[B, 3, H, W]`` channels-last on ``device``."""
+    size = (recipe.resolution, recipe.resolution)
+    decoder = RandomResizedCropRGBImageDecoder(size, scale=tuple(recipe.crop_scale), ratio=tuple(recipe.crop_ratio))
+    return PipelineSpec("image", decoder=decoder, transforms=[
+        RandomHorizontalFlip(recipe.flip_prob),
+        ToTensor(),
+        ToDevice(device, non_blocking=True),
+        ToTorchImage(channels_last=True),
+    ])
+
+
+def int_pipeline(field: str, device: torch.device | None) -> PipelineSpec:
+    """An int64 ``[B, 1]`` field, on ``device`` or left on the CPU (None)."""
+    transforms = [ToTensor()] + ([ToDevice(device, non_blocking=True)] if device is not None else [])
+    return PipelineSpec(field, decoder=IntDecoder(), transforms=transforms)
+
+
+def view_names(views: int) -> list[str]:
+    return [f"view{v}" for v in range(views)]
+
+
+# --------------------------------------------------------------------------- the PretrainLoader
+
+
+@dataclass
+class FFCVLoaderSettings:
+    batch_size: int
+    support_views: int
+    num_workers: int  # numba threads of each of the two FFCV loaders (they decode concurrently)
+    batches_ahead: int
+    seed: int
+    dtype: torch.dtype
+
+
+class FFCVPretrainLoader:
+    """Yields ``PretrainBatch`` from an unlabeled and an optional support FFCV loader.
+
+    Both loaders are built once (FFCV compiles its pipelines with numba on
+    first use, 10-30 s); each ``iter()`` starts one pass of each over the
+    range set by ``set_epoch``.
+    """
+
+    def __init__(self, beton: Path, labeled: np.ndarray, support_sampler: ClassBalancedSampler | None,
+                 recipe: SimCLRRecipe, settings: FFCVLoaderSettings, rank: int, world_size: int,
+                 device: torch.device, num_samples: int):
+        self.settings, self.device, self.rank = settings, device, rank
+        common = dict(num_workers=max(1, settings.num_workers), batches_ahead=max(1, settings.batches_ahead),
+                      seed=settings.seed)
+        self.unlabeled_schedule = UnlabeledSchedule(num_samples, settings.batch_size, rank, world_size, settings.seed)
+        self.unlabeled = ScheduledLoader(str(beton), self.unlabeled_schedule, distributed=world_size > 1, pipelines={
+            "image": None, "label": None,
+            **{name: view_pipeline(recipe, device) for name in view_names(2)},
+            "index": int_pipeline("index", None),
+        }, **common)
+        self.support_schedule = self.support = None
+        if support_sampler is not None:
+            self.support_schedule = SupportSchedule(support_sampler, labeled)
+            self.support = ScheduledLoader(str(beton), self.support_schedule, pipelines={
+                "image": None, "index": None,
+                **{name: view_pipeline(recipe, device) for name in view_names(settings.support_views)},
+                "label": int_pipeline("label", device),
+            }, **common)
+        self.augment = BatchColorAugment(recipe, flip=False, dtype=settings.dtype)  # flipped on the CPU
+        self.generator = torch.Generator(device=device)
+        self.epoch, self.start_step = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.unlabeled_schedule)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.unlabeled_schedule.set_epoch(epoch, start_step)
+        self.epoch, self.start_step = epoch, start_step
+        if self.support_schedule is not None:
+            self.support_schedule.set_range(epoch * len(self) + start_step, len(self) - start_step)
+
+    def __iter__(self) -> Iterator[PretrainBatch]:
+        epoch, first = self.epoch, self.start_step
+        self.set_epoch(epoch, first)  # the support range follows a start_step reset by a previous pass
+        self.start_step = 0
+        if first >= len(self):
+            return
+        self.generator.manual_seed(sample_seed(self.settings.seed, epoch, self.rank, COLOR_STREAM))
+        passes = [iter(self.unlabeled)] + ([iter(self.support)] if self.support is not None else [])
+        try:
+            for step in range(first, len(self)):
+                yield self._batch([next(p) for p in passes], epoch, step)
+        finally:
+            for p in passes:  # stop FFCV's threads (they run ahead) when the consumer stops early
+                p.close()
+            for p in passes:
+                p.join()
+
+    def _batch(self, outputs: list[tuple], epoch: int, step: int) -> PretrainBatch:
+        # FFCV outputs are views into its ring buffers: everything kept below is a copy.
+        u = dict(zip(self.unlabeled.pipeline_specs, outputs[0]))
+        b = self.settings.batch_size
+        images = [u["view0"], u["view1"]]
+        if self.support is not None:
+            s = dict(zip(self.support.pipeline_specs, outputs[1]))
+            views = [s[name] for name in view_names(self.settings.support_views)]
+            images.append(torch.stack(views, dim=1).flatten(0, 1))  # [C*K*V, ...], image-major like the reference
+            support_labels = s["label"].view(-1).repeat_interleave(len(views))
+        else:
+            support_labels = torch.zeros(0, dtype=torch.int64, device=self.device)
+        out = self.augment(torch.cat(images), generator=self.generator)  # one draw per image
+        return PretrainBatch(
+            view1=out[:b], view2=out[b : 2 * b], support_images=out[2 * b :], support_labels=support_labels,
+            sample_ids=u["index"].view(-1).clone(), epoch=epoch, step=step,
+        )
+
+
+def build_ffcv_loader(cfg, rank: int, world_size: int, device: torch.device,
+                      dtype: torch.dtype = torch.float32) -> tuple[ImageFolderIndex, np.ndarray, FFCVPretrainLoader]:
+    """``(index, labeled, loader)`` for ``build_loaders``; see the module docstring."""
+    from pipelines.build import build_support_sampler  # build imports this module lazily
+
+    d = cfg.data
+    split = open_converted(d.root, d.train_split)
+    labeled = select_labeled(cfg, split)
+    sampler = build_support_sampler(cfg, split.index.labels[labeled], rank, world_size)
+    settings = FFCVLoaderSettings(d.unlabeled_batch_size, d.support_views, d.num_workers, d.prefetch_factor,
+                                  cfg.run.seed, dtype)
+    loader = FFCVPretrainLoader(split.beton, labeled, sampler, cfg.augment, settings, rank, world_size, device,
+                                len(split.index))
+    return split.index, labeled, loader

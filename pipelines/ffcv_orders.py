@@ -1,0 +1,180 @@
+"""Sample orders of the FFCV backend: pure functions of (epoch, start step).
+
+FFCV's ``Loader`` asks its ``TraversalOrder`` for one flat array of dataset
+indices per pass and cuts it into batches. Its own epoch counter only moves
+forward, so it cannot resume mid-epoch, and its distributed orders pad the
+ranks with repeated samples. Here the loader's order is a *schedule*
+owned by the backend instead:
+
+- ``UnlabeledSchedule``: the reference backend's order (``DistributedSampler``
+  shuffled with ``seed + epoch``, ``drop_last=True``, so ranks are disjoint and
+  all have ``(N // W) // B`` steps), from ``start_step`` on;
+- ``SupportSchedule``: global step ``g`` takes batch ``g mod L`` of epoch
+  ``g div L`` of a ``ClassBalancedSampler`` (``L`` its length), exactly as the
+  reference backend's ``SupportBatches``;
+- ``ScheduledOrder`` is the one ``TraversalOrder`` handed to FFCV: it returns
+  the schedule's current order and ignores FFCV's epoch counter.
+  ``ScheduledLoader`` is an FFCV ``Loader`` built around a schedule; it is
+  the only place that registers ``ScheduledOrder`` in FFCV's ``ORDER_MAP``
+  (FFCV 1.0.2 builds no order class that is not listed there).
+
+The schedules hold the only mutable state, their position in the stream
+(``set_epoch`` / ``set_range``); set it before calling ``iter()`` on the
+loader, which reads the order at that moment.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+
+from pipelines.sampler import ClassBalancedSampler
+
+
+@contextmanager
+def keep_torch_threads() -> Iterator[None]:
+    """Undo FFCV's ``torch.set_num_threads`` calls (at import, in ``Loader.__init__``
+    and ``Loader.__iter__``), which would otherwise throttle the device-side ops
+    and the training step on CPU."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+with keep_torch_threads():  # importing FFCV sets torch's thread count to 1
+    from ffcv.loader import Loader
+    from ffcv.loader.loader import ORDER_MAP
+    from ffcv.traversal_order.base import TraversalOrder
+
+INDEX_DTYPE = np.uint64  # what FFCV's own orders yield; numba specialises the compiled pipeline on it
+
+
+class Schedule(Protocol):
+    batch_size: int
+
+    @property
+    def num_batches(self) -> int:
+        """Batches in ``order()``."""
+        ...
+
+    def order(self) -> np.ndarray:
+        """Flat dataset indices of ``num_batches`` batches."""
+        ...
+
+
+class UnlabeledSchedule:
+    """This rank's unlabeled samples for one epoch, in the reference backend's order."""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch, self.start_step = 0, 0
+        if len(self) == 0:
+            raise ValueError(
+                f"{num_samples} unlabeled images cannot fill one batch of {batch_size} per rank on {world_size} rank(s)"
+            )
+
+    def __len__(self) -> int:
+        """Steps per epoch; the same on every rank."""
+        return (self.num_samples // self.world_size) // self.batch_size
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= len(self):
+            raise ValueError(f"start_step must be in [0, {len(self)}], got {start_step}")
+        self.epoch, self.start_step = epoch, start_step
+
+    @property
+    def num_batches(self) -> int:
+        return len(self) - self.start_step
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """All of this rank's samples of ``epoch`` that fill whole batches."""
+        sampler = torch.utils.data.DistributedSampler(
+            range(self.num_samples), num_replicas=self.world_size, rank=self.rank,
+            shuffle=True, seed=self.seed, drop_last=True,
+        )
+        sampler.set_epoch(epoch)
+        return np.fromiter(sampler, dtype=np.int64)[: len(self) * self.batch_size]
+
+    def order(self) -> np.ndarray:
+        return self.epoch_order(self.epoch)[self.start_step * self.batch_size :].astype(INDEX_DTYPE)
+
+
+class SupportSchedule:
+    """Support images for a range of global steps, ``C * K`` per step, class-major.
+
+    ``labeled[p]`` is the dataset index of the sampler's position ``p``.
+    """
+
+    def __init__(self, sampler: ClassBalancedSampler, labeled: np.ndarray):
+        self.sampler = sampler
+        self.labeled = np.asarray(labeled, dtype=np.int64)
+        self.batch_size = sampler.classes_per_batch * sampler.images_per_class
+        self.first_step, self.num_steps = 0, 0
+
+    def set_range(self, first_global_step: int, num_steps: int) -> None:
+        self.first_step, self.num_steps = first_global_step, num_steps
+
+    @property
+    def num_batches(self) -> int:
+        return self.num_steps
+
+    def batches(self, first_global_step: int, num_steps: int) -> np.ndarray:
+        """Dataset indices ``[num_steps, C*K]`` of global steps ``first .. first + num_steps - 1``."""
+        per_epoch = len(self.sampler)
+        rows = [np.empty((0, self.batch_size), dtype=np.int64)]
+        g, end = first_global_step, first_global_step + num_steps
+        while g < end:
+            epoch, step = divmod(g, per_epoch)
+            take = min(per_epoch - step, end - g)
+            rows.append(self.sampler.epoch_plan(epoch)[step : step + take])
+            g += take
+        return self.labeled[np.concatenate(rows)]
+
+    def order(self) -> np.ndarray:
+        return self.batches(self.first_step, self.num_steps).reshape(-1).astype(INDEX_DTYPE)
+
+
+# --------------------------------------------------------------------------- FFCV adapter
+
+
+class ScheduledOrder(TraversalOrder):
+    """The order of ``loader.schedule`` at the time FFCV asks; FFCV's epoch is ignored."""
+
+    def __init__(self, loader: "ScheduledLoader"):
+        super().__init__(loader)
+        self.schedule = loader.schedule
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.schedule.order()
+
+
+class ScheduledLoader(Loader):
+    """An FFCV ``Loader`` whose batches follow ``schedule`` (see the module docstring).
+
+    Other keyword arguments go to ``Loader`` (pipelines, num_workers,
+    batches_ahead, distributed, ...); ``order`` and ``batch_size`` come from
+    the schedule, and ``drop_last`` is moot (orders hold whole batches). Both
+    construction and ``iter()`` leave torch's thread count as they found it.
+    """
+
+    def __init__(self, fname: str, schedule: Schedule, **kwargs):
+        self.schedule = schedule
+        ORDER_MAP.setdefault(ScheduledOrder, ScheduledOrder)  # FFCV builds only the orders listed there
+        with keep_torch_threads():
+            super().__init__(fname, batch_size=schedule.batch_size, order=ScheduledOrder, drop_last=True, **kwargs)
+
+    def __len__(self) -> int:
+        """Batches in the next pass (FFCV's own ``__len__`` is frozen at construction
+        and would truncate longer passes)."""
+        return self.schedule.num_batches
+
+    def __iter__(self):
+        with keep_torch_threads():
+            return super().__iter__()

@@ -98,6 +98,8 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device,
 
     knn_train = knn_test = None
     val_root = root / d.val_split
+    if not val_root.is_dir() and isinstance(index, ImageFolderIndex):
+        val_root = index.root.parent / d.val_split  # converted data: the source tree beside the train split
     if cfg.run.knn_every_epochs > 0 and val_root.is_dir() and isinstance(index, ImageFolderIndex):
         val_index = index_image_folder(val_root)
         if val_index.classes != index.classes:

@@ -20,6 +20,7 @@ from pipelines.datasets import ImageFolderIndex
 from pipelines.reference_transforms import simclr_transform
 from pipelines.recipe import SimCLRRecipe
 from pipelines.sampler import ClassBalancedSampler
+from pipelines.schedules import UnlabeledSchedule
 
 UNLABELED_STREAM, SUPPORT_STREAM = 0, 1
 
@@ -71,36 +72,13 @@ class SupportDataset(Dataset):
         return torch.stack([self.transform(img) for _ in range(self.views)]), int(self.labels[i])
 
 
-class UnlabeledBatches:
-    """Per-rank batches of (index, seed) for one epoch: a DistributedSampler
-    permutation (seeded by seed + epoch), last partial batch dropped, so every
-    rank has the same number of steps; can start mid-epoch."""
-
-    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int):
-        self.num_samples, self.batch_size = num_samples, batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.epoch, self.start_step = 0, 0
-        if len(self) == 0:
-            raise ValueError(
-                f"{num_samples} unlabeled images cannot fill one batch of {batch_size} per rank on {world_size} rank(s)"
-            )
-
-    def __len__(self) -> int:
-        return (self.num_samples // self.world_size) // self.batch_size
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
+class UnlabeledBatches(UnlabeledSchedule):
+    """The shared unlabeled schedule as DataLoader batches of (index, seed)."""
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        sampler = torch.utils.data.DistributedSampler(
-            range(self.num_samples), num_replicas=self.world_size, rank=self.rank,
-            shuffle=True, seed=self.seed, drop_last=True,
-        )
-        sampler.set_epoch(self.epoch)
-        order = list(sampler)
-        b = self.batch_size
-        for step in range(self.start_step, len(self)):
-            yield [(i, sample_seed(self.seed, self.epoch, i, UNLABELED_STREAM)) for i in order[step * b : (step + 1) * b]]
+        order = self.order().astype(np.int64).reshape(-1, self.batch_size)
+        for batch in order:
+            yield [(int(i), sample_seed(self.seed, self.epoch, int(i), UNLABELED_STREAM)) for i in batch]
 
 
 class SupportBatches:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import socket
 import threading
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from pipelines.torch_backend import SupportBatches, UnlabeledBatches  # noqa: E4
 from tools.convert import layout  # noqa: E402
 from tools.convert_imagenet import ConvertOptions, convert  # noqa: E402
 from train.config import PretrainConfig  # noqa: E402
+from tests.helpers.dist import free_port
 
 WIDTH, HEIGHT = 64, 48  # source images
 COUNTS = [12, 10, 14, 12]  # images per class: 48 in all, so 8 per step and 2 ranks divide it
@@ -321,11 +321,6 @@ def _worker(rank: int, world_size: int, port: int, root: str, out_dir: str) -> N
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
@@ -333,7 +328,7 @@ def test_two_gloo_ranks_cover_the_dataset_disjointly(converted, tmp_path):
     import torch.multiprocessing as mp
 
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(converted), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(converted), str(tmp_path)), nprocs=world, join=True)
     result = torch.load(tmp_path / "result.pt")
     steps = sum(COUNTS) // world // B
     assert result["steps"].tolist() == [steps] * world

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from train.losses import init_nt_xent_loss, init_suncet_loss, nt_xent, nt_xent_positives, suncet
+from tests.helpers.dist import free_port
 
 # --------------------------------------------------------------------------- naive references
 # Written as explicit loops over pairs on 0-d float64 tensors (differentiable),
@@ -278,16 +278,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_two_ranks_match_one_process_on_concatenated_batch(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
 
     b = _fixed_batch()
     # One process, concatenated batch: [v1_r0; v1_r1; v2_r0; v2_r1].

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from train import checkpoint as ckpt
 from train import pretrain
 from train.distributed import DistContext
 from train.step import NonFiniteLossError
+from tests.helpers.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
@@ -185,17 +185,12 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(data_root, tmp_path
         assert got[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(data_root, tmp_path):
     extra = {"optim.epochs": 1, "optim.warmup_epochs": 0.5, "run.knn_every_epochs": 0, "data.unlabeled_batch_size": 4,
              "data.support_images_per_class": 1, "data.support_classes": 4}
-    two = _cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    two = _cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                 "-m", "train.pretrain", "--device", "cpu",
                 *_set_args(tiny_overrides(data_root, tmp_path / "two", **extra))])
     out, _ = two.communicate(timeout=600)

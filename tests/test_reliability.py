@@ -15,7 +15,8 @@ import torch
 
 from pipelines.build import build_loaders
 from tests.pretrain_helpers import make_split_tree, step_losses, tiny_config, tiny_overrides
-from tests.test_pretrain import CPU, REPO, _cli, _free_port, _set_args
+from tests.helpers.dist import free_port
+from tests.test_pretrain import CPU, REPO, _cli, _set_args
 from train import checkpoint as ckpt
 from train import pretrain
 from train.step import NonFiniteLossError
@@ -136,7 +137,7 @@ def test_two_process_run_killed_and_resumed_matches_uninterrupted(data_root, tmp
              "data.unlabeled_batch_size": 4, "data.support_images_per_class": 1, "run.checkpoint_every_steps": 3}
 
     def launch(run_dir: Path, resume: bool) -> subprocess.Popen:
-        args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                 "-m", "train.pretrain", "--device", "cpu", *_set_args(tiny_overrides(data_root, run_dir, **extra))]
         return _cli(args + (["--resume", "auto"] if resume else []), start_new_session=True)
 

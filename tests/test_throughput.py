@@ -87,6 +87,15 @@ def test_ratios_and_verdicts_from_rows():
     assert by_backend["dali"]["bound"] == "compute"
 
 
+def test_overall_wait_catches_a_loader_that_falls_behind_in_some_windows():
+    # Seen on a GPU: prefetched batches made most windows wait-free, two waited 70-90%.
+    wait = Spread.of([0.0, 0.0, 0.7, 0.9, 0.0]).as_dict()
+    wait["overall"] = 0.7
+    rows = [_ok("compute", "-", 840.0), _ok("e2e", "torch", 700.0, data_wait_frac=wait)]
+    (v,) = rep.verdicts(rows)
+    assert wait["median"] == 0.0 and v["bound"] == "loader"
+
+
 def test_combine_ranks_mean_per_gpu_and_sum_aggregate():
     ranks = [
         {"images_per_s": Spread.of([10.0, 12.0]).as_dict(), "cpu_cores_used": 1.0, "peak_rss_mb": 100.0,

@@ -194,7 +194,8 @@ def verdicts(rows: list[dict]) -> list[dict]:
     for backend in dict.fromkeys(r["backend"] for r in rows if r["mode"] in ("loader", "e2e")):
         loader = next((r for r in rows if r["mode"] == "loader" and r["backend"] == backend), None)
         e2e = next((r for r in rows if r["mode"] == "e2e" and r["backend"] == backend), None)
-        v = verdict(wait_frac=median(e2e, "data_wait_frac") if e2e else None,
+        wait = e2e["figures"].get("data_wait_frac", {}) if e2e and e2e.get("figures") else {}
+        v = verdict(wait_frac=wait.get("overall", median(e2e, "data_wait_frac")) if e2e else None,
                     e2e_ips=median(e2e) if e2e else None,
                     loader_ips=median(loader) if loader else None, compute_ips=compute_ips)
         if v is not None:

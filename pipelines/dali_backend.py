@@ -1,0 +1,444 @@
+"""DALI backend: decode and the two-view SimCLR recipe in a DALI graph, on the GPU when there is one.
+
+``build_loaders(cfg, ..., backend="dali")`` calls ``build_dali_loader``, which
+reads ``data.root`` either as a converted dataset (``tools.convert_imagenet``
+output: ``dali/<split>/shard-*.tar`` webdataset shards with their index files)
+or as an ImageFolder tree, and returns a ``DaliPretrainLoader`` yielding the
+``PretrainBatch`` contract.
+
+Design
+------
+- One pipeline definition, ``simclr_pipeline``: ``fn.external_source`` ->
+  ``fn.decoders.image`` (``mixed`` on CUDA, ``cpu`` otherwise) -> per view
+  ``dali_augment.augment_view`` (runs where the decoded images are). It is
+  instantiated twice: the unlabeled stream (2 views of each image, decoded
+  once) and the support stream (``data.support_views`` views).
+- Which images a step holds is planned on the host, exactly as the torch
+  backend plans it: the unlabeled stream uses DistributedSampler's
+  permutation (seed + epoch, last partial batch dropped, so every rank has
+  ``(N // world_size) // batch`` steps and the ranks' images are disjoint);
+  the support stream asks the shared ``ClassBalancedSampler`` for global
+  step ``epoch * len + step``. The encoded bytes are read on the host
+  (memory-mapped shards or files) and fed with their per-view augmentation
+  parameters, drawn by numpy from ``(seed, stream, epoch, step, rank)``.
+- Hence the whole stream is a pure function of (seed, rank, world size,
+  epoch, step): ``set_epoch(epoch, start_step)`` resumes it exactly, and no
+  DALI state needs checkpointing (the loader has no ``state_dict``).
+
+Why not ``readers.webdataset`` / ``readers.file`` with ``shard_id``: their
+``random_shuffle`` draws from a buffer of ``initial_fill`` consecutive
+samples, and the converter stores samples in class order, so batches would
+hold one or two classes (bad negatives for NT-Xent); shuffling the file list
+ourselves gives a global permutation, the torch backend's exact sample order,
+and resume without reader checkpoints. The price is that the host reads
+samples in random order (cheap from page cache or local disk).
+"""
+from __future__ import annotations
+
+import io
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.contract import PretrainBatch
+from pipelines.dali_augment import sample_view_params, simclr_pipeline
+from pipelines.datasets import DataError, ImageFolderIndex, index_image_folder
+from pipelines.recipe import SimCLRRecipe
+from pipelines.sampler import ClassBalancedSampler
+
+UNLABELED_STREAM, SUPPORT_STREAM = 0, 1
+
+# Start-of-frame markers of baseline, extended, progressive and lossless JPEGs.
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+# ---------------------------------------------------------------------------
+# Encoded images: random access to bytes and sizes
+# ---------------------------------------------------------------------------
+
+
+def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's start-of-frame header, or None if ``data`` is no JPEG."""
+    if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        if marker in _SOF_MARKERS:
+            if pos + 9 > end:
+                return None
+            return (data[pos + 5] << 8) | data[pos + 6], (data[pos + 7] << 8) | data[pos + 8]
+        pos += 2 + ((data[pos + 2] << 8) | data[pos + 3])
+    return None
+
+
+def encoded_size(data: bytes | memoryview) -> tuple[int, int]:
+    """(height, width) of an encoded image, as decoded without EXIF rotation."""
+    size = jpeg_size(data)
+    if size is None:  # PNG, BMP, ... (ImageFolder trees may hold them)
+        with Image.open(io.BytesIO(bytes(data))) as img:
+            size = img.height, img.width
+    return size
+
+
+class EncodedImages:
+    """Random access to a split's encoded images by sample index; sizes are parsed once and cached."""
+
+    def __init__(self, index: ImageFolderIndex):
+        self.index = index
+        self._sizes = np.full((len(index), 2), -1, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.index.labels
+
+    def read(self, i: int) -> memoryview:
+        raise NotImplementedError
+
+    def batch(self, ids: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """Encoded bytes (uint8 arrays) and int64 [n, 2] (height, width) of images ``ids``."""
+        data = [self.read(int(i)) for i in ids]
+        for i, d in zip(ids, data):
+            if self._sizes[i, 0] < 0:
+                try:
+                    self._sizes[i] = encoded_size(d)
+                except Exception as exc:  # PIL raises many types; all mean "bad file"
+                    raise DataError(f"cannot read the size of image {self.describe(int(i))}: {exc}") from exc
+        return [np.frombuffer(d, dtype=np.uint8) for d in data], self._sizes[ids]
+
+    def describe(self, i: int) -> str:
+        return str(self.index.root / self.index.paths[i])
+
+
+class FileImages(EncodedImages):
+    """An ImageFolder tree: one file per sample."""
+
+    def read(self, i: int) -> memoryview:
+        path = self.index.root / self.index.paths[i]
+        try:
+            return memoryview(path.read_bytes())
+        except OSError as exc:
+            raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+class ShardImages(EncodedImages):
+    """The converter's webdataset shards, read through their DALI index files and memory maps.
+
+    ``index.root`` is the source split folder the shards were made from (it
+    may no longer exist); ``index.paths`` and ``labels`` come from
+    ``samples/<split>.jsonl``.
+    """
+
+    def __init__(self, index: ImageFolderIndex, tars: list[Path], idx_files: list[Path]):
+        super().__init__(index)
+        n = len(index)
+        self._shard = np.full(n, -1, dtype=np.int64)
+        self._offset = np.zeros(n, dtype=np.int64)
+        self._length = np.zeros(n, dtype=np.int64)
+        self._maps: list[mmap.mmap] = []
+        for shard, (tar, idx) in enumerate(zip(tars, idx_files)):
+            for key, offset, length in _jpeg_members(idx):
+                if not 0 <= key < n or self._shard[key] >= 0:
+                    raise DataError(f"{idx}: sample key {key} is out of range or repeated (dataset of {n} samples)")
+                self._shard[key], self._offset[key], self._length[key] = shard, offset, length
+            with open(tar, "rb") as f:
+                self._maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        missing = np.flatnonzero(self._shard < 0)
+        if len(missing):
+            raise DataError(f"{len(missing)} sample(s) of {n} have no .jpg member in the shards, e.g. index "
+                            f"{int(missing[0])}; reconvert the dataset")
+
+    def read(self, i: int) -> memoryview:
+        offset, length = int(self._offset[i]), int(self._length[i])
+        return memoryview(self._maps[int(self._shard[i])])[offset : offset + length]
+
+    def describe(self, i: int) -> str:
+        return f"{self.index.paths[i]} (sample {i} in shard {int(self._shard[i])})"
+
+
+def _jpeg_members(idx_file: Path) -> Iterator[tuple[int, int, int]]:
+    """(sample key, data offset, size) of each ``.jpg`` member listed in a DALI ``v1.2`` index file."""
+    lines = idx_file.read_text().splitlines()
+    if not lines or not lines[0].startswith("v1.2 "):
+        raise DataError(f"{idx_file}: not a DALI webdataset index (expected a 'v1.2 <count>' header)")
+    for line in lines[1:]:
+        tokens = line.split()
+        for ext, offset, size, name in zip(tokens[0::4], tokens[1::4], tokens[2::4], tokens[3::4]):
+            if ext == "jpg":
+                yield int(name.split(".", 1)[0]), int(offset), int(size)
+
+
+def open_converted(root: Path, split: str) -> tuple[ShardImages, np.ndarray | None]:
+    """The converted split under ``root`` and its labeled subset (None if the converter wrote none)."""
+    from tools.convert import layout  # the converter's format, defined once
+
+    tars, idx_files = layout.shard_files(root, split)
+    if not tars:
+        raise DataError(f"no DALI shards in {layout.shard_dir(root, split)}")
+    missing = [p for p in idx_files if not p.is_file()]
+    if missing:
+        raise DataError(f"DALI index file(s) missing next to the shards, e.g. {missing[0]}")
+    manifest = layout.read_manifest(root)
+    entry = manifest.get("splits", {}).get(split, {})
+    if not entry.get("complete"):
+        raise DataError(f"{root}: split {split!r} is not completely converted (see manifest.json); rerun the converter")
+    samples = layout.read_samples(root, split)
+    classes = tuple(layout.read_classes(root))
+    source = Path(manifest["settings"]["src"]) / split
+    index = ImageFolderIndex(source, classes, tuple(s["path"] for s in samples),
+                             np.asarray([s["label"] for s in samples], dtype=np.int64))
+    labeled_file = layout.labeled_path(root, split)
+    labeled = np.asarray(layout.read_labeled(root, split), dtype=np.int64) if labeled_file.is_file() else None
+    return ShardImages(index, tars, idx_files), labeled
+
+
+# ---------------------------------------------------------------------------
+# Host-side plan: which images each step holds, and their view parameters
+# ---------------------------------------------------------------------------
+
+
+def unlabeled_plan(num_samples: int, batch_size: int, rank: int, world_size: int, seed: int,
+                   epoch: int) -> np.ndarray:
+    """int64 [steps, batch_size]: this rank's images per step, as the torch backend orders them
+    (DistributedSampler shuffled with seed + epoch, remainder dropped)."""
+    sampler = torch.utils.data.DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank,
+                                                  shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    order = np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))
+    steps = len(order) // batch_size
+    return order[: steps * batch_size].reshape(steps, batch_size)
+
+
+def step_rng(seed: int, stream: int, a: int, b: int, rank: int) -> np.random.Generator:
+    """The generator of one step's view parameters (stream 0: (epoch, step); 1: (global step, 0))."""
+    return np.random.default_rng([seed, stream, a, b, rank])
+
+
+class UnlabeledPlan:
+    """Step -> (this rank's unlabeled images, view-parameter generator) for ``epoch``."""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int):
+        self.num_samples, self.batch_size, self.rank, self.world_size, self.seed = (
+            num_samples, batch_size, rank, world_size, seed)
+        self.steps = (num_samples // world_size) // batch_size
+        self.epoch = 0
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def __call__(self, step: int) -> tuple[np.ndarray, np.random.Generator]:
+        if self._cache is None or self._cache[0] != self.epoch:
+            self._cache = (self.epoch, unlabeled_plan(self.num_samples, self.batch_size, self.rank,
+                                                      self.world_size, self.seed, self.epoch))
+        return self._cache[1][step], step_rng(self.seed, UNLABELED_STREAM, self.epoch, step, self.rank)
+
+
+class SupportPlan:
+    """Step -> (support images, view-parameter generator): global step ``epoch * steps + step``
+    is batch ``g mod L`` of the sampler's epoch ``g div L`` (L its length), as in the torch backend."""
+
+    def __init__(self, sampler: ClassBalancedSampler, labeled: np.ndarray, steps_per_epoch: int, rank: int,
+                 seed: int):
+        self.sampler, self.labeled, self.steps, self.rank, self.seed = sampler, labeled, steps_per_epoch, rank, seed
+        self.epoch = 0
+
+    def __call__(self, step: int) -> tuple[np.ndarray, np.random.Generator]:
+        g = self.epoch * self.steps + step
+        positions = self.sampler.batch(*divmod(g, len(self.sampler)))
+        return self.labeled[np.asarray(positions)], step_rng(self.seed, SUPPORT_STREAM, g, 0, self.rank)
+
+
+class StreamFeed:
+    """``fn.external_source`` callback of one stream.
+
+    ``start(steps)`` sets the steps of the coming pass; each call returns the
+    next step's batch ``(encoded images, sample ids, *view parameters)`` and
+    raises StopIteration after the last step, which ends DALI's epoch.
+    """
+
+    def __init__(self, images: EncodedImages, plan: Callable[[int], tuple[np.ndarray, np.random.Generator]],
+                 recipe: SimCLRRecipe, views: int):
+        self.images, self.plan, self.recipe, self.views = images, plan, recipe, views
+        self._steps: Iterator[int] = iter(())
+
+    def start(self, steps: Iterable[int]) -> None:
+        self._steps = iter(steps)
+
+    def __call__(self) -> tuple:
+        step = next(self._steps)  # StopIteration ends DALI's epoch
+        ids, rng = self.plan(step)
+        data, sizes = self.images.batch(ids)
+        params = sample_view_params(rng, sizes, self.recipe, self.views)
+        return (data, ids.astype(np.int64), *(a for p in params for a in p.as_tuple()))
+
+
+# ---------------------------------------------------------------------------
+# The loader
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DaliSettings:
+    unlabeled_batch_size: int
+    support_views: int
+    num_threads: int  # DALI CPU threads per pipeline
+    prefetch: int  # batches in flight per pipeline
+    seed: int
+    dtype: torch.dtype
+    channels_last: bool = True
+
+
+class DaliStream:
+    """One pipeline behind the PyTorch plugin's iterator, restartable at any planned step."""
+
+    def __init__(self, feed: StreamFeed, batch_size: int, recipe: SimCLRRecipe, settings: DaliSettings,
+                 device: torch.device, seed: int):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        cuda = device.type == "cuda"
+        self.feed = feed
+        self.output_map = [f"view{v}" for v in range(feed.views)] + ["ids"]
+        pipe = simclr_pipeline(
+            feed, feed.views, recipe, decoder_device="mixed" if cuda else "cpu",
+            float16=settings.dtype in (torch.float16, torch.bfloat16), channels_last=settings.channels_last,
+            batch_size=batch_size, num_threads=settings.num_threads, prefetch_queue_depth=settings.prefetch,
+            device_id=(device.index if device.index is not None else torch.cuda.current_device()) if cuda else None,
+            seed=seed,
+        )
+        self.iterator = DALIGenericIterator(pipe, self.output_map, auto_reset=False, prepare_first_batch=False)
+        self._started = False
+
+    def start(self, steps: range) -> None:
+        """Plan ``steps`` as the next pass. Batches still in flight from an abandoned pass are
+        run out and dropped (at most ``prefetch``), then the pipeline restarts on the new plan."""
+        if self._started:
+            self.feed.start(())
+            while True:
+                try:
+                    next(self.iterator)
+                except StopIteration:
+                    break
+            self.feed.start(steps)
+            self.iterator.reset()  # schedules the new pass's first batches
+        else:
+            self.feed.start(steps)  # the first next() schedules them
+            self._started = True
+
+    def next(self) -> dict[str, torch.Tensor]:
+        return next(self.iterator)[0]
+
+
+class DaliPretrainLoader:
+    """Yields ``PretrainBatch`` from two DALI pipelines (unlabeled: 2 views, support: V views)."""
+
+    def __init__(self, images: EncodedImages, labeled: np.ndarray, support_sampler: ClassBalancedSampler | None,
+                 recipe: SimCLRRecipe, settings: DaliSettings, rank: int, world_size: int, device: torch.device):
+        self.images, self.labeled, self.sampler = images, labeled, support_sampler
+        self.settings, self.device = settings, device
+        b = settings.unlabeled_batch_size
+        self.unlabeled_plan = UnlabeledPlan(len(images), b, rank, world_size, settings.seed)
+        if self.unlabeled_plan.steps == 0:
+            raise DataError(f"{len(images)} unlabeled images cannot fill one batch of {b} per rank "
+                            f"on {world_size} rank(s)")
+        self.epoch, self.start_step = 0, 0
+        pipe_seed = int(np.random.SeedSequence([settings.seed, rank]).generate_state(1)[0] & 0x7FFFFFFF)
+        self.unlabeled = DaliStream(StreamFeed(images, self.unlabeled_plan, recipe, 2), b, recipe, settings,
+                                    device, pipe_seed)
+        self.support_plan = self.support = None
+        if support_sampler is not None:
+            self.support_plan = SupportPlan(support_sampler, labeled, len(self), rank, settings.seed)
+            m = support_sampler.classes_per_batch * support_sampler.images_per_class
+            self.support = DaliStream(StreamFeed(images, self.support_plan, recipe, settings.support_views), m,
+                                      recipe, settings, device, pipe_seed)
+
+    def __len__(self) -> int:
+        return self.unlabeled_plan.steps
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= len(self):
+            raise ValueError(f"start_step must be in [0, {len(self)}], got {start_step}")
+        self.epoch, self.start_step = epoch, start_step
+
+    def _batch(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """DALI outputs (one per view, each [n, H, W, 3], or [n, 3, H, W] without channels-last)
+        as one [n * len(views), 3, H, W] batch, image-major (an image's views adjacent).
+        One view in the requested dtype is DALI's buffer itself, not a copy."""
+        x = views[0] if len(views) == 1 else torch.stack(views, dim=1).flatten(0, 1)
+        if self.settings.channels_last:
+            x = x.permute(0, 3, 1, 2)  # NHWC buffer -> NCHW shape with channels-last strides
+        return x if x.dtype == self.settings.dtype else x.to(self.settings.dtype)
+
+    def __iter__(self) -> Iterator[PretrainBatch]:
+        epoch, steps = self.epoch, range(self.start_step, len(self))
+        self.start_step = 0
+        if not steps:
+            return
+        for plan in (self.unlabeled_plan, self.support_plan):
+            if plan is not None:
+                plan.epoch = epoch
+        for stream in (self.unlabeled, self.support):
+            if stream is not None:
+                stream.start(steps)
+        for step in steps:
+            u = self.unlabeled.next()
+            view1, view2 = self._batch([u["view0"]]), self._batch([u["view1"]])
+            if self.support is not None:
+                out = self.support.next()
+                views = self.settings.support_views
+                support = self._batch([out[f"view{v}"] for v in range(views)])
+                ids = out["ids"].to(torch.int64)
+                labels = torch.from_numpy(self.images.labels[ids.numpy()]).repeat_interleave(views)
+            else:
+                support = view1.new_zeros((0, *view1.shape[1:]))
+                labels = torch.zeros(0, dtype=torch.int64)
+            yield PretrainBatch(view1=view1, view2=view2, support_images=support,
+                                support_labels=labels.to(self.device, non_blocking=True),
+                                sample_ids=u["ids"].to(torch.int64), epoch=epoch, step=step)
+
+
+# ---------------------------------------------------------------------------
+# Entry point for build_loaders
+# ---------------------------------------------------------------------------
+
+
+def build_dali_loader(cfg, rank: int, world_size: int, device: torch.device,
+                      dtype: torch.dtype = torch.float32) -> tuple[ImageFolderIndex, np.ndarray, DaliPretrainLoader]:
+    """(index, labeled sample indices, loader) for ``cfg.data.root``.
+
+    A root holding ``dali/<train_split>/`` is read as a converted dataset
+    (labeled subset: ``data.labeled_list`` if set, else the converter's
+    ``labeled/<split>.txt`` if present, else a stratified draw); otherwise
+    ``<root>/<train_split>`` is read as an ImageFolder tree.
+    """
+    from pipelines.build import build_support_sampler, labeled_indices
+
+    d = cfg.data
+    root = Path(d.root)
+    if (root / "dali" / d.train_split).is_dir():
+        images, labeled = open_converted(root, d.train_split)
+        if d.labeled_list or labeled is None:
+            labeled = labeled_indices(cfg, images.index)
+    else:
+        images = FileImages(index_image_folder(root / d.train_split))
+        labeled = labeled_indices(cfg, images.index)
+    if len(labeled) == 0:
+        raise DataError("the labeled subset is empty")
+    sampler = build_support_sampler(cfg, images.labels[labeled], rank, world_size)
+    settings = DaliSettings(d.unlabeled_batch_size, d.support_views, max(1, d.num_workers), max(1, d.prefetch_factor),
+                            cfg.run.seed, dtype, cfg.model.channels_last)
+    loader = DaliPretrainLoader(images, labeled, sampler, cfg.augment, settings, rank, world_size, device)
+    return images.index, labeled, loader

@@ -1,0 +1,122 @@
+"""``train.evaluate``: kNN / linear probe on known geometry, and the CLI on a tiny run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.pretrain_helpers import make_split_tree, tiny_config
+from train import evaluate, pretrain
+from train.distributed import DistContext
+from train.knn import knn_accuracy
+
+CPU = DistContext(0, 1, 0, torch.device("cpu"))
+
+
+def test_knn_on_known_geometry():
+    # Four classes on the axes of R^4; each test point sits next to one axis.
+    train_f = torch.eye(4).repeat(3, 1)
+    train_y = torch.arange(4).repeat(3)
+    test_f = F.normalize(torch.eye(4) + 0.1 * torch.ones(4, 4), dim=1)
+    test_y = torch.tensor([0, 1, 2, 0])  # the last one is labeled against its geometry
+    res = knn_accuracy(train_f, train_y, test_f, test_y, num_classes=4, k=3)
+    assert res["knn_top1"] == pytest.approx(75.0)
+    assert res["knn_top5"] == pytest.approx(100.0)
+    # With k covering every training point, the 3 nearest (same class) still outvote the rest.
+    res = knn_accuracy(train_f, train_y, test_f, test_y, num_classes=4, k=12)
+    assert res["knn_top1"] == pytest.approx(75.0)
+
+
+def test_linear_probe_learns_a_separable_toy_set():
+    g = torch.Generator().manual_seed(0)
+    centers = 3.0 * torch.randn(5, 16, generator=g)
+    def blobs(n):
+        y = torch.arange(5).repeat_interleave(n)
+        return centers[y] + 0.5 * torch.randn(len(y), 16, generator=g), y
+    train_x, train_y = blobs(20)
+    test_x, test_y = blobs(10)
+    probe = evaluate.fit_linear_probe(train_x, train_y, 5)
+    assert evaluate.topk_accuracy(probe(train_x), train_y)["top1"] == 100.0
+    assert evaluate.topk_accuracy(probe(test_x), test_y)["top1"] == 100.0
+
+
+def test_topk_accuracy():
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5]])
+    res = evaluate.topk_accuracy(scores, torch.tensor([0, 0]))
+    assert res == {"top1": 50.0, "top5": 100.0}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> tuple[Path, Path]:
+    data = make_split_tree(tmp_path_factory.mktemp("data"), classes=3, train_per_class=8, val_per_class=3, size=16)
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    cfg = tiny_config(data, run_dir, **{"optim.epochs": 1, "optim.warmup_epochs": 0.5, "run.knn_every_epochs": 0, "data.support_classes": 3})
+    pretrain.run(cfg, CPU)
+    return data, run_dir
+
+
+@pytest.mark.parametrize("method", ["knn", "linear", "finetune"])
+def test_cli_evaluates_a_run_directory(trained_run, tmp_path, method, capsys):
+    data, run_dir = trained_run
+    out = tmp_path / "res.json"
+    rc = evaluate.main(["--checkpoint", str(run_dir), "--data", str(data), "--method", method, "--k", "3",
+                        "--epochs", "1", "--num-workers", "0", "--device", "cpu", "--no-progress",
+                        "--output", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["method"] == method and 0.0 <= res["top1"] <= res["top5"] <= 100.0
+    assert res["num_val"] == 9 and res["num_labeled"] >= 3
+    assert f"{method}: top-1" in capsys.readouterr().out
+
+
+def test_cli_accepts_a_checkpoint_file_and_a_labeled_list(trained_run, tmp_path):
+    data, run_dir = trained_run
+    ckpt_file = sorted(run_dir.glob("ckpt-*.pt"))[-1]
+    names = tmp_path / "labeled.txt"
+    names.write_text("n00000000_0.JPEG\nn00000001_0.JPEG\nn00000002/n00000002_1.JPEG\n")
+    s = evaluate.EvalSettings(method="knn", labeled_list=str(names), val_max_samples=5, knn_k=1, num_workers=0,
+                              progress=False)
+    res = evaluate.evaluate_checkpoint(ckpt_file, data, s)
+    assert res["num_labeled"] == 3 and res["num_val"] == 5 and res["checkpoint"] == str(ckpt_file)
+
+
+def test_cli_refuses_missing_checkpoint_and_split(trained_run, tmp_path, capsys):
+    data, run_dir = trained_run
+    assert evaluate.main(["--checkpoint", str(tmp_path / "nope.pt"), "--data", str(data)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert evaluate.main(["--checkpoint", str(run_dir), "--data", str(data), "--val-split", "test"]) == 2
+    assert "test" in capsys.readouterr().err
+
+
+def test_shard_dataset_reads_converted_tars_in_index_order(tmp_path):
+    import io
+    import struct
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    def add(tar, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    shards = []
+    for shard, keys in enumerate([[2, 3], [0, 1]]):  # shards listed out of index order
+        path = tmp_path / f"shard-{shard:06d}.tar"
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key in keys:
+                buf = io.BytesIO()
+                Image.fromarray(np.full((8, 8, 3), 60 * key, np.uint8)).save(buf, format="JPEG", quality=95)
+                add(tar, f"{key:09d}.jpg", buf.getvalue())
+                add(tar, f"{key:09d}.cls", struct.pack("<i", 10 + key))
+                add(tar, f"{key:09d}.idx", struct.pack("<i", key))
+        shards.append(path)
+    ds = evaluate.ShardDataset(shards, transform=lambda im: np.asarray(im))
+    assert len(ds) == 4 and ds.labels.tolist() == [10, 11, 12, 13]
+    for i in range(4):
+        image, label = ds[i]
+        assert label == 10 + i and abs(int(image.mean()) - 60 * i) <= 3

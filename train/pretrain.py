@@ -134,7 +134,8 @@ def train_one_epoch(tr: Trainer, state: TrainState) -> None:
         if state.global_step % cfg.run.checkpoint_every_steps == 0 and state.step < tr.steps_per_epoch:
             tr.save(state)
     bar.close()
-    batches.close() if hasattr(batches, "close") else None
+    if hasattr(batches, "close"):  # stop a generator-based loader (and its workers) cut short
+        batches.close()
 
 
 @torch.no_grad()

@@ -45,10 +45,14 @@ class EvalDataset(Dataset):
         return self.transform(load_rgb(self.paths[i])), int(self.labels[i])
 
 
-def labeled_indices(cfg, index: ImageFolderIndex) -> np.ndarray:
+def labeled_indices(cfg, index: ImageFolderIndex, converted: np.ndarray | None = None) -> np.ndarray:
+    """``data.labeled_list`` if set, else the converter's subset (``converted``) if
+    any, else a class-stratified draw of ``data.labeled_fraction`` with ``run.seed``."""
     d = cfg.data
     if d.labeled_list:
         return read_labeled_list(d.labeled_list, index)
+    if converted is not None:
+        return converted
     return stratified_subset(index.labels, d.labeled_fraction, cfg.run.seed,
                              min_per_class=max(1, d.support_images_per_class))
 

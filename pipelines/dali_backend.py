@@ -47,9 +47,10 @@ from PIL import Image
 
 from pipelines.contract import PretrainBatch
 from pipelines.dali_augment import sample_view_params, simclr_pipeline
-from pipelines.datasets import DataError, ImageFolderIndex, index_image_folder
+from pipelines.datasets import DataError, ImageFolderIndex, index_image_folder, read_converted_split
 from pipelines.recipe import SimCLRRecipe
 from pipelines.sampler import ClassBalancedSampler
+from pipelines.schedules import UnlabeledSchedule
 
 UNLABELED_STREAM, SUPPORT_STREAM = 0, 1
 
@@ -194,17 +195,7 @@ def open_converted(root: Path, split: str) -> tuple[ShardImages, np.ndarray | No
     missing = [p for p in idx_files if not p.is_file()]
     if missing:
         raise DataError(f"DALI index file(s) missing next to the shards, e.g. {missing[0]}")
-    manifest = layout.read_manifest(root)
-    entry = manifest.get("splits", {}).get(split, {})
-    if not entry.get("complete"):
-        raise DataError(f"{root}: split {split!r} is not completely converted (see manifest.json); rerun the converter")
-    samples = layout.read_samples(root, split)
-    classes = tuple(layout.read_classes(root))
-    source = Path(manifest["settings"]["src"]) / split
-    index = ImageFolderIndex(source, classes, tuple(s["path"] for s in samples),
-                             np.asarray([s["label"] for s in samples], dtype=np.int64))
-    labeled_file = layout.labeled_path(root, split)
-    labeled = np.asarray(layout.read_labeled(root, split), dtype=np.int64) if labeled_file.is_file() else None
+    index, labeled = read_converted_split(root, split, "python -m tools.convert_imagenet --formats dali ...")
     return ShardImages(index, tars, idx_files), labeled
 
 
@@ -215,14 +206,9 @@ def open_converted(root: Path, split: str) -> tuple[ShardImages, np.ndarray | No
 
 def unlabeled_plan(num_samples: int, batch_size: int, rank: int, world_size: int, seed: int,
                    epoch: int) -> np.ndarray:
-    """int64 [steps, batch_size]: this rank's images per step, as the torch backend orders them
-    (DistributedSampler shuffled with seed + epoch, remainder dropped)."""
-    sampler = torch.utils.data.DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank,
-                                                  shuffle=True, seed=seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    order = np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))
-    steps = len(order) // batch_size
-    return order[: steps * batch_size].reshape(steps, batch_size)
+    """int64 [steps, batch_size]: this rank's images per step, the shared unlabeled schedule."""
+    schedule = UnlabeledSchedule(num_samples, batch_size, rank, world_size, seed)
+    return schedule.epoch_order(epoch).reshape(-1, batch_size)
 
 
 def step_rng(seed: int, stream: int, a: int, b: int, rank: int) -> np.random.Generator:
@@ -234,16 +220,17 @@ class UnlabeledPlan:
     """Step -> (this rank's unlabeled images, view-parameter generator) for ``epoch``."""
 
     def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int):
-        self.num_samples, self.batch_size, self.rank, self.world_size, self.seed = (
-            num_samples, batch_size, rank, world_size, seed)
-        self.steps = (num_samples // world_size) // batch_size
+        # Raises DataError when the images cannot fill one batch per rank.
+        self.schedule = UnlabeledSchedule(num_samples, batch_size, rank, world_size, seed)
+        self.rank, self.seed = rank, seed
+        self.steps = len(self.schedule)
         self.epoch = 0
         self._cache: tuple[int, np.ndarray] | None = None
 
     def __call__(self, step: int) -> tuple[np.ndarray, np.random.Generator]:
         if self._cache is None or self._cache[0] != self.epoch:
-            self._cache = (self.epoch, unlabeled_plan(self.num_samples, self.batch_size, self.rank,
-                                                      self.world_size, self.seed, self.epoch))
+            order = self.schedule.epoch_order(self.epoch).reshape(-1, self.schedule.batch_size)
+            self._cache = (self.epoch, order)
         return self._cache[1][step], step_rng(self.seed, UNLABELED_STREAM, self.epoch, step, self.rank)
 
 
@@ -351,9 +338,6 @@ class DaliPretrainLoader:
         self.settings, self.device = settings, device
         b = settings.unlabeled_batch_size
         self.unlabeled_plan = UnlabeledPlan(len(images), b, rank, world_size, settings.seed)
-        if self.unlabeled_plan.steps == 0:
-            raise DataError(f"{len(images)} unlabeled images cannot fill one batch of {b} per rank "
-                            f"on {world_size} rank(s)")
         self.epoch, self.start_step = 0, 0
         pipe_seed = int(np.random.SeedSequence([settings.seed, rank]).generate_state(1)[0] & 0x7FFFFFFF)
         self.unlabeled = DaliStream(StreamFeed(images, self.unlabeled_plan, recipe, 2), b, recipe, settings,
@@ -429,9 +413,8 @@ def build_dali_loader(cfg, rank: int, world_size: int, device: torch.device,
     d = cfg.data
     root = Path(d.root)
     if (root / "dali" / d.train_split).is_dir():
-        images, labeled = open_converted(root, d.train_split)
-        if d.labeled_list or labeled is None:
-            labeled = labeled_indices(cfg, images.index)
+        images, converted = open_converted(root, d.train_split)
+        labeled = labeled_indices(cfg, images.index, converted)
     else:
         images = FileImages(index_image_folder(root / d.train_split))
         labeled = labeled_indices(cfg, images.index)

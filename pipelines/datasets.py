@@ -57,6 +57,33 @@ def index_image_folder(root: str | os.PathLike) -> ImageFolderIndex:
     return ImageFolderIndex(root, tuple(classes), tuple(paths), np.asarray(labels, dtype=np.int64))
 
 
+def read_converted_split(root: str | os.PathLike, split: str, convert_hint: str
+                         ) -> tuple[ImageFolderIndex, np.ndarray | None]:
+    """The sample listing of a complete ``tools.convert_imagenet`` split under ``root``
+    (as an index rooted at the source split folder) and the converter's labeled
+    subset (None if it wrote none). Backends check their own files on top."""
+    from tools.convert import layout  # the converter's format, defined once
+
+    root = Path(root)
+    manifest_path = root / layout.MANIFEST
+    if not manifest_path.is_file():
+        raise DataError(f"{root} holds no {layout.MANIFEST}; convert the dataset first: {convert_hint}")
+    manifest = layout.read_manifest(root)
+    entry = manifest.get("splits", {}).get(split)
+    if not entry or not entry.get("complete"):
+        raise DataError(f"split {split!r} of {root} is missing or incomplete (see manifest.json); rerun {convert_hint}")
+    samples = layout.read_samples(root, split)
+    if [s["index"] for s in samples] != list(range(len(samples))):
+        raise DataError(f"{layout.samples_path(root, split)} does not list indices 0..{len(samples) - 1} in order")
+    source = Path(manifest.get("settings", {}).get("src", root)) / split
+    index = ImageFolderIndex(source, tuple(layout.read_classes(root)), tuple(s["path"] for s in samples),
+                             np.asarray([s["label"] for s in samples], dtype=np.int64))
+    labeled = None
+    if layout.labeled_path(root, split).is_file():
+        labeled = np.asarray(layout.read_labeled(root, split), dtype=np.int64)
+    return index, labeled
+
+
 def read_labeled_list(list_file: str | os.PathLike, index: ImageFolderIndex) -> np.ndarray:
     """Sample indices named by ``list_file``: one file name (SimCLR's format,
     e.g. ``n01440764_10026.JPEG``) or relative path per line; blank lines and

@@ -29,8 +29,6 @@ reproducible and resumable, the augmentations are not.
 """
 from __future__ import annotations
 
-import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -40,7 +38,7 @@ import torch
 
 from pipelines.batch_augment import BatchColorAugment
 from pipelines.contract import PretrainBatch
-from pipelines.datasets import DataError, ImageFolderIndex, read_labeled_list, stratified_subset
+from pipelines.datasets import DataError, ImageFolderIndex, read_converted_split
 from pipelines.ffcv_orders import ScheduledLoader, SupportSchedule, UnlabeledSchedule, keep_torch_threads
 from pipelines.recipe import SimCLRRecipe
 from pipelines.sampler import ClassBalancedSampler
@@ -53,7 +51,6 @@ with keep_torch_threads():
     from ffcv.pipeline import PipelineSpec
     from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
 
-log = logging.getLogger(__name__)
 
 COLOR_STREAM = 2  # sample_seed stream of the colour-parameter generator (0, 1: reference backend)
 CONVERT_HINT = "python -m tools.convert_imagenet --src <ImageFolder root> --out <data.root> --formats ffcv"
@@ -78,41 +75,14 @@ class ConvertedSplit:
 
 def open_converted(root: str | Path, split: str) -> ConvertedSplit:
     """Check that ``root`` holds a complete FFCV conversion of ``split`` and read its listing."""
-    root = Path(root)
-    manifest_path = root / layout.MANIFEST
-    if not manifest_path.is_file():
-        raise DataError(f"data.backend=ffcv: {root} holds no {layout.MANIFEST}; convert the dataset first: "
-                        f"{CONVERT_HINT}")
-    manifest = json.loads(manifest_path.read_text())
-    entry = manifest.get("splits", {}).get(split)
-    if not entry or not entry.get("complete"):
-        raise DataError(f"data.backend=ffcv: split {split!r} of {root} is missing or incomplete; rerun {CONVERT_HINT}")
-    beton = layout.beton_path(root, split)
+    try:
+        index, labeled = read_converted_split(root, split, CONVERT_HINT)
+    except DataError as exc:
+        raise DataError(f"data.backend=ffcv: {exc}") from exc
+    beton = layout.beton_path(Path(root), split)
     if not beton.is_file():
         raise DataError(f"data.backend=ffcv: {beton} not found; convert with --formats including ffcv: {CONVERT_HINT}")
-    samples = layout.read_samples(root, split)
-    if [s["index"] for s in samples] != list(range(len(samples))):
-        raise DataError(f"{layout.samples_path(root, split)} does not list indices 0..{len(samples) - 1} in order")
-    source = Path(manifest.get("settings", {}).get("src", root)) / split
-    index = ImageFolderIndex(source, tuple(layout.read_classes(root)), tuple(s["path"] for s in samples),
-                             np.asarray([s["label"] for s in samples], dtype=np.int64))
-    labeled = None
-    if layout.labeled_path(root, split).is_file():
-        labeled = np.asarray(layout.read_labeled(root, split), dtype=np.int64)
     return ConvertedSplit(beton, index, labeled)
-
-
-def select_labeled(cfg, split: ConvertedSplit) -> np.ndarray:
-    """``data.labeled_list`` if set, else the converter's subset, else a stratified
-    draw of ``data.labeled_fraction`` (the reference backend's rule)."""
-    d = cfg.data
-    if d.labeled_list:
-        return read_labeled_list(d.labeled_list, split.index)
-    if split.labeled is not None:
-        log.info("labeled subset: %d images listed by the converter", len(split.labeled))
-        return split.labeled
-    return stratified_subset(split.index.labels, d.labeled_fraction, cfg.run.seed,
-                             min_per_class=max(1, d.support_images_per_class))
 
 
 # --------------------------------------------------------------------------- FFCV pipelines
@@ -236,11 +206,11 @@ class FFCVPretrainLoader:
 def build_ffcv_loader(cfg, rank: int, world_size: int, device: torch.device,
                       dtype: torch.dtype = torch.float32) -> tuple[ImageFolderIndex, np.ndarray, FFCVPretrainLoader]:
     """``(index, labeled, loader)`` for ``build_loaders``; see the module docstring."""
-    from pipelines.build import build_support_sampler  # build imports this module lazily
+    from pipelines.build import build_support_sampler, labeled_indices  # build imports this module lazily
 
     d = cfg.data
     split = open_converted(d.root, d.train_split)
-    labeled = select_labeled(cfg, split)
+    labeled = labeled_indices(cfg, split.index, split.labeled)
     sampler = build_support_sampler(cfg, split.index.labels[labeled], rank, world_size)
     settings = FFCVLoaderSettings(d.unlabeled_batch_size, d.support_views, d.num_workers, d.prefetch_factor,
                                   cfg.run.seed, dtype)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipelines.datasets import DataError
+
 
 class UnlabeledSchedule:
     """This rank's unlabeled samples for one epoch, in the reference backend's order."""
@@ -20,7 +22,7 @@ class UnlabeledSchedule:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch, self.start_step = 0, 0
         if len(self) == 0:
-            raise ValueError(
+            raise DataError(
                 f"{num_samples} unlabeled images cannot fill one batch of {batch_size} per rank on {world_size} rank(s)"
             )
 

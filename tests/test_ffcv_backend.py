@@ -27,7 +27,8 @@ from PIL import Image  # noqa: E402
 from pipelines.build import build_loaders  # noqa: E402
 from pipelines.contract import PretrainBatch  # noqa: E402
 from pipelines.datasets import DataError  # noqa: E402
-from pipelines.ffcv_backend import FFCVPretrainLoader, open_converted, select_labeled  # noqa: E402
+from pipelines.build import labeled_indices  # noqa: E402
+from pipelines.ffcv_backend import FFCVPretrainLoader, open_converted  # noqa: E402
 from pipelines.ffcv_orders import SupportSchedule, UnlabeledSchedule  # noqa: E402
 from pipelines.recipe import SimCLRRecipe  # noqa: E402
 from pipelines.torch_backend import SupportBatches, UnlabeledBatches  # noqa: E402
@@ -290,7 +291,7 @@ def test_labeled_list_overrides_the_converter_subset(converted, tmp_path):
     listing = tmp_path / "labeled.txt"
     listing.write_text("n00000001/img_03.JPEG\nimg_00.JPEG\n")  # a path and an ambiguous bare name (first wins)
     cfg = make_cfg(converted, labeled_list=str(listing))
-    assert select_labeled(cfg, split).tolist() == [0, COUNTS[0] + 3]
+    assert labeled_indices(cfg, split.index, split.labeled).tolist() == [0, COUNTS[0] + 3]
 
 
 # --------------------------------------------------------------------------- two ranks

@@ -37,7 +37,8 @@ from pipelines.dali_augment import (  # noqa: E402
     simclr_pipeline,
     view_params,
 )
-from pipelines.dali_backend import encoded_size, jpeg_size, unlabeled_plan  # noqa: E402
+from pipelines.dali_backend import unlabeled_plan  # noqa: E402
+from pipelines.encoded_images import encoded_size, jpeg_size  # noqa: E402
 from pipelines.datasets import DataError, index_image_folder  # noqa: E402
 from pipelines.recipe import SimCLRRecipe  # noqa: E402
 from pipelines.torch_backend import SupportBatches, UnlabeledBatches  # noqa: E402

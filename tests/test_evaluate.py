@@ -92,31 +92,21 @@ def test_cli_refuses_missing_checkpoint_and_split(trained_run, tmp_path, capsys)
 
 
 def test_shard_dataset_reads_converted_tars_in_index_order(tmp_path):
-    import io
-    import struct
-    import tarfile
-
     import numpy as np
     from PIL import Image
 
-    def add(tar, name, payload):
-        info = tarfile.TarInfo(name)
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
+    from pipelines.encoded_images import open_converted
+    from tests.helpers.imagefolder import make_image_folder
+    from tools.convert_imagenet import ConvertOptions, convert
 
-    shards = []
-    for shard, keys in enumerate([[2, 3], [0, 1]]):  # shards listed out of index order
-        path = tmp_path / f"shard-{shard:06d}.tar"
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for key in keys:
-                buf = io.BytesIO()
-                Image.fromarray(np.full((8, 8, 3), 60 * key, np.uint8)).save(buf, format="JPEG", quality=95)
-                add(tar, f"{key:09d}.jpg", buf.getvalue())
-                add(tar, f"{key:09d}.cls", struct.pack("<i", 10 + key))
-                add(tar, f"{key:09d}.idx", struct.pack("<i", key))
-        shards.append(path)
-    ds = evaluate.ShardDataset(shards, transform=lambda im: np.asarray(im))
-    assert len(ds) == 4 and ds.labels.tolist() == [10, 11, 12, 13]
-    for i in range(4):
+    src = tmp_path / "src"
+    paths = make_image_folder(src / "train", 2, 3, 16, seed=5)
+    convert(ConvertOptions(src=str(src), out=str(tmp_path / "out"), splits=("train",), formats=("dali",),
+                           shard_size=2, shard_multiple=1, jobs=1, progress=False))
+    images, _ = open_converted(tmp_path / "out", "train")
+    ds = evaluate.ShardDataset(images, transform=lambda im: np.asarray(im))
+    assert len(ds) == 6 and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    for i, path in enumerate(paths):  # ImageFolder order = sample index; RGB JPEG bytes are copied
         image, label = ds[i]
-        assert label == 10 + i and abs(int(image.mean()) - 60 * i) <= 3
+        assert label == i // 3
+        assert np.array_equal(image, np.asarray(Image.open(path).convert("RGB")))

@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import struct
 import sys
-import tarfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -39,7 +37,8 @@ from tqdm import tqdm
 
 from model import build_model
 from pipelines.build import EvalDataset, labeled_indices
-from pipelines.datasets import DataError, index_image_folder, read_labeled_list, stratified_subset
+from pipelines.datasets import DataError, index_image_folder
+from pipelines.encoded_images import ShardImages, open_converted
 from pipelines.reference_transforms import eval_transform
 from train import checkpoint as ckpt
 from train.config import ConfigError, PretrainConfig, config_from_dict
@@ -130,33 +129,17 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, PretrainConfig, Path]:
 
 
 class ShardDataset(Dataset):
-    """(image, label) read straight from a converted split's DALI webdataset tars."""
+    """(image, label) of a converted split, read from its webdataset shards (``ShardImages``)."""
 
-    def __init__(self, shard_paths: list[Path], transform):
-        self.transform = transform
-        self.items: list[tuple[str, int, int]] = []  # (tar, data offset, size) of each jpg, in index order
-        labels: dict[int, int] = {}
-        order: list[int] = []
-        for tar_path in shard_paths:
-            with tarfile.open(tar_path) as tar:
-                for m in tar.getmembers():
-                    key, ext = m.name.rsplit(".", 1)
-                    if ext == "jpg":
-                        self.items.append((str(tar_path), m.offset_data, m.size))
-                        order.append(int(key))
-                    elif ext == "cls":
-                        labels[int(key)] = struct.unpack("<i", tar.extractfile(m).read())[0]
-        self.items = [self.items[i] for i in np.argsort(order)]
-        self.labels = np.asarray([labels[k] for k in sorted(order)], dtype=np.int64)
+    def __init__(self, images: ShardImages, transform):
+        self.images, self.transform = images, transform
+        self.labels = images.labels
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.images)
 
     def __getitem__(self, i: int):
-        tar_path, offset, size = self.items[i]
-        with open(tar_path, "rb") as f:
-            f.seek(offset)
-            image = Image.open(io.BytesIO(f.read(size))).convert("RGB")
+        image = Image.open(io.BytesIO(self.images.read(i))).convert("RGB")
         return self.transform(image), int(self.labels[i])
 
 
@@ -180,6 +163,17 @@ def _val_subset(n: int, cap: int | None, seed: int) -> list[int]:
     return ids.tolist()
 
 
+def labeled_for(cfg: PretrainConfig, s: EvalSettings, index, converted: np.ndarray | None) -> np.ndarray:
+    """The run's labeled-subset rule (``labeled_indices``), with --labeled-list or
+    --labeled-fraction taking precedence when given."""
+    d = cfg.data
+    if s.labeled_list is not None:
+        d = replace(d, labeled_list=s.labeled_list)
+    elif s.labeled_fraction is not None:
+        d, converted = replace(d, labeled_list=None, labeled_fraction=s.labeled_fraction), None
+    return labeled_indices(replace(cfg, data=d), index, converted)
+
+
 def build_eval_data(cfg: PretrainConfig, root: Path, s: EvalSettings) -> EvalData:
     """Labeled train subset and held-out split of ``root`` (ImageFolder or DALI shards)."""
     d = cfg.data
@@ -194,25 +188,18 @@ def build_eval_data(cfg: PretrainConfig, root: Path, s: EvalSettings) -> EvalDat
         if not (layout.shard_dir(root, train_split).is_dir() and layout.shard_dir(root, val_split).is_dir()):
             raise DataError(f"{root} holds no DALI shards for {train_split}/{val_split}; pass the ImageFolder root "
                             "it was converted from as --data")
-        train_tars = layout.shard_files(root, train_split)[0]
-        val_tars = layout.shard_files(root, val_split)[0]
-        train, train_aug = ShardDataset(train_tars, eval_transform(recipe)), ShardDataset(train_tars, aug)
-        val = ShardDataset(val_tars, eval_transform(recipe))
-        if s.labeled_fraction is not None:
-            labeled = stratified_subset(train.labels, s.labeled_fraction, cfg.run.seed)
-        else:
-            labeled = np.asarray(layout.read_labeled(root, train_split), dtype=np.int64)
-        num_classes = len(layout.read_classes(root))
+        train_images, converted = open_converted(root, train_split)
+        val_images, _ = open_converted(root, val_split)
+        train, train_aug = ShardDataset(train_images, eval_transform(recipe)), ShardDataset(train_images, aug)
+        val = ShardDataset(val_images, eval_transform(recipe))
+        labeled = labeled_for(cfg, s, train_images.index, converted)
+        num_classes = len(train_images.index.classes)
     else:
         index = index_image_folder(root / train_split)
         val_index = index_image_folder(root / val_split)
         if val_index.classes != index.classes:
             raise DataError(f"class folders of {val_index.root} differ from those of {index.root}")
-        if s.labeled_list is not None:
-            labeled = read_labeled_list(s.labeled_list, index)
-        else:
-            dcfg = d if s.labeled_fraction is None else replace(d, labeled_list=None, labeled_fraction=s.labeled_fraction)
-            labeled = labeled_indices(replace(cfg, data=dcfg), index)
+        labeled = labeled_for(cfg, s, index, None)
         train, val = EvalDataset(index, recipe), EvalDataset(val_index, recipe)
         train_aug = EvalDataset(index, recipe)
         train_aug.transform = aug

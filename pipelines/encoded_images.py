@@ -1,0 +1,155 @@
+"""Random access to a split's encoded images (bytes and sizes) by sample index,
+from an ImageFolder tree or from the converter's webdataset shards (through
+their DALI index files and memory maps). Needs no DALI: the DALI backend feeds
+these bytes to its pipelines, and evaluation decodes them with PIL.
+"""
+from __future__ import annotations
+
+import io
+import mmap
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from pipelines.datasets import DataError, ImageFolderIndex, read_converted_split
+
+# Start-of-frame markers of baseline, extended, progressive and lossless JPEGs.
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's start-of-frame header, or None if ``data`` is no JPEG."""
+    if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        if marker in _SOF_MARKERS:
+            if pos + 9 > end:
+                return None
+            return (data[pos + 5] << 8) | data[pos + 6], (data[pos + 7] << 8) | data[pos + 8]
+        pos += 2 + ((data[pos + 2] << 8) | data[pos + 3])
+    return None
+
+
+def encoded_size(data: bytes | memoryview) -> tuple[int, int]:
+    """(height, width) of an encoded image, as decoded without EXIF rotation."""
+    size = jpeg_size(data)
+    if size is None:  # PNG, BMP, ... (ImageFolder trees may hold them)
+        with Image.open(io.BytesIO(bytes(data))) as img:
+            size = img.height, img.width
+    return size
+
+
+class EncodedImages:
+    """Random access to a split's encoded images by sample index; sizes are parsed once and cached."""
+
+    def __init__(self, index: ImageFolderIndex):
+        self.index = index
+        self._sizes = np.full((len(index), 2), -1, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.index.labels
+
+    def read(self, i: int) -> memoryview:
+        raise NotImplementedError
+
+    def batch(self, ids: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """Encoded bytes (uint8 arrays) and int64 [n, 2] (height, width) of images ``ids``."""
+        data = [self.read(int(i)) for i in ids]
+        for i, d in zip(ids, data):
+            if self._sizes[i, 0] < 0:
+                try:
+                    self._sizes[i] = encoded_size(d)
+                except Exception as exc:  # PIL raises many types; all mean "bad file"
+                    raise DataError(f"cannot read the size of image {self.describe(int(i))}: {exc}") from exc
+        return [np.frombuffer(d, dtype=np.uint8) for d in data], self._sizes[ids]
+
+    def describe(self, i: int) -> str:
+        return str(self.index.root / self.index.paths[i])
+
+
+class FileImages(EncodedImages):
+    """An ImageFolder tree: one file per sample."""
+
+    def read(self, i: int) -> memoryview:
+        path = self.index.root / self.index.paths[i]
+        try:
+            return memoryview(path.read_bytes())
+        except OSError as exc:
+            raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+class ShardImages(EncodedImages):
+    """The converter's webdataset shards, read through their DALI index files and memory maps.
+
+    ``index.root`` is the source split folder the shards were made from (it
+    may no longer exist); ``index.paths`` and ``labels`` come from
+    ``samples/<split>.jsonl``.
+    """
+
+    def __init__(self, index: ImageFolderIndex, tars: list[Path], idx_files: list[Path]):
+        super().__init__(index)
+        n = len(index)
+        self._shard = np.full(n, -1, dtype=np.int64)
+        self._offset = np.zeros(n, dtype=np.int64)
+        self._length = np.zeros(n, dtype=np.int64)
+        self._maps: list[mmap.mmap] = []
+        for shard, (tar, idx) in enumerate(zip(tars, idx_files)):
+            for key, offset, length in _jpeg_members(idx):
+                if not 0 <= key < n or self._shard[key] >= 0:
+                    raise DataError(f"{idx}: sample key {key} is out of range or repeated (dataset of {n} samples)")
+                self._shard[key], self._offset[key], self._length[key] = shard, offset, length
+            with open(tar, "rb") as f:
+                self._maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        missing = np.flatnonzero(self._shard < 0)
+        if len(missing):
+            raise DataError(f"{len(missing)} sample(s) of {n} have no .jpg member in the shards, e.g. index "
+                            f"{int(missing[0])}; reconvert the dataset")
+
+    def read(self, i: int) -> memoryview:
+        offset, length = int(self._offset[i]), int(self._length[i])
+        return memoryview(self._maps[int(self._shard[i])])[offset : offset + length]
+
+    def describe(self, i: int) -> str:
+        return f"{self.index.paths[i]} (sample {i} in shard {int(self._shard[i])})"
+
+
+def _jpeg_members(idx_file: Path) -> Iterator[tuple[int, int, int]]:
+    """(sample key, data offset, size) of each ``.jpg`` member listed in a DALI ``v1.2`` index file."""
+    lines = idx_file.read_text().splitlines()
+    if not lines or not lines[0].startswith("v1.2 "):
+        raise DataError(f"{idx_file}: not a DALI webdataset index (expected a 'v1.2 <count>' header)")
+    for line in lines[1:]:
+        tokens = line.split()
+        for ext, offset, size, name in zip(tokens[0::4], tokens[1::4], tokens[2::4], tokens[3::4]):
+            if ext == "jpg":
+                yield int(name.split(".", 1)[0]), int(offset), int(size)
+
+
+def open_converted(root: Path, split: str) -> tuple[ShardImages, np.ndarray | None]:
+    """The converted split under ``root`` and its labeled subset (None if the converter wrote none)."""
+    from tools.convert import layout  # the converter's format, defined once
+
+    tars, idx_files = layout.shard_files(root, split)
+    if not tars:
+        raise DataError(f"no DALI shards in {layout.shard_dir(root, split)}")
+    missing = [p for p in idx_files if not p.is_file()]
+    if missing:
+        raise DataError(f"DALI index file(s) missing next to the shards, e.g. {missing[0]}")
+    index, labeled = read_converted_split(root, split, "python -m tools.convert_imagenet --formats dali ...")
+    return ShardImages(index, tars, idx_files), labeled

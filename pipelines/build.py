@@ -87,7 +87,7 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device,
         labeled = labeled_indices(cfg, index)
         sampler = build_support_sampler(cfg, index.labels[labeled], rank, world_size)
         settings = TorchLoaderSettings(d.unlabeled_batch_size, d.support_views, d.num_workers, d.prefetch_factor,
-                                       cfg.run.seed, dtype, cfg.model.channels_last)
+                                       cfg.run.seed, dtype, cfg.model.channels_last, d.on_bad_image)
         train = TorchPretrainLoader(index, labeled, sampler, cfg.augment, settings, rank, world_size, device)
     elif d.backend == "dali":
         from pipelines.dali_backend import build_dali_loader  # optional dependency

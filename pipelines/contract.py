@@ -25,6 +25,7 @@ class PretrainBatch:
     sample_ids: torch.Tensor
     epoch: int
     step: int
+    bad_images: tuple[str, ...] = ()
 
     @property
     def unlabeled_batch_size(self) -> int:

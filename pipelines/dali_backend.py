@@ -35,13 +35,16 @@ samples in random order (cheap from page cache or local disk).
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
+from pipelines.bad_images import BadImageError, ReplacementPools, read_or_replace
 from pipelines.contract import PretrainBatch
 from pipelines.dali_augment import sample_view_params, simclr_pipeline
 from pipelines.datasets import DataError, ImageFolderIndex, index_image_folder
@@ -108,22 +111,34 @@ class StreamFeed:
     ``start(steps)`` sets the steps of the coming pass; each call returns the
     next step's batch ``(encoded images, sample ids, *view parameters)`` and
     raises StopIteration after the last step, which ends DALI's epoch.
+    Images that fail the host-side checks (``EncodedImages.checked``) follow
+    ``on_bad_image`` (``pipelines.bad_images``); the names of those replaced
+    wait in ``bad_images[step]`` until the loader yields that step.
     """
 
     def __init__(self, images: EncodedImages, plan: Callable[[int], tuple[np.ndarray, np.random.Generator]],
-                 recipe: SimCLRRecipe, views: int):
+                 recipe: SimCLRRecipe, views: int, pools: ReplacementPools, on_bad_image: str = "error"):
         self.images, self.plan, self.recipe, self.views = images, plan, recipe, views
+        self.pools, self.on_bad_image = pools, on_bad_image
+        self.bad_images: dict[int, tuple[str, ...]] = {}
         self._steps: Iterator[int] = iter(())
 
     def start(self, steps: Iterable[int]) -> None:
         self._steps = iter(steps)
+        self.bad_images.clear()
 
     def __call__(self) -> tuple:
         step = next(self._steps)  # StopIteration ends DALI's epoch
         ids, rng = self.plan(step)
-        data, sizes = self.images.batch(ids)
+        read = [read_or_replace(int(i), self.images.checked, self.on_bad_image, self.pools) for i in ids]
+        data = [d for (d, _), _, _ in read]
+        sizes = np.stack([size for (_, size), _, _ in read])
+        used = np.array([j for _, j, _ in read], dtype=np.int64)
+        bad = sum((names for _, _, names in read), ())
+        if bad:
+            self.bad_images[step] = bad
         params = sample_view_params(rng, sizes, self.recipe, self.views)
-        return (data, ids.astype(np.int64), *(a for p in params for a in p.as_tuple()))
+        return (data, used, *(a for p in params for a in p.as_tuple()))
 
 
 # ---------------------------------------------------------------------------
@@ -140,6 +155,7 @@ class DaliSettings:
     seed: int
     dtype: torch.dtype
     channels_last: bool = True
+    on_bad_image: str = "error"
 
 
 class DaliStream:
@@ -161,6 +177,7 @@ class DaliStream:
         )
         self.iterator = DALIGenericIterator(pipe, self.output_map, auto_reset=False, prepare_first_batch=False)
         self._started = False
+        self._pending: Iterator[int] = iter(())
 
     def start(self, steps: range) -> None:
         """Plan ``steps`` as the next pass. Batches still in flight from an abandoned pass are
@@ -177,9 +194,36 @@ class DaliStream:
         else:
             self.feed.start(steps)  # the first next() schedules them
             self._started = True
+        self._pending = iter(steps)  # the step of each batch to come out, in order
 
     def next(self) -> dict[str, torch.Tensor]:
-        return next(self.iterator)[0]
+        step = next(self._pending)
+        try:
+            return next(self.iterator)[0]
+        except BadImageError:
+            raise
+        except RuntimeError as exc:  # DALI reports a failed operator as RuntimeError
+            raise self._explain(step, exc) from exc
+
+    def _explain(self, step: int, exc: Exception) -> Exception:
+        """A failure in the graph (most often a decode error) as an error naming the step's
+        images that PIL cannot decode either, or the step's images if it decodes them all."""
+        ids, _ = self.feed.plan(step)
+        bad = [self.feed.images.describe(int(i)) for i in ids if not _pil_decodes(self.feed.images.read(int(i)))]
+        cause = " / ".join(dict.fromkeys(line.strip() for line in str(exc).splitlines()
+                                         if "Error in" in line or "failure" in line)) or str(exc)
+        if bad:
+            return BadImageError(f"DALI failed at step {step} on undecodable image(s): {', '.join(bad)} ({cause})")
+        return DataError(f"DALI failed at step {step} (images {', '.join(map(str, ids.tolist()))}): {exc}")
+
+
+def _pil_decodes(data: memoryview) -> bool:
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as img:
+            img.load()
+        return True
+    except Exception:  # PIL raises many types; all mean "bad file"
+        return False
 
 
 class DaliPretrainLoader:
@@ -193,14 +237,16 @@ class DaliPretrainLoader:
         self.unlabeled_plan = UnlabeledPlan(len(images), b, rank, world_size, settings.seed)
         self.epoch, self.start_step = 0, 0
         pipe_seed = int(np.random.SeedSequence([settings.seed, rank]).generate_state(1)[0] & 0x7FFFFFFF)
-        self.unlabeled = DaliStream(StreamFeed(images, self.unlabeled_plan, recipe, 2), b, recipe, settings,
-                                    device, pipe_seed)
+        feed = StreamFeed(images, self.unlabeled_plan, recipe, 2, ReplacementPools.single(len(images)),
+                          settings.on_bad_image)
+        self.unlabeled = DaliStream(feed, b, recipe, settings, device, pipe_seed)
         self.support_plan = self.support = None
         if support_sampler is not None:
             self.support_plan = SupportPlan(support_sampler, labeled, len(self), rank, settings.seed)
             m = support_sampler.classes_per_batch * support_sampler.images_per_class
-            self.support = DaliStream(StreamFeed(images, self.support_plan, recipe, settings.support_views), m,
-                                      recipe, settings, device, pipe_seed)
+            feed = StreamFeed(images, self.support_plan, recipe, settings.support_views,
+                              ReplacementPools.by_class(images.labels, labeled), settings.on_bad_image)
+            self.support = DaliStream(feed, m, recipe, settings, device, pipe_seed)
 
     def __len__(self) -> int:
         return self.unlabeled_plan.steps
@@ -242,9 +288,10 @@ class DaliPretrainLoader:
             else:
                 support = view1.new_zeros((0, *view1.shape[1:]))
                 labels = torch.zeros(0, dtype=torch.int64)
+            bad = sum((s.feed.bad_images.pop(step, ()) for s in (self.unlabeled, self.support) if s is not None), ())
             yield PretrainBatch(view1=view1, view2=view2, support_images=support,
                                 support_labels=labels.to(self.device, non_blocking=True),
-                                sample_ids=u["ids"].to(torch.int64), epoch=epoch, step=step)
+                                sample_ids=u["ids"].to(torch.int64), epoch=epoch, step=step, bad_images=bad)
 
 
 # ---------------------------------------------------------------------------
@@ -275,6 +322,6 @@ def build_dali_loader(cfg, rank: int, world_size: int, device: torch.device,
         raise DataError("the labeled subset is empty")
     sampler = build_support_sampler(cfg, images.labels[labeled], rank, world_size)
     settings = DaliSettings(d.unlabeled_batch_size, d.support_views, max(1, d.num_workers), max(1, d.prefetch_factor),
-                            cfg.run.seed, dtype, cfg.model.channels_last)
+                            cfg.run.seed, dtype, cfg.model.channels_last, d.on_bad_image)
     loader = DaliPretrainLoader(images, labeled, sampler, cfg.augment, settings, rank, world_size, device)
     return images.index, labeled, loader

@@ -6,13 +6,14 @@ these bytes to its pipelines, and evaluation decodes them with PIL.
 from __future__ import annotations
 
 import io
-import mmap
+import os
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
+from pipelines.bad_images import BadImageError
 from pipelines.datasets import DataError, ImageFolderIndex, read_converted_split
 
 # Start-of-frame markers of baseline, extended, progressive and lossless JPEGs.
@@ -42,6 +43,16 @@ def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
     return None
 
 
+def jpeg_is_complete(data: bytes | memoryview) -> bool:
+    """Whether a JPEG ends with its end-of-image marker (within trailing padding).
+
+    Entropy-coded data never holds 0xFFD9 (a 0xFF there is followed by 0x00 or
+    a restart marker), so a truncated file has no such pair in its tail.
+    """
+    tail = bytes(data[-4096:])
+    return tail.rfind(b"\xff\xd9") >= 0
+
+
 def encoded_size(data: bytes | memoryview) -> tuple[int, int]:
     """(height, width) of an encoded image, as decoded without EXIF rotation."""
     size = jpeg_size(data)
@@ -68,16 +79,24 @@ class EncodedImages:
     def read(self, i: int) -> memoryview:
         raise NotImplementedError
 
+    def checked(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Encoded bytes (uint8 array) and (height, width) of image ``i``, after the
+        checks that need no decode: readable, an image, and a JPEG not cut short.
+        Raises ``BadImageError`` naming the image."""
+        data = self.read(i)
+        if self._sizes[i, 0] < 0:
+            try:
+                self._sizes[i] = encoded_size(data)
+            except Exception as exc:  # PIL raises many types; all mean "bad file"
+                raise BadImageError(f"cannot read the size of image {self.describe(i)}: {exc}") from exc
+        if jpeg_size(data) is not None and not jpeg_is_complete(data):
+            raise BadImageError(f"image {self.describe(i)} is truncated (its JPEG data has no end marker)")
+        return np.frombuffer(data, dtype=np.uint8), self._sizes[i].copy()
+
     def batch(self, ids: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
         """Encoded bytes (uint8 arrays) and int64 [n, 2] (height, width) of images ``ids``."""
-        data = [self.read(int(i)) for i in ids]
-        for i, d in zip(ids, data):
-            if self._sizes[i, 0] < 0:
-                try:
-                    self._sizes[i] = encoded_size(d)
-                except Exception as exc:  # PIL raises many types; all mean "bad file"
-                    raise DataError(f"cannot read the size of image {self.describe(int(i))}: {exc}") from exc
-        return [np.frombuffer(d, dtype=np.uint8) for d in data], self._sizes[ids]
+        checked = [self.checked(int(i)) for i in ids]
+        return [d for d, _ in checked], np.stack([s for _, s in checked]).reshape(-1, 2)
 
     def describe(self, i: int) -> str:
         return str(self.index.root / self.index.paths[i])
@@ -91,15 +110,17 @@ class FileImages(EncodedImages):
         try:
             return memoryview(path.read_bytes())
         except OSError as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from exc
+            raise BadImageError(f"cannot read image {path}: {exc}") from exc
 
 
 class ShardImages(EncodedImages):
-    """The converter's webdataset shards, read through their DALI index files and memory maps.
+    """The converter's webdataset shards, read through their DALI index files.
 
     ``index.root`` is the source split folder the shards were made from (it
     may no longer exist); ``index.paths`` and ``labels`` come from
-    ``samples/<split>.jsonl``.
+    ``samples/<split>.jsonl``. Members are read with ``os.pread`` rather than
+    through memory maps: a shard truncated while the run reads it then gives a
+    short read, named as a bad image, instead of a SIGBUS that kills the process.
     """
 
     def __init__(self, index: ImageFolderIndex, tars: list[Path], idx_files: list[Path]):
@@ -108,14 +129,19 @@ class ShardImages(EncodedImages):
         self._shard = np.full(n, -1, dtype=np.int64)
         self._offset = np.zeros(n, dtype=np.int64)
         self._length = np.zeros(n, dtype=np.int64)
-        self._maps: list[mmap.mmap] = []
+        self.tars = list(tars)
+        self._fds: list[int] = []
         for shard, (tar, idx) in enumerate(zip(tars, idx_files)):
             for key, offset, length in _jpeg_members(idx):
                 if not 0 <= key < n or self._shard[key] >= 0:
                     raise DataError(f"{idx}: sample key {key} is out of range or repeated (dataset of {n} samples)")
                 self._shard[key], self._offset[key], self._length[key] = shard, offset, length
-            with open(tar, "rb") as f:
-                self._maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            self._fds.append(os.open(tar, os.O_RDONLY))
+            size = os.fstat(self._fds[-1]).st_size
+            ends = self._offset[self._shard == shard] + self._length[self._shard == shard]
+            if len(ends) and int(ends.max()) > size:
+                raise DataError(f"shard {tar} is truncated: {size} bytes, but its index {idx.name} "
+                                f"lists data up to byte {int(ends.max())}; reconvert the dataset")
         missing = np.flatnonzero(self._shard < 0)
         if len(missing):
             raise DataError(f"{len(missing)} sample(s) of {n} have no .jpg member in the shards, e.g. index "
@@ -123,10 +149,24 @@ class ShardImages(EncodedImages):
 
     def read(self, i: int) -> memoryview:
         offset, length = int(self._offset[i]), int(self._length[i])
-        return memoryview(self._maps[int(self._shard[i])])[offset : offset + length]
+        try:
+            data = os.pread(self._fds[int(self._shard[i])], length, offset)
+        except OSError as exc:
+            raise BadImageError(f"cannot read image {self.describe(i)}: {exc}") from exc
+        if len(data) != length:
+            raise BadImageError(f"cannot read image {self.describe(i)}: the shard ends before the image's "
+                                f"{length} bytes at offset {offset} (truncated after the run started?)")
+        return memoryview(data)
 
     def describe(self, i: int) -> str:
-        return f"{self.index.paths[i]} (sample {i} in shard {int(self._shard[i])})"
+        return f"{self.index.paths[i]} (sample {i} in shard {self.tars[int(self._shard[i])]})"
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", ()):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def _jpeg_members(idx_file: Path) -> Iterator[tuple[int, int, int]]:

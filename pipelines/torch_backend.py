@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pipelines.bad_images import BadImageError, ReplacementPools, read_or_replace
 from pipelines.contract import PretrainBatch
 from pipelines.datasets import ImageFolderIndex
 from pipelines.reference_transforms import simclr_transform
@@ -36,40 +37,53 @@ def load_rgb(path: str) -> Image.Image:
         with Image.open(path) as img:
             return img.convert("RGB")
     except Exception as exc:  # PIL raises many types; all mean "bad file"
-        raise RuntimeError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+        raise BadImageError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+class _ImageSource:
+    """Decodes sample ``i`` under the ``data.on_bad_image`` policy (see ``pipelines.bad_images``)."""
+
+    def __init__(self, index: ImageFolderIndex, pools: ReplacementPools, on_bad_image: str):
+        self.paths = [str(index.root / p) for p in index.paths]
+        self.pools, self.on_bad_image = pools, on_bad_image
+
+    def load(self, i: int) -> tuple[Image.Image, int, tuple[str, ...]]:
+        return read_or_replace(i, lambda j: load_rgb(self.paths[j]), self.on_bad_image, self.pools)
 
 
 class TwoViewDataset(Dataset):
-    """key (index, seed) -> (view1, view2, index), both views from one decode."""
+    """key (index, seed) -> (view1, view2, index used, bad files skipped), both views from one decode."""
 
-    def __init__(self, index: ImageFolderIndex, recipe: SimCLRRecipe):
-        self.paths = [str(index.root / p) for p in index.paths]
+    def __init__(self, index: ImageFolderIndex, recipe: SimCLRRecipe, on_bad_image: str = "error"):
+        self.source = _ImageSource(index, ReplacementPools.single(len(index)), on_bad_image)
         self.transform = simclr_transform(recipe)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.source.paths)
 
     def __getitem__(self, key: tuple[int, int]):
         i, seed = key
-        img = load_rgb(self.paths[i])
+        img, used, bad = self.source.load(i)
         torch.manual_seed(seed)
-        return self.transform(img), self.transform(img), i
+        return self.transform(img), self.transform(img), used, bad
 
 
 class SupportDataset(Dataset):
-    """key (index, seed) -> ([V,3,H,W] views, label)."""
+    """key (index, seed) -> ([V,3,H,W] views, label, bad files skipped). Replacements
+    come from the labeled images (``labeled``) of the same class."""
 
-    def __init__(self, index: ImageFolderIndex, recipe: SimCLRRecipe, views: int):
-        self.paths = [str(index.root / p) for p in index.paths]
+    def __init__(self, index: ImageFolderIndex, recipe: SimCLRRecipe, views: int, labeled: np.ndarray,
+                 on_bad_image: str = "error"):
+        self.source = _ImageSource(index, ReplacementPools.by_class(index.labels, labeled), on_bad_image)
         self.labels = index.labels
         self.transform = simclr_transform(recipe)
         self.views = views
 
     def __getitem__(self, key: tuple[int, int]):
         i, seed = key
-        img = load_rgb(self.paths[i])
+        img, used, bad = self.source.load(i)
         torch.manual_seed(seed)
-        return torch.stack([self.transform(img) for _ in range(self.views)]), int(self.labels[i])
+        return torch.stack([self.transform(img) for _ in range(self.views)]), int(self.labels[used]), bad
 
 
 class UnlabeledBatches(UnlabeledSchedule):
@@ -111,16 +125,16 @@ class SupportBatches:
 
 
 def _collate_unlabeled(items):
-    v1, v2, ids = zip(*items)
-    return torch.stack(v1), torch.stack(v2), torch.tensor(ids, dtype=torch.int64)
+    v1, v2, ids, bad = zip(*items)
+    return torch.stack(v1), torch.stack(v2), torch.tensor(ids, dtype=torch.int64), sum(bad, ())
 
 
 def _collate_support(items):
-    views, labels = zip(*items)
+    views, labels, bad = zip(*items)
     views = torch.stack(views)  # [C*K, V, 3, H, W], class-major
     labels = torch.tensor(labels, dtype=torch.int64)
     v = views.shape[1]
-    return views.flatten(0, 1), labels.repeat_interleave(v)
+    return views.flatten(0, 1), labels.repeat_interleave(v), sum(bad, ())
 
 
 @dataclass
@@ -132,6 +146,7 @@ class TorchLoaderSettings:
     seed: int
     dtype: torch.dtype
     channels_last: bool = True
+    on_bad_image: str = "error"
 
 
 class TorchPretrainLoader:
@@ -146,13 +161,14 @@ class TorchPretrainLoader:
                        persistent_workers=settings.num_workers > 0)
         if settings.num_workers > 0:
             workers["prefetch_factor"] = settings.prefetch_factor
-        self.unlabeled = DataLoader(TwoViewDataset(index, recipe), batch_sampler=self.unlabeled_batches,
+        self.unlabeled = DataLoader(TwoViewDataset(index, recipe, settings.on_bad_image), batch_sampler=self.unlabeled_batches,
                                     collate_fn=_collate_unlabeled, **workers)
         self.support_batches = None
         self.support = None
         if support_sampler is not None:
             self.support_batches = SupportBatches(support_sampler, labeled, settings.seed)
-            self.support = DataLoader(SupportDataset(index, recipe, settings.support_views),
+            self.support = DataLoader(SupportDataset(index, recipe, settings.support_views, labeled,
+                                                   settings.on_bad_image),
                                       batch_sampler=self.support_batches, collate_fn=_collate_support, **workers)
         self.epoch, self.start_step = 0, 0
 
@@ -173,15 +189,16 @@ class TorchPretrainLoader:
         unlabeled = iter(self.unlabeled)
         support = iter(self.support) if self.support is not None else None
         for step in range(self.start_step, len(self)):
-            v1, v2, ids = next(unlabeled)
+            v1, v2, ids, bad = next(unlabeled)
             if support is not None:
-                s_img, s_lab = next(support)
+                s_img, s_lab, s_bad = next(support)
+                bad += s_bad
             else:
                 s_img, s_lab = v1.new_zeros((0, *v1.shape[1:])), torch.zeros(0, dtype=torch.int64)
             yield PretrainBatch(
                 view1=self._to_device(v1), view2=self._to_device(v2),
                 support_images=self._to_device(s_img),
                 support_labels=s_lab.to(self.device, non_blocking=True),
-                sample_ids=ids, epoch=self.epoch, step=step,
+                sample_ids=ids, epoch=self.epoch, step=step, bad_images=bad,
             )
         self.start_step = 0

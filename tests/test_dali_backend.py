@@ -429,6 +429,85 @@ def test_data_errors(tree, tmp_path):
         _loader(tmp_path)
 
 
+# ---------------------------------------------------------------------------
+# Bad data at training time
+# ---------------------------------------------------------------------------
+
+
+def _copy_tree(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _garble(path: Path) -> None:
+    """Corrupt the coded data but keep the file's length and its end marker."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 200] = bytes((b * 7 + 13) % 256 for b in data[mid : mid + 200])
+    path.write_bytes(bytes(data))
+
+
+def test_bad_files_are_named_or_skipped(tree, tmp_path):
+    root = _copy_tree(tree, tmp_path / "tree")
+    index = index_image_folder(root / "train")
+    truncated, garbled = 5, 17
+    path = root / "train" / index.paths[truncated]
+    path.write_bytes(path.read_bytes()[:200])
+    loader = _loader(root, "loss.suncet_weight=0.0")
+    order = unlabeled_plan(len(index), 6, 0, 1, 0, 0)
+    with pytest.raises(DataError, match=index.paths[truncated] + ".*truncated"):
+        _epoch(loader, 0)
+    # skip: replaced by the next image, named once per use, never seen itself.
+    batches = _epoch(_loader(root, "loss.suncet_weight=0.0", "data.on_bad_image=skip"), 0)
+    named = [(b.step, n) for b in batches for n in b.bad_images]
+    step = int(np.argwhere(order == truncated)[0, 0]) if truncated in order else None
+    assert [s for s, _ in named] == ([step] if step is not None else [])
+    assert all(index.paths[truncated] in n for _, n in named)
+    assert truncated not in torch.cat([b.sample_ids for b in batches]).tolist()
+    # Corrupt coded data passes the host-side checks; DALI's decoder fails and the
+    # error names the file, found by decoding the step's images on the host.
+    _garble(root / "train" / index.paths[garbled])
+    epoch = next(e for e in range(10) if garbled in unlabeled_plan(len(index), 6, 0, 1, 0, e))
+    with pytest.raises(DataError, match=index.paths[garbled] + ".*decoders.image"):
+        _epoch(_loader(root, "loss.suncet_weight=0.0", "data.on_bad_image=skip"), epoch)
+
+
+def test_damaged_shards_are_named(tree, tmp_path):
+    from tools.convert import layout
+    from tools.convert_imagenet import ConvertOptions, convert
+
+    out = tmp_path / "converted"
+    convert(ConvertOptions(src=str(tree), out=str(out), splits=("train",), formats=("dali",),
+                           labeled_fraction=0.5, shard_size=16, shard_multiple=1, jobs=1, progress=False))
+    tars, _ = layout.shard_files(out, "train")
+    # Opened while the shard is whole, then truncated under the running loaders.
+    loader = _loader(out, "loss.suncet_weight=0.0")
+    skipping = _loader(out, "loss.suncet_weight=0.0", "data.on_bad_image=skip")
+    images = loader.images
+    ends = images._offset + images._length
+    cut = int(ends[images._shard == 1].max()) - 1  # the last member of shard 1 loses its last byte
+    with open(tars[1], "r+b") as f:
+        f.truncate(cut)
+    lost = set(np.flatnonzero((images._shard == 1) & (ends > cut)).tolist())
+    with pytest.raises(DataError, match=f"shard {tars[1]} is truncated"):
+        _loader(out)  # refused when opened
+    lost_step = None
+    for epoch in range(4):
+        order = unlabeled_plan(len(images), 6, 0, 1, 0, epoch)
+        if lost & set(order.ravel().tolist()):
+            lost_step = epoch
+            break
+    assert lost_step is not None
+    with pytest.raises(DataError, match=f"in shard {tars[1]}.*shard ends before"):
+        _epoch(loader, lost_step)
+    batches = _epoch(skipping, lost_step)
+    names = [n for b in batches for n in b.bad_images]
+    assert len(names) == len(lost & set(order.ravel().tolist())) and all(str(tars[1]) in n for n in names)
+    assert not lost & set(torch.cat([b.sample_ids for b in batches]).tolist())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_mixed_decode_matches_cpu(tree):
     cfg = _cfg(tree)

@@ -10,11 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from pipelines.bad_images import BadImageError, ReplacementPools
 from pipelines.build import build_loaders
-from tests.pretrain_helpers import make_split_tree, step_losses, tiny_config, tiny_overrides
+from tests.pretrain_helpers import make_split_tree, read_metrics, step_losses, tiny_config, tiny_overrides
 from tests.helpers.dist import free_port
 from tests.test_pretrain import CPU, REPO, _cli, _set_args
 from train import checkpoint as ckpt
@@ -100,10 +102,85 @@ def test_image_removed_after_indexing_fails_naming_the_file(tmp_path, workers):
     victim.write_bytes(victim.read_bytes()[:100])  # truncated after the listing was made
     loaders.train.set_epoch(0)
     start = time.time()
-    with pytest.raises(RuntimeError, match="n00000002_3.JPEG"):
+    with pytest.raises(BadImageError, match="n00000002_3.JPEG"):
         for _ in loaders.train:
             pass
     assert time.time() - start < 60
+
+
+def test_replacement_pools_follow_dataset_order_within_the_class():
+    labels = np.array([0, 1, 0, 1, 0, 0, 1])
+    pools = ReplacementPools.by_class(labels, members=np.array([0, 2, 3, 5, 6]))
+    assert pools.after(2).tolist() == [5, 0]  # class 0 labeled: 0, 2, 5 (4 is not labeled)
+    assert pools.after(6).tolist() == [3]
+    with pytest.raises(ValueError):
+        pools.after(4)
+    assert ReplacementPools.single(4).after(3).tolist() == [0, 1, 2]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_mode_replaces_and_names_bad_images(tmp_path, workers):
+    root = make_split_tree(tmp_path / "data", classes=4, train_per_class=8, val_per_class=2)
+    cfg = tiny_config(root, tmp_path / "run", **{"data.num_workers": workers, "data.on_bad_image": "skip",
+                                                 "data.labeled_fraction": 0.5})
+    loaders = build_loaders(cfg, 0, 1, torch.device("cpu"))
+    loader = loaders.train
+    index = loader.unlabeled.dataset.source.paths
+    labeled = set(loader.support_batches.labeled.tolist())
+    # One unlabeled-only image and labeled images of two classes, no two adjacent in a pool.
+    victims = {min(set(range(len(index))) - labeled)}
+    victims |= {min(i for i in labeled if f"n0000000{c}" in index[i] and i - 1 not in victims) for c in (2, 3)}
+    for i in victims:
+        _truncate(Path(index[i]))
+    loader.set_epoch(0)
+    order = loader.unlabeled_batches.order()
+    support_ids = [i for batch in loader.support_batches for i, _ in batch]
+    loader.set_epoch(0)
+    batches = list(loader)
+    names = [name for b in batches for name in b.bad_images]
+    expected = sum(int(i in victims) for i in order) + sum(int(i in victims) for i in support_ids)
+    assert len(names) == expected and expected > 0
+    assert all(any(Path(index[i]).name in name for i in victims) for name in names)
+    seen = torch.cat([b.sample_ids for b in batches]).tolist()
+    assert not set(seen) & set(victims)
+    for i in victims:  # an unlabeled victim is replaced by the next image in dataset order
+        if i in order:
+            assert i + 1 in seen
+    for b in batches:  # the support set keeps C x K with its labels
+        counts = torch.bincount(b.support_labels, minlength=4)
+        assert sorted(counts.tolist()) == [2, 2, 2, 2]
+
+
+def test_skip_mode_counts_bad_images_in_the_run(data_root, tmp_path, capsys):
+    root = make_split_tree(tmp_path / "data", classes=4, train_per_class=8, val_per_class=2)
+    victim = root / "train" / "n00000001" / "n00000001_2.JPEG"
+    _truncate(victim)
+    cfg = tiny_config(root, tmp_path / "run", **{"run.knn_every_epochs": 0, "data.on_bad_image": "skip",
+                                                 "optim.epochs": 1, "optim.warmup_epochs": 0.5})
+    loader = build_loaders(cfg, 0, 1, torch.device("cpu")).train
+    loader.set_epoch(0)
+    expected = sum(len(b.bad_images) for b in loader)
+    summary = pretrain.run(cfg, CPU)
+    assert summary["bad_images"] == expected > 0
+    assert int(read_metrics(tmp_path / "run")[-1]["bad_images"]) == expected
+    assert capsys.readouterr().err.count("n00000001_2.JPEG") == expected
+    state, _ = ckpt.load_latest(tmp_path / "run")
+    assert state["train_state"]["bad_images"] == expected
+
+
+def test_skip_mode_gives_up_when_every_image_is_bad(tmp_path):
+    root = make_split_tree(tmp_path / "data", classes=2, train_per_class=8, val_per_class=2)
+    cfg = tiny_config(root, tmp_path / "run", **{"data.on_bad_image": "skip", "data.support_classes": 2})
+    loader = build_loaders(cfg, 0, 1, torch.device("cpu")).train
+    for path in (root / "train").rglob("*.JPEG"):
+        _truncate(path)
+    loader.set_epoch(0)
+    with pytest.raises(BadImageError, match="8 images in a row could not be read"):
+        next(iter(loader))
 
 
 def test_nonfinite_gradients_stop_the_run(data_root, tmp_path, monkeypatch):

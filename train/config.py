@@ -42,6 +42,7 @@ class DataConfig:
     num_workers: int = 8
     prefetch_factor: int = 2
     knn_max_samples: int = 10000  # cap of the held-out set used by the kNN monitor
+    on_bad_image: str = "error"  # an image unreadable at training time: "error" names it, "skip" replaces and counts it
 
 
 @dataclass
@@ -111,6 +112,8 @@ class PretrainConfig:
             raise ConfigError(f"data.backend must be one of {BACKENDS}, got {d.backend!r}")
         if r.precision not in PRECISIONS:
             raise ConfigError(f"run.precision must be one of {PRECISIONS}, got {r.precision!r}")
+        if d.on_bad_image not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_image must be 'error' or 'skip', got {d.on_bad_image!r}")
         if l.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"loss.on_nonfinite must be 'stop' or 'skip', got {l.on_nonfinite!r}")
         positive_ints = {

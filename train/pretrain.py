@@ -23,7 +23,7 @@ from pipelines.build import Loaders, build_loaders
 from pipelines.datasets import DataError
 from train import checkpoint as ckpt
 from train.config import ConfigError, PretrainConfig, config_from_dict, config_to_dict, load_config
-from train.distributed import DistContext, init_distributed, shutdown_distributed
+from train.distributed import DistContext, all_reduce_sum, init_distributed, shutdown_distributed
 from train.knn import extract_features, knn_accuracy
 from train.lars import LARS, lars_param_groups
 from train.precision import resolve_precision
@@ -52,6 +52,7 @@ class TrainState:
     step: int = 0
     global_step: int = 0
     skipped_steps: int = 0
+    bad_images: int = 0  # unreadable images replaced (data.on_bad_image=skip), all ranks
 
 
 @dataclass
@@ -108,10 +109,15 @@ def train_one_epoch(tr: Trainer, state: TrainState) -> None:
                disable=not (ctx.is_main and cfg.run.progress_bar), dynamic_ncols=True)
     tr.model.train()
     batches = iter(loader)
+    bad_here = 0  # this rank's bad images not yet added to state.bad_images
     t_prev = time.perf_counter()
     while state.step < tr.steps_per_epoch:
         batch = next(batches)
         t_data = time.perf_counter()
+        for name in batch.bad_images:
+            print(f"warning: rank {ctx.rank} epoch {state.epoch} step {state.step}: skipped unreadable image "
+                  f"(data.on_bad_image=skip): {name}", file=sys.stderr)
+        bad_here += len(batch.bad_images)
         lr = tr.schedule.apply(tr.optimizer, state.global_step)
         out = train_step(tr.model, batch, tr.optimizer, tr.scaler, settings)  # .item() syncs the device
         t_done = time.perf_counter()
@@ -126,12 +132,18 @@ def train_one_epoch(tr: Trainer, state: TrainState) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.1f}",
                             wait=f"{100 * wait:.0f}%")
-        if state.global_step % cfg.run.log_every_steps == 0 or state.step == tr.steps_per_epoch:
+        log_now = state.global_step % cfg.run.log_every_steps == 0 or state.step == tr.steps_per_epoch
+        save_now = state.global_step % cfg.run.checkpoint_every_steps == 0 and state.step < tr.steps_per_epoch
+        if log_now or save_now:  # the same steps on every rank: a collective is safe here
+            state.bad_images += all_reduce_sum(bad_here, ctx.device)
+            bad_here = 0
+        if log_now:
             row = {"global_step": state.global_step, "epoch": state.epoch, "step": state.step, "lr": lr,
-                   "images_per_s": images_per_s, "data_wait_frac": wait, "skipped": state.skipped_steps, **out}
+                   "images_per_s": images_per_s, "data_wait_frac": wait, "skipped": state.skipped_steps,
+                   "bad_images": state.bad_images, **out}
             if tr.logger is not None:
                 tr.logger.log(row)
-        if state.global_step % cfg.run.checkpoint_every_steps == 0 and state.step < tr.steps_per_epoch:
+        if save_now:
             tr.save(state)
     bar.close()
     if hasattr(batches, "close"):  # stop a generator-based loader (and its workers) cut short
@@ -251,7 +263,7 @@ def run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none") -> dict:
         raise NonFiniteLossError(f"{exc}. Last good checkpoint kept in {run_dir}; "
                                  "lower optim.lr or set loss.on_nonfinite=skip") from exc
     summary = {"run_dir": str(run_dir.resolve()), "global_step": state.global_step,
-               "skipped_steps": state.skipped_steps, **(knn or {})}
+               "skipped_steps": state.skipped_steps, "bad_images": state.bad_images, **(knn or {})}
     if ctx.is_main:
         export_encoder(tr, run_dir)
         tr.logger.write_summary(summary)

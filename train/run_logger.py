@@ -10,7 +10,7 @@ import yaml
 from train.config import config_to_dict
 
 METRIC_FIELDS = ("global_step", "epoch", "step", "lr", "loss", "loss_ntxent", "loss_suncet", "images_per_s",
-                 "data_wait_frac", "skipped", "knn_top1", "knn_top5")
+                 "data_wait_frac", "skipped", "bad_images", "knn_top1", "knn_top5")
 
 
 class RunLogger:

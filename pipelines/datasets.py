@@ -84,6 +84,22 @@ def read_converted_split(root: str | os.PathLike, split: str, convert_hint: str
     return index, labeled
 
 
+def check_converted_files(root: str | os.PathLike, split: str, paths: list[Path]) -> None:
+    """Refuse any of ``paths`` whose size differs from the one the converter recorded
+    in the manifest: it was truncated or replaced after conversion. Files the
+    manifest does not list are not checked."""
+    from tools.convert import layout
+
+    root = Path(root)
+    entry = layout.read_manifest(root).get("splits", {}).get(split, {})
+    recorded = {f["path"]: f["bytes"] for f in entry.get("files", [])}
+    for path in paths:
+        key = Path(path).relative_to(root).as_posix()
+        if key in recorded and Path(path).stat().st_size != recorded[key]:
+            raise DataError(f"{path} is {Path(path).stat().st_size} bytes, but the converter wrote {recorded[key]} "
+                            "(see manifest.json): truncated or replaced since; reconvert the dataset")
+
+
 def read_labeled_list(list_file: str | os.PathLike, index: ImageFolderIndex) -> np.ndarray:
     """Sample indices named by ``list_file``: one file name (SimCLR's format,
     e.g. ``n01440764_10026.JPEG``) or relative path per line; blank lines and

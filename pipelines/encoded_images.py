@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.bad_images import BadImageError
-from pipelines.datasets import DataError, ImageFolderIndex, read_converted_split
+from pipelines.datasets import DataError, ImageFolderIndex, check_converted_files, read_converted_split
 
 # Start-of-frame markers of baseline, extended, progressive and lossless JPEGs.
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
@@ -192,4 +192,5 @@ def open_converted(root: Path, split: str) -> tuple[ShardImages, np.ndarray | No
     if missing:
         raise DataError(f"DALI index file(s) missing next to the shards, e.g. {missing[0]}")
     index, labeled = read_converted_split(root, split, "python -m tools.convert_imagenet --formats dali ...")
+    check_converted_files(root, split, tars + idx_files)
     return ShardImages(index, tars, idx_files), labeled

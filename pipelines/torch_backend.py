@@ -137,6 +137,17 @@ def _collate_support(items):
     return views.flatten(0, 1), labels.repeat_interleave(v), sum(bad, ())
 
 
+def _next_batch(batches: Iterator, stream: str):
+    """``next(batches)``, with a worker that died while handing over a batch reported as such
+    (torch names a dead worker itself when it notices first; otherwise the main process
+    sees only a broken pipe to it)."""
+    try:
+        return next(batches)
+    except (ConnectionError, EOFError) as exc:
+        raise RuntimeError(f"a DataLoader worker of the {stream} stream died while sending a batch (killed, or "
+                           f"out of memory?): {type(exc).__name__}: {exc}") from exc
+
+
 @dataclass
 class TorchLoaderSettings:
     batch_size: int
@@ -189,9 +200,9 @@ class TorchPretrainLoader:
         unlabeled = iter(self.unlabeled)
         support = iter(self.support) if self.support is not None else None
         for step in range(self.start_step, len(self)):
-            v1, v2, ids, bad = next(unlabeled)
+            v1, v2, ids, bad = _next_batch(unlabeled, "unlabeled")
             if support is not None:
-                s_img, s_lab, s_bad = next(support)
+                s_img, s_lab, s_bad = _next_batch(support, "support")
                 bad += s_bad
             else:
                 s_img, s_lab = v1.new_zeros((0, *v1.shape[1:])), torch.zeros(0, dtype=torch.int64)

@@ -491,7 +491,7 @@ def test_damaged_shards_are_named(tree, tmp_path):
     with open(tars[1], "r+b") as f:
         f.truncate(cut)
     lost = set(np.flatnonzero((images._shard == 1) & (ends > cut)).tolist())
-    with pytest.raises(DataError, match=f"shard {tars[1]} is truncated"):
+    with pytest.raises(DataError, match=f"{tars[1]} is {cut} bytes, but the converter wrote"):
         _loader(out)  # refused when opened
     lost_step = None
     for epoch in range(4):

@@ -237,3 +237,31 @@ def test_two_process_run_killed_and_resumed_matches_uninterrupted(data_root, tmp
     assert sorted(got) == sorted(expected)
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+
+
+def test_killed_loader_worker_fails_the_run_within_seconds(tmp_path):
+    import os
+
+    root = make_split_tree(tmp_path / "data", classes=4, train_per_class=8, val_per_class=2)
+    cfg = tiny_config(root, tmp_path / "run", **{"data.num_workers": 2, "data.unlabeled_batch_size": 4})
+    loader = build_loaders(cfg, 0, 1, torch.device("cpu")).train
+    loader.set_epoch(0)
+    batches = iter(loader)
+    next(batches)
+    workers = loader.unlabeled._iterator._workers  # persistent workers of the unlabeled stream
+    start = time.time()
+    try:
+        with pytest.raises(RuntimeError, match=rf"DataLoader worker (\(pid.*{workers[0].pid}.*(killed by signal|exited unexpectedly)"
+                                               r"|of the unlabeled stream died)"):
+            os.kill(workers[0].pid, signal.SIGKILL)  # torch may raise from its SIGCHLD handler right here
+            for _ in batches:
+                pass
+        assert time.time() - start < 30
+    finally:  # unregister the workers first, or torch's SIGCHLD handler fires again while they stop
+        from torch.utils.data._utils import signal_handling
+
+        for dl in (loader.unlabeled, loader.support):
+            signal_handling._remove_worker_pids(id(dl._iterator))
+            dl._iterator._worker_pids_set = False
+        for dl in (loader.unlabeled, loader.support):
+            dl._iterator._shutdown_workers()

@@ -1,0 +1,54 @@
+"""``python -m tests.helpers.record_stream OUT.jsonl [train.pretrain args]``: run
+``train.pretrain`` and append every step's ``(epoch, step, sample ids)`` to
+OUT.jsonl as the loader hands it out, one flushed line per step, so that a
+killed run's record survives it. ``RECORD_STEP_SLEEP`` (seconds) slows each
+step down, giving a test time to kill the run where it wants.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from train import pretrain
+
+
+class RecordingLoader:
+    """Wraps a ``PretrainLoader``; records each batch before handing it out."""
+
+    def __init__(self, loader, path: str, sleep: float):
+        self.loader, self.sleep = loader, sleep
+        self.file = open(path, "a")
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.loader.set_epoch(epoch, start_step)
+
+    def __iter__(self):
+        for batch in self.loader:
+            record = {"epoch": batch.epoch, "step": batch.step, "ids": batch.sample_ids.tolist()}
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            time.sleep(self.sleep)
+            yield batch
+
+
+def main() -> int:
+    path, args = sys.argv[1], sys.argv[2:]
+    sleep = float(os.environ.get("RECORD_STEP_SLEEP", "0"))
+    real_build = pretrain.build_loaders
+
+    def build_recording(*a, **k):
+        loaders = real_build(*a, **k)
+        loaders.train = RecordingLoader(loaders.train, path, sleep)
+        return loaders
+
+    pretrain.build_loaders = build_recording
+    return pretrain.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

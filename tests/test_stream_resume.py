@@ -1,0 +1,82 @@
+"""A SIGKILLed run resumed with ``--resume auto`` continues the DALI and FFCV
+sample streams where its checkpoint left them: every epoch, put together from
+the killed run (up to its checkpoint) and the resumed one, holds each planned
+image once, in the order of an uninterrupted run (the shared schedule)."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.schedules import UnlabeledSchedule
+from tests.pretrain_helpers import make_split_tree, read_metrics, tiny_overrides
+from tests.test_pretrain import _cli, _set_args
+
+CLASSES, PER_CLASS, BATCH, EPOCHS = 4, 12, 8, 3
+STEPS = CLASSES * PER_CLASS // BATCH  # per epoch
+
+
+def _records(path: Path) -> list[dict]:
+    """The recorded steps; a line cut short by the kill is dropped."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+def _data_root(backend: str, tmp_path: Path) -> Path:
+    tree = make_split_tree(tmp_path / "tree", classes=CLASSES, train_per_class=PER_CLASS, val_per_class=2)
+    if backend != "ffcv":
+        return tree  # the DALI backend reads ImageFolder trees too
+    from tools.convert_imagenet import ConvertOptions, convert
+
+    out = tmp_path / "converted"
+    convert(ConvertOptions(src=str(tree), out=str(out), splits=("train",), formats=("ffcv",),
+                           labeled_fraction=0.5, jobs=1, progress=False))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, kill_after_step", [("dali", STEPS), ("ffcv", 4)],
+                         ids=["dali-between-epochs", "ffcv-mid-epoch"])
+def test_killed_run_resumes_the_same_sample_stream(backend, kill_after_step, tmp_path):
+    pytest.importorskip("nvidia.dali" if backend == "dali" else "ffcv")
+    root = _data_root(backend, tmp_path)
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(root, run_dir, **{
+        "data.backend": backend, "data.unlabeled_batch_size": BATCH, "data.num_workers": 1,
+        "optim.epochs": EPOCHS, "run.knn_every_epochs": 0, "run.checkpoint_every_steps": 4})
+    command = ["-m", "tests.helpers.record_stream"]
+    args = ["--device", "cpu", *_set_args(overrides)]
+    env = {"RECORD_STEP_SLEEP": "0.4"}
+
+    killed = _cli(command + [str(tmp_path / "killed.jsonl")] + args, env_extra=env)
+    target = run_dir / f"ckpt-{kill_after_step:09d}.pt"
+    deadline = time.time() + 300
+    while not target.exists():
+        assert killed.poll() is None and time.time() < deadline, killed.stdout.read() if killed.poll() else ""
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+
+    resumed = _cli(command + [str(tmp_path / "resumed.jsonl")] + args + ["--resume", "auto"], env_extra=env)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    first = _records(tmp_path / "killed.jsonl")
+    second = _records(tmp_path / "resumed.jsonl")
+    resume_at = (second[0]["epoch"], second[0]["step"])
+    assert resume_at == divmod(kill_after_step, STEPS)  # the checkpoint's position, even at an epoch end
+    stream = [r for r in first if (r["epoch"], r["step"]) < resume_at] + second
+    assert [(r["epoch"], r["step"]) for r in stream] == [(e, s) for e in range(EPOCHS) for s in range(STEPS)]
+    schedule = UnlabeledSchedule(CLASSES * PER_CLASS, BATCH, 0, 1, seed=0)
+    for epoch in range(EPOCHS):
+        ids = [i for r in stream if r["epoch"] == epoch for i in r["ids"]]
+        assert ids == schedule.epoch_order(epoch).tolist()
+        assert len(set(ids)) == len(ids) == STEPS * BATCH
+    assert int(read_metrics(run_dir)[-1]["global_step"]) == EPOCHS * STEPS

@@ -51,6 +51,28 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(data_root, tmp_path, m
     assert state["train_state"]["global_step"] == 2
 
 
+def test_read_only_run_directory_while_saving_keeps_previous_checkpoint(data_root, tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    real_mkstemp = tempfile.mkstemp
+    calls = {"n": 0}
+
+    def read_only_after_first(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 2:  # the file system turns read-only after the first checkpoint
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt.tempfile, "mkstemp", read_only_after_first)
+    argv = ["--device", "cpu", *_set_args(tiny_overrides(data_root, tmp_path / "run", **{"run.knn_every_epochs": 0}))]
+    assert pretrain.main(argv) == 1  # checkpoints every 2 steps: the second save fails
+    assert "could not write checkpoint" in capsys.readouterr().err
+    monkeypatch.setattr(ckpt.tempfile, "mkstemp", real_mkstemp)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["ckpt-000000002.pt"]
+    state, _ = ckpt.load_latest(tmp_path / "run")
+    assert state["train_state"]["global_step"] == 2
+
+
 WRITER = """
 import sys, torch
 from train.checkpoint import save_checkpoint

@@ -41,7 +41,10 @@ def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temp file beside ``path``, fsync, rename. On any error
     the temp file is removed and ``path`` (if it existed) is untouched."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + path.name + ".", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + path.name + ".", dir=path.parent)
+    except OSError as exc:  # read-only or full file system, directory gone, no permission
+        raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)

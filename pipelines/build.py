@@ -53,8 +53,9 @@ def labeled_indices(cfg, index: ImageFolderIndex, converted: np.ndarray | None =
         return read_labeled_list(d.labeled_list, index)
     if converted is not None:
         return converted
-    return stratified_subset(index.labels, d.labeled_fraction, cfg.run.seed,
-                             min_per_class=max(1, d.support_images_per_class))
+    # At least one image per class, never more than the fraction asks for otherwise: a class
+    # with fewer than K labeled images is refused by the support sampler, naming the key.
+    return stratified_subset(index.labels, d.labeled_fraction, cfg.run.seed, min_per_class=1)
 
 
 def build_support_sampler(cfg, labels: np.ndarray, rank: int, world_size: int) -> ClassBalancedSampler | None:

@@ -1,5 +1,6 @@
 """FFCV backend: ``.beton`` files decoded and cropped on the CPU by FFCV, colour
-augmentation as batched torch ops on the training device.
+augmentation as batched torch ops on the training device (GPU) or inside FFCV's
+compiled pipeline (CPU).
 
 Reads the output of ``tools.convert_imagenet`` (layout in
 ``tools/convert/layout.py``): ``data.root`` holds ``ffcv/<split>.beton``
@@ -18,14 +19,22 @@ Two FFCV loaders feed one ``PretrainBatch`` per step:
 Both follow the schedules of ``pipelines.ffcv_orders`` (the reference
 backend's sample order, per rank, as a pure function of epoch and step), so
 ``set_epoch(epoch, start_step)`` resumes without decoding the skipped steps.
-All images of a step go through one ``BatchColorAugment`` call (jitter,
-grayscale, blur, normalisation, cast to ``dtype``), each with its own
-parameters.
+Where the colour stage (jitter, grayscale, blur) runs is decided once, by
+``colour_on_loader(device)``:
 
-Randomness: colour parameters come from a generator on the device seeded with
-(seed, epoch, rank); crops and flips come from FFCV's compiled code, which
-draws from numba's unseeded per-thread state. Sample orders are therefore
-reproducible and resumable, the augmentations are not.
+- on a GPU, all images of a step go through one ``BatchColorAugment`` call
+  on the device (jitter, grayscale, blur, normalisation, cast to ``dtype``),
+  each with its own parameters;
+- on the CPU, where those batched torch ops are the bottleneck, each view
+  pipeline runs ``pipelines.ffcv_color.FFCVColorAugment`` after the flip
+  (numba, on FFCV's worker threads, per-image parameters, uint8 out), and the
+  step only normalises and casts (``normalize_only``).
+
+Randomness: on a GPU, colour parameters come from a generator on the device
+seeded with (seed, epoch, rank); crops and flips, and on the CPU the colour
+parameters too, come from FFCV's compiled code, which draws from numba's
+unseeded per-thread state. Sample orders are therefore reproducible and
+resumable, the augmentations are not.
 """
 from __future__ import annotations
 
@@ -36,9 +45,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipelines.batch_augment import BatchColorAugment
+from pipelines.batch_augment import BatchColorAugment, normalize_only
 from pipelines.contract import PretrainBatch
-from pipelines.datasets import DataError, ImageFolderIndex, read_converted_split
+from pipelines.datasets import DataError, ImageFolderIndex, check_converted_files, read_converted_split
+from pipelines.ffcv_color import FFCVColorAugment
 from pipelines.ffcv_orders import ScheduledLoader, SupportSchedule, UnlabeledSchedule, keep_torch_threads
 from pipelines.recipe import SimCLRRecipe
 from pipelines.sampler import ClassBalancedSampler
@@ -49,6 +59,7 @@ with keep_torch_threads():
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.pipeline import PipelineSpec
+    from ffcv.types import CURRENT_VERSION, HeaderType
     from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
 
 
@@ -82,21 +93,46 @@ def open_converted(root: str | Path, split: str) -> ConvertedSplit:
     beton = layout.beton_path(Path(root), split)
     if not beton.is_file():
         raise DataError(f"data.backend=ffcv: {beton} not found; convert with --formats including ffcv: {CONVERT_HINT}")
+    check_converted_files(root, split, [beton])
+    check_beton_header(beton, len(index))
     return ConvertedSplit(beton, index, labeled)
+
+
+def check_beton_header(beton: Path, num_samples: int) -> None:
+    """Refuse a ``.beton`` that this FFCV cannot read or that holds another dataset,
+    naming it (FFCV itself fails with a bare AssertionError or garbage reads)."""
+    header = np.fromfile(beton, dtype=HeaderType, count=1)
+    if len(header) == 0:
+        raise DataError(f"{beton} is too short to be an FFCV .beton; reconvert: {CONVERT_HINT}")
+    version = int(header[0]["version"])
+    if version != CURRENT_VERSION:
+        raise DataError(f"{beton} has FFCV file format version {version}, but the installed ffcv reads version "
+                        f"{CURRENT_VERSION}: reconvert with this environment, {CONVERT_HINT}")
+    if int(header[0]["num_samples"]) != num_samples or int(header[0]["alloc_table_ptr"]) > beton.stat().st_size:
+        raise DataError(f"{beton} holds {int(header[0]['num_samples'])} samples and is {beton.stat().st_size} bytes "
+                        f"long; the listing has {num_samples} samples: reconvert: {CONVERT_HINT}")
 
 
 # --------------------------------------------------------------------------- FFCV pipelines
 
 
-def view_pipeline(recipe: SimCLRRecipe, device: torch.device) -> PipelineSpec:
+def colour_on_loader(device: torch.device) -> bool:
+    """Whether the colour stage runs inside FFCV's pipeline (training on the
+    CPU) rather than as batched torch ops on ``device`` (GPU)."""
+    return torch.device(device).type == "cpu"
+
+
+def view_pipeline(recipe: SimCLRRecipe, device: torch.device, colour: bool) -> PipelineSpec:
     """One augmented view of the ``image`` field: random resized crop (area
     fraction ``recipe.crop_scale``, aspect ratio ``recipe.crop_ratio``) to
-    ``recipe.resolution`` and a flip with ``recipe.flip_prob`` on the CPU, then
-    uint8 ``[B, 3, H, W]`` channels-last on ``device``."""
+    ``recipe.resolution`` and a flip with ``recipe.flip_prob`` on the CPU, with
+    ``colour`` also the recipe's jitter, grayscale and blur
+    (``FFCVColorAugment``), then uint8 ``[B, 3, H, W]`` channels-last on ``device``."""
     size = (recipe.resolution, recipe.resolution)
     decoder = RandomResizedCropRGBImageDecoder(size, scale=tuple(recipe.crop_scale), ratio=tuple(recipe.crop_ratio))
     return PipelineSpec("image", decoder=decoder, transforms=[
         RandomHorizontalFlip(recipe.flip_prob),
+        *([FFCVColorAugment(recipe)] if colour else []),
         ToTensor(),
         ToDevice(device, non_blocking=True),
         ToTorchImage(channels_last=True),
@@ -126,6 +162,20 @@ class FFCVLoaderSettings:
     dtype: torch.dtype
 
 
+class NormalizeOnly:
+    """The step's colour stage when the colour ops ran inside FFCV: normalise
+    and cast to ``dtype`` only (same call signature as ``BatchColorAugment``)."""
+
+    def __init__(self, recipe: SimCLRRecipe, dtype: torch.dtype):
+        self.recipe, self.dtype = recipe, dtype
+
+    def __repr__(self) -> str:
+        return f"NormalizeOnly(recipe={self.recipe!r}, dtype={self.dtype})"
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return normalize_only(images, self.recipe, self.dtype)
+
+
 class FFCVPretrainLoader:
     """Yields ``PretrainBatch`` from an unlabeled and an optional support FFCV loader.
 
@@ -138,12 +188,13 @@ class FFCVPretrainLoader:
                  recipe: SimCLRRecipe, settings: FFCVLoaderSettings, rank: int, world_size: int,
                  device: torch.device, num_samples: int):
         self.settings, self.device, self.rank = settings, device, rank
+        self.colour_on_loader = colour = colour_on_loader(device)
         common = dict(num_workers=max(1, settings.num_workers), batches_ahead=max(1, settings.batches_ahead),
                       seed=settings.seed)
         self.unlabeled_schedule = UnlabeledSchedule(num_samples, settings.batch_size, rank, world_size, settings.seed)
         self.unlabeled = ScheduledLoader(str(beton), self.unlabeled_schedule, distributed=world_size > 1, pipelines={
             "image": None, "label": None,
-            **{name: view_pipeline(recipe, device) for name in view_names(2)},
+            **{name: view_pipeline(recipe, device, colour) for name in view_names(2)},
             "index": int_pipeline("index", None),
         }, **common)
         self.support_schedule = self.support = None
@@ -151,10 +202,12 @@ class FFCVPretrainLoader:
             self.support_schedule = SupportSchedule(support_sampler, labeled)
             self.support = ScheduledLoader(str(beton), self.support_schedule, pipelines={
                 "image": None, "index": None,
-                **{name: view_pipeline(recipe, device) for name in view_names(settings.support_views)},
+                **{name: view_pipeline(recipe, device, colour) for name in view_names(settings.support_views)},
                 "label": int_pipeline("label", device),
             }, **common)
-        self.augment = BatchColorAugment(recipe, flip=False, dtype=settings.dtype)  # flipped on the CPU
+        # flipped on the CPU; on the CPU also coloured there
+        self.augment = (NormalizeOnly(recipe, settings.dtype) if colour
+                        else BatchColorAugment(recipe, flip=False, dtype=settings.dtype))
         self.generator = torch.Generator(device=device)
         self.epoch, self.start_step = 0, 0
 
@@ -196,7 +249,7 @@ class FFCVPretrainLoader:
             support_labels = s["label"].view(-1).repeat_interleave(len(views))
         else:
             support_labels = torch.zeros(0, dtype=torch.int64, device=self.device)
-        out = self.augment(torch.cat(images), generator=self.generator)  # one draw per image
+        out = self.augment(torch.cat(images), generator=self.generator)  # one draw per image, or normalisation only
         return PretrainBatch(
             view1=out[:b], view2=out[b : 2 * b], support_images=out[2 * b :], support_labels=support_labels,
             sample_ids=u["index"].view(-1).clone(), epoch=epoch, step=step,

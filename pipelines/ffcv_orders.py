@@ -16,7 +16,10 @@ owned by the backend instead:
   the schedule's current order and ignores FFCV's epoch counter.
   ``ScheduledLoader`` is an FFCV ``Loader`` built around a schedule; it is
   the only place that registers ``ScheduledOrder`` in FFCV's ``ORDER_MAP``
-  (FFCV 1.0.2 builds no order class that is not listed there).
+  (FFCV 1.0.2 builds no order class that is not listed there);
+- ``FailFastEpochIterator``: FFCV runs each pass in a thread, and an exception
+  there ends the thread while the consumer waits on its queue forever; this
+  iterator hands the exception to the consumer instead.
 
 The schedules hold the only mutable state, their position in the stream
 (``set_epoch`` / ``set_range``); set it before calling ``iter()`` on the
@@ -25,6 +28,7 @@ loader, which reads the order at that moment.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from queue import Full
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -48,7 +52,9 @@ def keep_torch_threads() -> Iterator[None]:
 
 with keep_torch_threads():  # importing FFCV sets torch's thread count to 1
     from ffcv.loader import Loader
+    from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
     from ffcv.loader.loader import ORDER_MAP
+    from ffcv.pipeline.compiler import Compiler
     from ffcv.traversal_order.base import TraversalOrder
 
 INDEX_DTYPE = np.uint64  # what FFCV's own orders yield; numba specialises the compiled pipeline on it
@@ -116,6 +122,49 @@ class ScheduledOrder(TraversalOrder):
         return self.schedule.order().astype(INDEX_DTYPE)
 
 
+class PipelineFailure(RuntimeError):
+    """An exception raised in FFCV's pipeline thread, re-raised in the consumer."""
+
+
+class FailFastEpochIterator(EpochIterator):
+    """FFCV 1.0.2's ``EpochIterator`` whose pipeline-thread exceptions reach the consumer.
+
+    FFCV's ``run`` lets any exception but StopIteration end its thread, after
+    which ``__next__`` blocks on the output queue forever (a hung training
+    run). Here the exception is queued like a batch and raised by ``__next__``
+    as ``PipelineFailure`` naming the file, with the original as its cause.
+    """
+
+    _FAILED = object()
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except BaseException as exc:  # noqa: BLE001 - everything must reach the consumer
+            self.failure = exc
+            while not self.terminate_event.is_set():
+                try:
+                    self.output_queue.put(self._FAILED, timeout=0.5)
+                    return
+                except Full:
+                    pass
+
+    def __next__(self):
+        item = self.output_queue.get()
+        if item is self._FAILED:
+            self.close()
+            exc = self.failure
+            raise PipelineFailure(f"FFCV pipeline failed reading {self.loader.reader.file_name}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        if item is None:
+            self.close()
+            raise StopIteration()
+        slot, result = item
+        if IS_CUDA:  # as FFCV: the consumer's stream waits for the batch's copy
+            self.current_stream.wait_stream(self.cuda_streams[slot])
+        return result
+
+
 class ScheduledLoader(Loader):
     """An FFCV ``Loader`` whose batches follow ``schedule`` (see the module docstring).
 
@@ -136,6 +185,13 @@ class ScheduledLoader(Loader):
         and would truncate longer passes)."""
         return self.schedule.num_batches
 
-    def __iter__(self):
+    def __iter__(self) -> FailFastEpochIterator:
+        """FFCV's ``Loader.__iter__`` with ``FailFastEpochIterator``; the order is the
+        schedule's (whole batches), compiled on the first pass."""
         with keep_torch_threads():
-            return super().__iter__()
+            Compiler.set_num_threads(self.num_workers)
+            order = self.next_traversal_order()
+            self.next_epoch += 1
+            if self.code is None or self.recompile:
+                self.generate_code()
+            return FailFastEpochIterator(self, order[: len(self) * self.batch_size])

@@ -6,7 +6,10 @@ stage) tells which sample it came from (median blue), which part of the image
 was cropped (red and green at its borders) and whether it was flipped. The
 loader is built once per module (FFCV compiles its pipelines with numba on first
 use: ~20 s with one thread per loader, ~60 s with two, which compile parallel
-loops), and its colour stage is wrapped to record the raw uint8 images.
+loops), and its colour stage is wrapped to record the raw uint8 images; that
+loader is forced onto the device colour path (``BatchColorAugment``), so that
+the raw images are FFCV's crops. A second, shorter run checks the CPU default,
+where the colour ops run inside FFCV (``FFCVColorAugment``).
 """
 from __future__ import annotations
 
@@ -28,7 +31,9 @@ from pipelines.build import build_loaders  # noqa: E402
 from pipelines.contract import PretrainBatch  # noqa: E402
 from pipelines.datasets import DataError  # noqa: E402
 from pipelines.build import labeled_indices  # noqa: E402
-from pipelines.ffcv_backend import FFCVPretrainLoader, open_converted  # noqa: E402
+from pipelines import ffcv_backend  # noqa: E402
+from pipelines.ffcv_backend import FFCVPretrainLoader, NormalizeOnly, open_converted  # noqa: E402
+from pipelines.ffcv_color import FFCVColorAugment  # noqa: E402
 from pipelines.ffcv_orders import SupportSchedule, UnlabeledSchedule  # noqa: E402
 from pipelines.recipe import SimCLRRecipe  # noqa: E402
 from pipelines.torch_backend import SupportBatches, UnlabeledBatches  # noqa: E402
@@ -43,6 +48,7 @@ CODE_STEP = 5  # blue = CODE_STEP * sample index
 B, C, K, V = 8, 2, 2, 2  # unlabeled batch, support classes, images per class, views per support image
 RES = 16
 EPOCHS = 10  # passes recorded for the statistics (the first one pays the compilation)
+CPU_COLOUR_EPOCHS = 3  # passes of the loader with the colour ops inside FFCV
 RESUME_EPOCH, RESUME_STEP = 1, 2
 
 
@@ -94,10 +100,12 @@ class RecordingAugment:
 
 @pytest.fixture(scope="module")
 def run(converted):
-    """One loader, EPOCHS full passes, then a resumed pass of RESUME_EPOCH."""
+    """One loader (colour on the device, as on a GPU), EPOCHS full passes, then a resumed pass of RESUME_EPOCH."""
     torch.set_num_threads(2)  # the converter's FFCV import set it to 1
     cfg = make_cfg(converted)
-    loaders = build_loaders(cfg, 0, 1, torch.device("cpu"), torch.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ffcv_backend, "colour_on_loader", lambda device: False)  # raw views: FFCV's crops
+        loaders = build_loaders(cfg, 0, 1, torch.device("cpu"), torch.float32)
     threads_after_build = torch.get_num_threads()
     loader = loaders.train
     recorder = loader.augment = RecordingAugment(loader.augment)
@@ -110,8 +118,21 @@ def run(converted):
     loader.augment = recorder.inner
     loader.set_epoch(RESUME_EPOCH, RESUME_STEP)
     resumed = list(loader)
+    assert not loader.colour_on_loader
     return dict(cfg=cfg, loaders=loaders, loader=loader, epochs=epochs, resumed=resumed,
                 threads=(threads_after_build, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def cpu_colour_run(converted):
+    """The CPU default: colour ops inside FFCV's pipelines, normalisation only on the step."""
+    cfg = make_cfg(converted)
+    loader = build_loaders(cfg, 0, 1, torch.device("cpu"), torch.float32).train
+    epochs = []
+    for epoch in range(CPU_COLOUR_EPOCHS):
+        loader.set_epoch(epoch)
+        epochs.append((list(loader), None))
+    return dict(cfg=cfg, loader=loader, epochs=epochs)
 
 
 def decode_ids(raw: torch.Tensor) -> torch.Tensor:
@@ -237,6 +258,25 @@ def test_stopping_early_stops_ffcv_threads_and_the_next_pass_is_whole(run):
     assert list(loader) == []
 
 
+def test_cpu_default_runs_the_colour_ops_inside_ffcv(cpu_colour_run):
+    loader = cpu_colour_run["loader"]
+    assert loader.colour_on_loader and isinstance(loader.augment, NormalizeOnly)
+    for ffcv_loader in (loader.unlabeled, loader.support):
+        for name, spec in ffcv_loader.pipeline_specs.items():
+            if name.startswith("view"):
+                flip, colour, to_tensor = spec.transforms[:3]  # colour after the flip, before ToTensor
+                assert type(flip).__name__ == "RandomHorizontalFlip" and type(to_tensor).__name__ == "ToTensor"
+                assert isinstance(colour, FFCVColorAugment) and colour.recipe == cpu_colour_run["cfg"].augment
+    for epoch, (batches, _) in enumerate(cpu_colour_run["epochs"]):
+        assert [b.sample_ids.tolist() for b in batches] == reference_unlabeled(epoch)
+        for b in batches:
+            b.validate()
+            assert b.view1.shape == (B, 3, RES, RES) and b.support_images.shape == (C * K * V, 3, RES, RES)
+            for t in (b.view1, b.view2, b.support_images):
+                assert t.dtype == torch.float32 and t.is_contiguous(memory_format=torch.channels_last)
+            assert ((b.view1 - b.view2).abs().flatten(1).amax(dim=1) > 1e-3).all()
+
+
 # --------------------------------------------------------------------------- augmentation statistics
 
 
@@ -260,7 +300,9 @@ def test_crop_and_flip_statistics_match_the_recipe(run):
     assert abs(flipped.mean() - recipe.flip_prob) < 5 * np.sqrt(0.25 / n)
 
 
-def test_grayscale_fraction_matches_the_recipe_per_sample(run):
+@pytest.mark.parametrize("which", ["run", "cpu_colour_run"])
+def test_grayscale_fraction_matches_the_recipe_per_sample(which, request):
+    run = request.getfixturevalue(which)
     recipe = run["cfg"].augment
     mean = torch.tensor(recipe.mean).view(1, 3, 1, 1)
     std = torch.tensor(recipe.std).view(1, 3, 1, 1)

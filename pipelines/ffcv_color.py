@@ -1,0 +1,434 @@
+"""The colour part of the SimCLR recipe as an FFCV operation (CPU path).
+
+``pipelines.batch_augment.BatchColorAugment`` runs jitter, grayscale and blur
+as batched torch ops on the training device. On a GPU that is right; on a
+CPU-only machine it is the FFCV backend's bottleneck (several full passes over
+the batch per op, in the training process, after FFCV's threads are done).
+``FFCVColorAugment`` runs the same recipe inside FFCV's compiled
+pipeline instead: numba code, one image per iteration of FFCV's parallel loop
+(``Compiler.get_iterator()``), so it runs GIL-free on FFCV's worker threads,
+overlapped with decoding, like FFCV's own flip and jitter operations.
+
+Per image (``color_augment_image``) the maths is that of
+``BatchColorAugment.apply(images, params)`` with ``flip=False`` before its
+normalisation: values in [0, 1], float32, the jitter ops in the image's
+random order with a clamp after each (brightness scales, contrast blends with
+the image's mean luma at that point, saturation with each pixel's luma, hue
+rotates in torchvision's HSV hexcone), grayscale as luma on three channels,
+then a separable Gaussian blur with ``recipe.blur_kernel_size`` normalised
+taps and reflect padding (no edge repeat). It is fused into few passes: the
+ops before contrast are pointwise, so one pass applies them and sums the luma;
+a second applies contrast, the ops after it and grayscale (each pass works on
+one row at a time, held planar so that the loops vectorise); the blur runs
+vertically then horizontally one output row at a time through a row buffer
+and writes uint8. Without contrast (or with contrast first) one pointwise pass
+is enough.
+
+Deviations from ``BatchColorAugment``:
+
+- the result is rounded to uint8 once, at the end (``floor(255 v + 0.5)``, i.e.
+  round half up), so that FFCV's ``ToTensor``/``ToDevice``/``ToTorchImage``
+  follow unchanged; the loader then only normalises
+  (``batch_augment.normalize_only``). The error is at most half a grey level
+  plus float rounding;
+- an op with a neutral value (factor exactly 1, hue shift exactly 0) is
+  skipped. For factors this is exact; for hue it is what
+  ``BatchColorAugment`` does when the recipe's hue range is 0 (a drawn shift
+  of exactly 0 with a non-zero range has probability 0);
+- float rounding only: the contrast mean is summed in float32 per row and
+  float64 across rows (torch: one float32 reduction), hue uses v s = max - min
+  (torch: v * (delta / v)), multiply-adds may fuse, and the blur sums
+  vertically first (torch: horizontally first);
+- randomness comes from numba's per-thread ``np.random`` state, unseeded, as
+  FFCV's own crops and flips do: the augmentations are not reproducible.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+from numba import njit
+
+from pipelines.batch_augment import BRIGHTNESS, CONTRAST, HUE, LUMA_WEIGHTS, SATURATION
+from pipelines.ffcv_orders import keep_torch_threads
+from pipelines.recipe import SimCLRRecipe
+
+with keep_torch_threads():  # importing FFCV sets torch's thread count to 1
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.operation import Operation
+    from ffcv.pipeline.state import State
+
+# float32 constants, so that numba keeps the per-pixel maths in float32.
+_F0 = np.float32(0.0)
+_F1 = np.float32(1.0)
+_F2 = np.float32(2.0)
+_F4 = np.float32(4.0)
+_F6 = np.float32(6.0)
+_INV255 = np.float32(1.0 / 255.0)
+_F255 = np.float32(255.0)
+_HALF = np.float32(0.5)
+_LR, _LG, _LB = (np.float32(w) for w in LUMA_WEIGHTS)
+
+# Columns of the per-batch uniform draw made by FFCVColorAugment.
+_N_UNIFORMS = 12  # jitter, 4 factors, 4 order keys, gray, blur, sigma
+
+
+# --------------------------------------------------------------------------- row-wise maths
+#
+# A row is held planar (one float32 array per channel) so that every op is a
+# unit-stride loop that LLVM can vectorise; branches are written as selects.
+# The jit options allow no reassociation, so sums keep their order; "nnan"
+# (there are no NaNs: inputs are finite, divisions are guarded) lets min/max
+# vectorise, "contract" lets multiply-adds fuse.
+
+_FAST = {"nnan", "ninf", "nsz", "contract"}
+
+
+@njit(inline="always", fastmath=_FAST)
+def _clamp01(v):
+    return min(max(v, _F0), _F1)
+
+
+@njit(inline="always", fastmath=_FAST)
+def _luma(r, g, b):
+    return r * _LR + g * _LG + b * _LB
+
+
+@njit(fastmath=_FAST)
+def _load_u8(row, rr, gg, bb):
+    for x in range(rr.shape[0]):
+        rr[x] = np.float32(row[3 * x]) * _INV255
+        gg[x] = np.float32(row[3 * x + 1]) * _INV255
+        bb[x] = np.float32(row[3 * x + 2]) * _INV255
+
+
+@njit(fastmath=_FAST)
+def _load_f32(row, rr, gg, bb):
+    for x in range(rr.shape[0]):
+        rr[x] = row[3 * x]
+        gg[x] = row[3 * x + 1]
+        bb[x] = row[3 * x + 2]
+
+
+@njit(inline="always", fastmath=_FAST)
+def _to_u8(v):
+    return np.uint8(np.int32(min(max(v * _F255 + _HALF, _F0), _F255)))  # round half up, saturating
+
+
+@njit(fastmath=_FAST)
+def _store_u8(rr, gg, bb, row):
+    for x in range(rr.shape[0]):
+        row[3 * x] = _to_u8(rr[x])
+        row[3 * x + 1] = _to_u8(gg[x])
+        row[3 * x + 2] = _to_u8(bb[x])
+
+
+@njit(fastmath=_FAST)
+def _store_f32(rr, gg, bb, row):
+    for x in range(rr.shape[0]):
+        row[3 * x] = rr[x]
+        row[3 * x + 1] = gg[x]
+        row[3 * x + 2] = bb[x]
+
+
+@njit(fastmath=_FAST)
+def _scale_blend(rr, gg, bb, f, c):
+    """clamp(f x + c): brightness (c = 0) and contrast (c = mean luma (1 - f))."""
+    for x in range(rr.shape[0]):
+        rr[x] = _clamp01(rr[x] * f + c)
+        gg[x] = _clamp01(gg[x] * f + c)
+        bb[x] = _clamp01(bb[x] * f + c)
+
+
+@njit(fastmath=_FAST)
+def _saturation(rr, gg, bb, f):
+    g1 = _F1 - f
+    for x in range(rr.shape[0]):
+        t = _luma(rr[x], gg[x], bb[x]) * g1
+        rr[x] = _clamp01(rr[x] * f + t)
+        gg[x] = _clamp01(gg[x] * f + t)
+        bb[x] = _clamp01(bb[x] * f + t)
+
+
+@njit(inline="always", fastmath=_FAST)
+def _hue_channel(h6, n, v, vs):
+    # torchvision's HSV -> RGB: v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6
+    k = h6 + n
+    k = k - _F6 if k >= _F6 else k
+    return _clamp01(v - vs * _clamp01(min(k, _F4 - k)))
+
+
+@njit(fastmath=_FAST)
+def _hue(rr, gg, bb, shift6):
+    """Rotate the hue by ``shift6`` sixths of the circle (|shift6| <= 3), as adjust_hue.
+
+    Grey pixels (max == min) have v s = 0 and come back unchanged, as in
+    torchvision (hue 0, saturation 0)."""
+    for x in range(rr.shape[0]):
+        r, g, b = rr[x], gg[x], bb[x]
+        maxc = max(r, max(g, b))
+        minc = min(r, min(g, b))
+        delta = maxc - minc
+        inv = _F1 / (delta if delta > _F0 else _F1)
+        # red wins ties, then green (as torchvision)
+        h6 = (g - b) * inv if maxc == r else ((b - r) * inv + _F2 if maxc == g else (r - g) * inv + _F4)
+        h6 += shift6  # in [-4, 8)
+        h6 = h6 + _F6 if h6 < _F0 else h6
+        h6 = h6 - _F6 if h6 >= _F6 else h6
+        rr[x] = _hue_channel(h6, np.float32(5.0), maxc, delta)
+        gg[x] = _hue_channel(h6, np.float32(3.0), maxc, delta)
+        bb[x] = _hue_channel(h6, _F1, maxc, delta)
+
+
+@njit(fastmath=_FAST)
+def _grayscale(rr, gg, bb):
+    for x in range(rr.shape[0]):
+        v = _luma(rr[x], gg[x], bb[x])
+        rr[x] = v
+        gg[x] = v
+        bb[x] = v
+
+
+@njit
+def _luma_sum(rr, gg, bb):
+    s = _F0  # float32 within a row (rows are summed in float64 by the caller)
+    for x in range(rr.shape[0]):
+        s += _luma(rr[x], gg[x], bb[x])
+    return s
+
+
+@njit
+def _jitter_ops(rr, gg, bb, seq, start, stop, fb, fs, shift6, fc, c_term):
+    """Apply the jitter ops ``seq[start:stop]`` to one planar row."""
+    for k in range(start, stop):
+        op = seq[k]
+        if op == BRIGHTNESS:
+            _scale_blend(rr, gg, bb, fb, _F0)
+        elif op == CONTRAST:
+            _scale_blend(rr, gg, bb, fc, c_term)
+        elif op == SATURATION:
+            _saturation(rr, gg, bb, fs)
+        else:
+            _hue(rr, gg, bb, shift6)
+
+
+@njit(inline="always")
+def _reflect(i, n):
+    if i < 0:
+        return -i
+    if i >= n:
+        return 2 * (n - 1) - i
+    return i
+
+
+@njit
+def gaussian_taps(sigma, kernel_size):
+    """Normalised 1-D Gaussian taps (float32), as ``batch_augment.gaussian_kernels``."""
+    radius = kernel_size // 2
+    taps = np.empty(kernel_size, np.float32)
+    s = np.float32(sigma)
+    denom = _F2 * s * s
+    total = _F0
+    for k in range(kernel_size):
+        t = np.float32(k - radius)
+        taps[k] = np.exp(-(t * t) / denom)
+        total += taps[k]
+    for k in range(kernel_size):
+        taps[k] /= total
+    return taps
+
+
+@njit
+def _copy(y, x):
+    for j in range(y.shape[0]):
+        y[j] = x[j]
+
+
+@njit(fastmath=_FAST)
+def _axpy(y, a, x):
+    for j in range(y.shape[0]):
+        y[j] += a * x[j]
+
+
+@njit(fastmath=_FAST)
+def _scale(y, a, x):
+    for j in range(y.shape[0]):
+        y[j] = a * x[j]
+
+
+@njit(fastmath=_FAST)
+def _blur_to_u8(img, dst, taps):
+    """Separable blur of float32 ``img`` [H, W, 3] with reflect padding, into uint8 ``dst``."""
+    h, w = img.shape[0], img.shape[1]
+    kernel_size = taps.shape[0]
+    radius = kernel_size // 2
+    ww = 3 * w
+    off = 3 * radius
+    rows = img.reshape(h, ww)
+    out_rows = dst.reshape(h, ww)
+    padded = np.empty(ww + 2 * off, np.float32)  # one vertically blurred row, reflect-padded by radius pixels
+    middle = padded[off : off + ww]
+    acc = np.empty(ww, np.float32)
+    for y in range(h):
+        # vertical taps into the middle of ``padded``
+        _scale(middle, taps[0], rows[_reflect(y - radius, h)])
+        for k in range(1, kernel_size):
+            _axpy(middle, taps[k], rows[_reflect(y + k - radius, h)])
+        # reflect padding: pixel -p is pixel p, pixel w-1+p is pixel w-1-p
+        for p in range(1, radius + 1):
+            for c in range(3):
+                padded[off - 3 * p + c] = padded[off + 3 * p + c]
+                padded[off + 3 * (w - 1 + p) + c] = padded[off + 3 * (w - 1 - p) + c]
+        # horizontal taps, 3 floats (one pixel) apart
+        _scale(acc, taps[0], padded[0:ww])
+        for k in range(1, kernel_size):
+            _axpy(acc, taps[k], padded[3 * k : 3 * k + ww])
+        out = out_rows[y]
+        for j in range(ww):
+            out[j] = _to_u8(acc[j])
+
+
+# --------------------------------------------------------------------------- one image
+
+
+@njit
+def color_augment_image(src, dst, jitter, brightness, contrast, saturation, hue, order, gray, blur, sigma,
+                        kernel_size):
+    """The SimCLR colour recipe on one uint8 [H, W, 3] image ``src``, into uint8 ``dst``.
+
+    Parameters as one sample of ``batch_augment.ColorAugParams``: ``jitter``,
+    ``gray`` and ``blur`` switch the ops on; ``brightness``, ``contrast``,
+    ``saturation`` are blend factors (1: op skipped), ``hue`` a shift in
+    fractions of the circle (0: skipped); ``order`` (4 ints) the op ids in the
+    order they apply; ``sigma`` the blur's standard deviation in pixels,
+    ``kernel_size`` (odd, radius < H and W) its number of taps. ``dst`` may be
+    ``src``. See the module docstring for the semantics.
+    """
+    fb = np.float32(brightness)
+    fc = np.float32(contrast)
+    fs = np.float32(saturation)
+    shift6 = np.float32(6.0 * hue)
+    # the jitter ops that change something, in this image's order; cpos: where contrast is
+    seq = np.empty(4, np.int64)
+    n = 0
+    cpos = -1
+    if jitter:
+        for k in range(4):
+            op = order[k]
+            if ((op == BRIGHTNESS and fb != _F1) or (op == SATURATION and fs != _F1)
+                    or (op == HUE and shift6 != _F0) or (op == CONTRAST and fc != _F1)):
+                if op == CONTRAST:
+                    cpos = n
+                seq[n] = op
+                n += 1
+    h, w = src.shape[0], src.shape[1]
+    src_rows = src.reshape(h, 3 * w)
+    dst_rows = dst.reshape(h, 3 * w)
+    if n == 0 and not gray and not blur:
+        for y in range(h):
+            _copy(dst_rows[y], src_rows[y])
+        return
+    img = np.empty((h, 3 * w), np.float32)  # the float image between passes / before the blur
+    rr = np.empty(w, np.float32)
+    gg = np.empty(w, np.float32)
+    bb = np.empty(w, np.float32)
+    c_term = _F0
+    first = 0  # first op of the last pass
+    if cpos >= 0:
+        # the ops before contrast (if any) and the mean luma they leave
+        total = 0.0
+        for y in range(h):
+            _load_u8(src_rows[y], rr, gg, bb)
+            _jitter_ops(rr, gg, bb, seq, 0, cpos, fb, fs, shift6, fc, _F0)
+            total += _luma_sum(rr, gg, bb)
+            if cpos > 0:
+                _store_f32(rr, gg, bb, img[y])
+        c_term = np.float32(total / (h * w)) * (_F1 - fc)
+        first = cpos
+    # the remaining ops and grayscale, from the input (or from the first pass's output)
+    for y in range(h):
+        if first == 0:
+            _load_u8(src_rows[y], rr, gg, bb)
+        else:
+            _load_f32(img[y], rr, gg, bb)
+        _jitter_ops(rr, gg, bb, seq, first, n, fb, fs, shift6, fc, c_term)
+        if gray:
+            _grayscale(rr, gg, bb)
+        if blur:
+            _store_f32(rr, gg, bb, img[y])
+        else:
+            _store_u8(rr, gg, bb, dst_rows[y])
+    if blur:
+        _blur_to_u8(img.reshape(h, w, 3), dst, gaussian_taps(sigma, kernel_size))
+
+
+# --------------------------------------------------------------------------- the FFCV operation
+
+
+class FFCVColorAugment(Operation):
+    """SimCLR colour jitter, grayscale and blur on uint8 [B, H, W, 3] inside FFCV.
+
+    Every parameter comes from ``recipe``, drawn per image inside the compiled
+    code with the distributions of ``BatchColorAugment.sample_params``:
+    jitter with ``jitter_prob``; brightness/contrast/saturation factors
+    uniform in [max(0, 1 - x), 1 + x]; hue shift uniform in [-h, h]; the op
+    order a uniform random permutation (argsort of 4 uniforms); grayscale
+    with ``grayscale_prob``; blur with ``blur_prob``, sigma uniform in
+    ``blur_sigma``, ``blur_kernel_size`` taps. Ops whose range is 0 are skipped.
+    Place it after the decoder (and flip), before ``ToTensor``; its output is a
+    new uint8 [B, H, W, 3] buffer. Not normalised.
+
+    The draw is one ``np.random.random((B, 12))`` from numba's state of the
+    calling thread, before the parallel loop; its columns are jitter,
+    brightness, contrast, saturation, hue, 4 order keys, grayscale, blur,
+    sigma (the tests replay it with numba's RNG seeded).
+    """
+
+    def __init__(self, recipe: SimCLRRecipe):
+        super().__init__()
+        self.recipe = recipe
+
+    def __repr__(self) -> str:
+        return f"FFCVColorAugment(recipe={self.recipe!r})"
+
+    def generate_code(self) -> Callable:
+        my_range = Compiler.get_iterator()
+        r = self.recipe
+        kernel = color_augment_image
+        jitter_prob, gray_prob, blur_prob = float(r.jitter_prob), float(r.grayscale_prob), float(r.blur_prob)
+        b_lo, b_hi = max(0.0, 1.0 - r.brightness), 1.0 + r.brightness
+        c_lo, c_hi = max(0.0, 1.0 - r.contrast), 1.0 + r.contrast
+        s_lo, s_hi = max(0.0, 1.0 - r.saturation), 1.0 + r.saturation
+        h_lo, h_hi = -float(r.hue), float(r.hue)
+        sig_lo, sig_hi = float(r.blur_sigma[0]), float(r.blur_sigma[1])
+        kernel_size = int(r.blur_kernel_size)
+        n_uniforms = _N_UNIFORMS
+
+        def color_augment(images, dst):
+            n = images.shape[0]
+            u = np.random.random((n, n_uniforms))  # numba's per-thread state (see the class docstring)
+            for i in my_range(n):
+                ui = u[i]
+                kernel(images[i], dst[i], ui[0] < jitter_prob,
+                       b_lo + (b_hi - b_lo) * ui[1], c_lo + (c_hi - c_lo) * ui[2],
+                       s_lo + (s_hi - s_lo) * ui[3], h_lo + (h_hi - h_lo) * ui[4],
+                       np.argsort(ui[5:9]), ui[9] < gray_prob, ui[10] < blur_prob,
+                       sig_lo + (sig_hi - sig_lo) * ui[11], kernel_size)
+            return dst
+
+        color_augment.is_parallel = True
+        return color_augment
+
+    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
+        shape = previous_state.shape
+        if not previous_state.jit_mode or np.dtype(previous_state.dtype) != np.uint8 or len(shape) != 3 \
+                or shape[2] != 3:
+            raise ValueError(f"FFCVColorAugment needs uint8 [H, W, 3] numpy images before ToTensor, got "
+                             f"{previous_state}")
+        radius = self.recipe.blur_kernel_size // 2
+        if self.recipe.blur_prob > 0 and radius >= min(shape[0], shape[1]):
+            raise ValueError(f"blur kernel {self.recipe.blur_kernel_size} needs images larger than {radius} "
+                             f"pixels, got {shape[0]}x{shape[1]}")
+        return replace(previous_state, jit_mode=True), AllocationQuery(shape, previous_state.dtype)

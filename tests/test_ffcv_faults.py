@@ -1,0 +1,108 @@
+"""Faults of the FFCV backend: a failing pipeline thread reaches the consumer
+instead of hanging it, and a damaged or foreign ``.beton`` is refused by name
+before FFCV reads it."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ffcv")
+
+from pipelines.datasets import DataError  # noqa: E402
+from pipelines.ffcv_backend import int_pipeline, open_converted  # noqa: E402
+from pipelines.ffcv_orders import PipelineFailure, ScheduledLoader, UnlabeledSchedule  # noqa: E402
+from tests.helpers.imagefolder import make_image_folder  # noqa: E402
+from tools.convert import layout  # noqa: E402
+from tools.convert_imagenet import ConvertOptions, convert  # noqa: E402
+
+with __import__("pipelines.ffcv_orders", fromlist=["keep_torch_threads"]).keep_torch_threads():
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.operation import Operation
+
+POISONED = 13  # the sample index whose batch makes the pipeline raise
+
+
+class FailOnSample(Operation):
+    """Copies the ``index`` field and raises (in FFCV's compiled thread) on sample ``POISONED``."""
+
+    def generate_code(self):
+        poisoned = POISONED
+
+        def check(indices, dst):
+            for i in range(indices.shape[0]):
+                if indices[i, 0] == poisoned:
+                    raise ValueError("poisoned sample")
+                dst[i] = indices[i]
+            return dst
+
+        return check
+
+    def declare_state_and_memory(self, previous_state):
+        return dataclasses.replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape,
+                                                                                    previous_state.dtype)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ffcv_faults")
+    make_image_folder(root / "src" / "train", 3, 8, 24, seed=0)
+    out = root / "out"
+    convert(ConvertOptions(src=str(root / "src"), out=str(out), splits=("train",), formats=("ffcv",),
+                           labeled_fraction=0.5, jobs=1, progress=False))
+    return out
+
+
+def test_pipeline_thread_failure_reaches_the_consumer(converted):
+    schedule = UnlabeledSchedule(24, 4, 0, 1, seed=0)
+    spec = int_pipeline("index", None)
+    spec.transforms.insert(0, FailOnSample())
+    loader = ScheduledLoader(str(layout.beton_path(converted, "train")), schedule, num_workers=1, batches_ahead=1,
+                             pipelines={"image": None, "label": None, "index": spec})
+    order = schedule.epoch_order(0).reshape(-1, 4)
+    poisoned_step = int(np.argwhere(order == POISONED)[0, 0])
+    outcome: dict = {}
+
+    def consume() -> None:
+        seen = []
+        try:
+            for (ids,) in loader:
+                seen.append(ids.view(-1).tolist())
+        except PipelineFailure as exc:
+            outcome["error"] = exc
+        outcome["seen"] = seen
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    consumer.join(timeout=120)  # FFCV 1.0.2 alone would block here forever
+    assert not consumer.is_alive(), "the consumer hangs on a dead FFCV pipeline thread"
+    assert "poisoned sample" in str(outcome["error"]) and "train.beton" in str(outcome["error"])
+    assert outcome["seen"] == order[:poisoned_step].tolist()  # every batch before the failure came out
+
+
+def test_truncated_beton_is_refused_by_name(converted, tmp_path):
+    import shutil
+
+    copy = tmp_path / "out"
+    shutil.copytree(converted, copy)
+    beton = layout.beton_path(copy, "train")
+    with open(beton, "r+b") as f:
+        f.truncate(beton.stat().st_size // 2)
+    with pytest.raises(DataError, match=f"{beton} is .* bytes, but the converter wrote"):
+        open_converted(copy, "train")
+
+
+def test_beton_of_another_format_version_is_refused_by_name(converted, tmp_path):
+    import shutil
+
+    copy = tmp_path / "out"
+    shutil.copytree(converted, copy)
+    beton = layout.beton_path(copy, "train")
+    data = bytearray(beton.read_bytes())
+    data[0:2] = (99).to_bytes(2, "little")  # the header's format version
+    beton.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"{beton}.*format version 99.*reads version 2"):
+        open_converted(copy, "train")

@@ -126,6 +126,7 @@ def test_markdown_table_is_rectangular_and_names_unavailable_backends():
 
 TINY = ["--model", "resnet18-small", "--resolution", "16", "--batch-size", "4", "--precision", "fp32",
         "--set", "model.head_hidden_dim=32", "--set", "model.head_out_dim=16", "--set", "data.support_classes=2",
+        "--set", "data.labeled_fraction=0.5",
         "--steps", "2", "--windows", "2", "--warmup", "1", "--device", "cpu", "--threads", "1"]
 
 

@@ -287,3 +287,24 @@ def test_killed_loader_worker_fails_the_run_within_seconds(tmp_path):
             dl._iterator._worker_pids_set = False
         for dl in (loader.unlabeled, loader.support):
             dl._iterator._shutdown_workers()
+
+
+@pytest.mark.slow
+def test_bad_image_on_one_rank_ends_the_two_process_run_naming_it(tmp_path):
+    root = make_split_tree(tmp_path / "data", classes=4, train_per_class=8, val_per_class=2)
+    victim = root / "train" / "n00000003" / "n00000003_5.JPEG"
+    _truncate(victim)
+    extra = {"optim.epochs": 2, "optim.warmup_epochs": 0.5, "run.knn_every_epochs": 0, "data.unlabeled_batch_size": 4,
+             "data.support_images_per_class": 1}
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "-m", "train.pretrain", "--device", "cpu", *_set_args(tiny_overrides(root, tmp_path / "run", **extra))]
+    proc = _cli(args, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=300)  # the other rank must not wait in a collective for its timeout
+    finally:
+        if proc.poll() is None:
+            import os
+
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert f"cannot read image {victim}" in out

@@ -266,7 +266,7 @@ class BatchColorAugment:
         """Draw every per-sample parameter with one uniform draw from ``generator``.
 
         ``generator`` must live on ``device`` (None: torch's default generator
-        for that device). Factors are uniform in [max(0, 1 - x), 1 + x] with x
+        for that device). Factors are uniform in ``recipe.factor_range(x)`` with x
         the recipe's brightness/contrast/saturation; hue uniform in [-h, h];
         sigma uniform in ``recipe.blur_sigma``; ``order`` is a uniformly random
         permutation per sample (argsort of 4 uniforms).
@@ -284,9 +284,9 @@ class BatchColorAugment:
         return ColorAugParams(
             flip=u[:, 0] < flip_prob,
             jitter=u[:, 1] < r.jitter_prob,
-            brightness=uniform(2, max(0.0, 1.0 - r.brightness), 1.0 + r.brightness),
-            contrast=uniform(3, max(0.0, 1.0 - r.contrast), 1.0 + r.contrast),
-            saturation=uniform(4, max(0.0, 1.0 - r.saturation), 1.0 + r.saturation),
+            brightness=uniform(2, *r.factor_range(r.brightness)),
+            contrast=uniform(3, *r.factor_range(r.contrast)),
+            saturation=uniform(4, *r.factor_range(r.saturation)),
             hue=uniform(5, -r.hue, r.hue),
             order=u[:, 6:10].argsort(dim=1),
             grayscale=u[:, 10] < r.grayscale_prob,

@@ -219,7 +219,7 @@ def draw_views(rng: np.random.Generator, sizes: np.ndarray, recipe: SimCLRRecipe
                                 u[:, 2] < recipe.grayscale_prob, u[:, 3] < recipe.blur_prob)
 
     def factor(spread: float) -> np.ndarray:
-        f = rng.uniform(max(0.0, 1.0 - spread), 1.0 + spread, n)
+        f = rng.uniform(*recipe.factor_range(spread), n)
         return np.where(jitter, f, 1.0)
 
     brightness, contrast, saturation = factor(recipe.brightness), factor(recipe.contrast), factor(recipe.saturation)

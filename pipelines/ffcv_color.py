@@ -373,7 +373,7 @@ class FFCVColorAugment(Operation):
     Every parameter comes from ``recipe``, drawn per image inside the compiled
     code with the distributions of ``BatchColorAugment.sample_params``:
     jitter with ``jitter_prob``; brightness/contrast/saturation factors
-    uniform in [max(0, 1 - x), 1 + x]; hue shift uniform in [-h, h]; the op
+    uniform in ``recipe.factor_range``; hue shift uniform in [-h, h]; the op
     order a uniform random permutation (argsort of 4 uniforms); grayscale
     with ``grayscale_prob``; blur with ``blur_prob``, sigma uniform in
     ``blur_sigma``, ``blur_kernel_size`` taps. Ops whose range is 0 are skipped.
@@ -398,9 +398,8 @@ class FFCVColorAugment(Operation):
         r = self.recipe
         kernel = color_augment_image
         jitter_prob, gray_prob, blur_prob = float(r.jitter_prob), float(r.grayscale_prob), float(r.blur_prob)
-        b_lo, b_hi = max(0.0, 1.0 - r.brightness), 1.0 + r.brightness
-        c_lo, c_hi = max(0.0, 1.0 - r.contrast), 1.0 + r.contrast
-        s_lo, s_hi = max(0.0, 1.0 - r.saturation), 1.0 + r.saturation
+        (b_lo, b_hi), (c_lo, c_hi), (s_lo, s_hi) = (r.factor_range(x) for x in (r.brightness, r.contrast,
+                                                                                   r.saturation))
         h_lo, h_hi = -float(r.hue), float(r.hue)
         sig_lo, sig_hi = float(r.blur_sigma[0]), float(r.blur_sigma[1])
         kernel_size = int(r.blur_kernel_size)

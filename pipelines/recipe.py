@@ -75,6 +75,12 @@ class SimCLRRecipe:
         """Maximum hue shift as a fraction of the colour circle (<= 0.5)."""
         return min(0.2 * self.jitter_strength, 0.5)
 
+    @staticmethod
+    def factor_range(spread: float) -> tuple[float, float]:
+        """The interval a jitter factor (1 = unchanged) is drawn from uniformly, for
+        ``spread`` = ``brightness``, ``contrast`` or ``saturation`` (torchvision's rule)."""
+        return max(0.0, 1.0 - spread), 1.0 + spread
+
     @property
     def blur_kernel_size(self) -> int:
         k = max(3, int(round(self.blur_kernel_fraction * self.resolution)))

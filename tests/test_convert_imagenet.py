@@ -387,3 +387,26 @@ def test_imagenette_conversion(tmp_path):
     reasons = {r["reason"] for e in manifest["splits"].values() for r in e["reencoded"]}
     assert reasons == {"mode:L"}  # the 242 single-channel JPEGs
     assert len(manifest["splits"]["val"]["dali_shards"]) == 64
+
+
+def test_verify_converted_finds_edited_and_truncated_files(converted, tmp_path, capsys):
+    import shutil
+
+    from tools import verify_converted
+
+    copy = tmp_path / "out"
+    shutil.copytree(converted.out, copy)
+    assert verify_converted.main([str(copy)]) == 0
+    assert capsys.readouterr().out.startswith("ok:")
+    beton = layout.beton_path(copy, "train")
+    data = bytearray(beton.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    beton.write_bytes(bytes(data))
+    shard = sorted(layout.shard_files(copy, "val")[0])[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert verify_converted.main([str(copy)]) == 1
+    out = capsys.readouterr().out
+    assert f"{beton}: content differs" in out and f"{shard}: " in out and "bytes, the converter wrote" in out
+    assert verify_converted.main([str(copy), "--splits", "train"]) == 1
+    assert str(shard) not in capsys.readouterr().out
+    assert verify_converted.main([str(tmp_path / "nothing")]) == 2

@@ -1,0 +1,77 @@
+"""Check a converted dataset against its manifest: every file the converter
+wrote exists, with the recorded size and sha256.
+
+Usage::
+
+    python -m tools.verify_converted OUT [--splits train,val]
+
+Training checks sizes at start-up (cheap); this reads every byte, so it also
+finds bit rot or an in-place edit inside a ``.beton`` or shard, which FFCV
+would decode to noise without an error. Exit status 0 when everything
+matches, 1 otherwise (each bad file is printed), 2 when OUT is no conversion.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+from tools.convert import layout
+
+
+def file_problem(out: Path, record: dict) -> str | None:
+    """Why the file of a manifest ``record`` does not match it, or None."""
+    path = out / record["path"]
+    if not path.is_file():
+        return f"{path}: missing"
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return f"{path}: {size} bytes, the converter wrote {record['bytes']}"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != record["sha256"]:
+        return f"{path}: content differs from what the converter wrote (sha256 mismatch)"
+    return None
+
+
+def verify(out: Path, splits: list[str] | None = None) -> list[str]:
+    """Problems found in ``out`` (empty: every listed file matches)."""
+    manifest = layout.read_manifest(out)
+    entries = manifest.get("splits", {})
+    problems = [f"split {s!r}: not in {out / layout.MANIFEST}" for s in (splits or []) if s not in entries]
+    for split, entry in entries.items():
+        if splits and split not in splits:
+            continue
+        if not entry.get("complete"):
+            problems.append(f"split {split!r}: conversion incomplete")
+        for record in entry.get("files", []):
+            problem = file_problem(out, record)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.verify_converted", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="output directory of tools.convert_imagenet")
+    p.add_argument("--splits", help="comma-separated splits to check (default: all)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if not (out / layout.MANIFEST).is_file():
+        print(f"error: {out} holds no {layout.MANIFEST}", file=sys.stderr)
+        return 2
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
+    problems = verify(out, splits)
+    for problem in problems:
+        print(problem)
+    files = sum(len(e.get("files", [])) for s, e in layout.read_manifest(out).get("splits", {}).items()
+                if not splits or s in splits)
+    print(f"{'FAILED' if problems else 'ok'}: {files} files checked, {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

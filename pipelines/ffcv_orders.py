@@ -19,7 +19,8 @@ owned by the backend instead:
   (FFCV 1.0.2 builds no order class that is not listed there);
 - ``FailFastEpochIterator``: FFCV runs each pass in a thread, and an exception
   there ends the thread while the consumer waits on its queue forever; this
-  iterator hands the exception to the consumer instead.
+  iterator hands the exception to the consumer instead, and its thread can be
+  joined after the consumer stops early.
 
 The schedules hold the only mutable state, their position in the stream
 (``set_epoch`` / ``set_range``); set it before calling ``iter()`` on the
@@ -28,7 +29,8 @@ loader, which reads the order at that moment.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from queue import Full
+from queue import Full, Queue
+from threading import Event
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -126,28 +128,50 @@ class PipelineFailure(RuntimeError):
     """An exception raised in FFCV's pipeline thread, re-raised in the consumer."""
 
 
+class _StoppableQueue(Queue):
+    """The pass's output queue: a blocking ``put`` gives up once ``stop`` is set.
+
+    FFCV's thread puts its end-of-pass ``None`` with an unbounded blocking
+    ``put``; when the consumer stops early with the queue full, that put would
+    never return and joining the thread would hang."""
+
+    def __init__(self, maxsize: int, stop: Event):
+        super().__init__(maxsize)
+        self.stop = stop
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        if not (block and timeout is None):
+            return super().put(item, block, timeout)
+        while not self.stop.is_set():
+            try:
+                return super().put(item, True, 0.5)
+            except Full:
+                pass
+
+
 class FailFastEpochIterator(EpochIterator):
-    """FFCV 1.0.2's ``EpochIterator`` whose pipeline-thread exceptions reach the consumer.
+    """FFCV 1.0.2's ``EpochIterator`` that neither hangs its consumer nor its joiner.
 
     FFCV's ``run`` lets any exception but StopIteration end its thread, after
     which ``__next__`` blocks on the output queue forever (a hung training
     run). Here the exception is queued like a batch and raised by ``__next__``
     as ``PipelineFailure`` naming the file, with the original as its cause.
+    The queue is a ``_StoppableQueue``, so that ``close()`` also releases a
+    thread blocked on handing over its last item.
     """
 
     _FAILED = object()
+
+    def start(self) -> None:  # FFCV's __init__ calls this last, after making its queue
+        self.output_queue = _StoppableQueue(self.loader.batches_ahead, self.terminate_event)
+        super().start()
 
     def run(self) -> None:
         try:
             super().run()
         except BaseException as exc:  # noqa: BLE001 - everything must reach the consumer
             self.failure = exc
-            while not self.terminate_event.is_set():
-                try:
-                    self.output_queue.put(self._FAILED, timeout=0.5)
-                    return
-                except Full:
-                    pass
+            self.output_queue.put(self._FAILED)
 
     def __next__(self):
         item = self.output_queue.get()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,18 @@ def test_beton_of_another_format_version_is_refused_by_name(converted, tmp_path)
     beton.write_bytes(bytes(data))
     with pytest.raises(DataError, match=f"{beton}.*format version 99.*reads version 2"):
         open_converted(copy, "train")
+
+
+def test_pass_stopped_with_a_full_queue_can_be_joined(converted):
+    schedule = UnlabeledSchedule(24, 4, 0, 1, seed=0)  # 6 batches
+    loader = ScheduledLoader(str(layout.beton_path(converted, "train")), schedule, num_workers=1, batches_ahead=2,
+                             pipelines={"image": None, "label": None, "index": int_pipeline("index", None)})
+    epoch = iter(loader)
+    for _ in range(4):
+        next(epoch)
+    deadline = time.time() + 60
+    while epoch.output_queue.qsize() < 2 and time.time() < deadline:  # the producer is done: 5, 6 queued,
+        time.sleep(0.05)  # and its end-of-pass marker waits for room
+    epoch.close()
+    epoch.join(timeout=30)
+    assert not epoch.is_alive()

@@ -12,8 +12,11 @@ file truncated or replaced on a shared file system, a damaged disk block).
   named in the step's ``PretrainBatch.bad_images``; the training loop prints it
   and counts it in ``metrics.csv`` and in the checkpoint.
 
-A run whose images fail ``MAX_CONSECUTIVE_FAILURES`` times in a row stops even
-with ``skip``: that is a missing mount or a damaged dataset, not a few bad files.
+A replacement chain gives up after ``MAX_CONSECUTIVE_FAILURES`` unreadable
+images (the bad one and its next 7 pool members, or the whole pool when it is
+smaller) and stops the run even with ``skip``: that is a missing mount or a
+damaged dataset, not a few bad files. A replacement may repeat an image that
+is already in the batch (with a support pool of exactly K images it does).
 """
 from __future__ import annotations
 

@@ -43,6 +43,11 @@ class PretrainBatch:
             raise ValueError("sample_ids must have one id per unlabeled image")
 
 
+class LoaderFailure(RuntimeError):
+    """The loader's machinery failed (a worker process or pipeline thread died);
+    the message says which stream or file, the cause is chained."""
+
+
 class PretrainLoader(Protocol):
     """What ``build_loaders`` returns: an epoch-aware iterable of batches."""
 

@@ -121,11 +121,13 @@ class StreamFeed:
         self.images, self.plan, self.recipe, self.views = images, plan, recipe, views
         self.pools, self.on_bad_image = pools, on_bad_image
         self.bad_images: dict[int, tuple[str, ...]] = {}
+        self.used_ids: dict[int, np.ndarray] = {}  # images fed per step, until the loader yields it
         self._steps: Iterator[int] = iter(())
 
     def start(self, steps: Iterable[int]) -> None:
         self._steps = iter(steps)
         self.bad_images.clear()
+        self.used_ids.clear()
 
     def __call__(self) -> tuple:
         step = next(self._steps)  # StopIteration ends DALI's epoch
@@ -137,6 +139,7 @@ class StreamFeed:
         bad = sum((names for _, _, names in read), ())
         if bad:
             self.bad_images[step] = bad
+        self.used_ids[step] = used
         params = sample_view_params(rng, sizes, self.recipe, self.views)
         return (data, used, *(a for p in params for a in p.as_tuple()))
 
@@ -208,8 +211,18 @@ class DaliStream:
     def _explain(self, step: int, exc: Exception) -> Exception:
         """A failure in the graph (most often a decode error) as an error naming the step's
         images that PIL cannot decode either, or the step's images if it decodes them all."""
-        ids, _ = self.feed.plan(step)
-        bad = [self.feed.images.describe(int(i)) for i in ids if not _pil_decodes(self.feed.images.read(int(i)))]
+        ids = self.feed.used_ids.get(step)
+        if ids is None:
+            ids, _ = self.feed.plan(step)
+        bad = []
+        for i in ids:
+            try:
+                decodes = _pil_decodes(self.feed.images.read(int(i)))
+            except BadImageError as read_error:  # gone since it was fed
+                bad.append(str(read_error))
+                continue
+            if not decodes:
+                bad.append(self.feed.images.describe(int(i)))
         cause = " / ".join(dict.fromkeys(line.strip() for line in str(exc).splitlines()
                                          if "Error in" in line or "failure" in line)) or str(exc)
         if bad:
@@ -288,7 +301,10 @@ class DaliPretrainLoader:
             else:
                 support = view1.new_zeros((0, *view1.shape[1:]))
                 labels = torch.zeros(0, dtype=torch.int64)
-            bad = sum((s.feed.bad_images.pop(step, ()) for s in (self.unlabeled, self.support) if s is not None), ())
+            streams = [s for s in (self.unlabeled, self.support) if s is not None]
+            bad = sum((s.feed.bad_images.pop(step, ()) for s in streams), ())
+            for s in streams:
+                s.feed.used_ids.pop(step, None)
             yield PretrainBatch(view1=view1, view2=view2, support_images=support,
                                 support_labels=labels.to(self.device, non_blocking=True),
                                 sample_ids=u["ids"].to(torch.int64), epoch=epoch, step=step, bad_images=bad)

@@ -20,14 +20,17 @@ from pipelines.datasets import DataError, ImageFolderIndex, check_converted_file
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
-def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
-    """(height, width) from a JPEG's start-of-frame header, or None if ``data`` is no JPEG."""
+def _jpeg_segments(data: bytes | memoryview) -> Iterator[tuple[int, int]]:
+    """(marker, offset) of a JPEG's marker segments, up to and including its first
+    start-of-scan (0xDA); nothing when ``data`` does not start like a JPEG.
+    Segments are skipped by their length, so an EXIF thumbnail inside APP1 is
+    never mistaken for the image's own markers."""
     if len(data) < 4 or data[0] != 0xFF or data[1] != 0xD8:
-        return None
+        return
     pos, end = 2, len(data)
     while pos + 4 <= end:
         if data[pos] != 0xFF:
-            return None
+            return
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
@@ -35,22 +38,34 @@ def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
         if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
             pos += 2
             continue
+        yield marker, pos
+        if marker == 0xDA:
+            return
+        pos += 2 + ((data[pos + 2] << 8) | data[pos + 3])
+
+
+def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(height, width) from a JPEG's start-of-frame header, or None if ``data`` is no JPEG."""
+    for marker, pos in _jpeg_segments(data):
         if marker in _SOF_MARKERS:
-            if pos + 9 > end:
+            if pos + 9 > len(data):
                 return None
             return (data[pos + 5] << 8) | data[pos + 6], (data[pos + 7] << 8) | data[pos + 8]
-        pos += 2 + ((data[pos + 2] << 8) | data[pos + 3])
     return None
 
 
 def jpeg_is_complete(data: bytes | memoryview) -> bool:
-    """Whether a JPEG ends with its end-of-image marker (within trailing padding).
+    """Whether a JPEG's coded data reaches its end-of-image marker.
 
     Entropy-coded data never holds 0xFFD9 (a 0xFF there is followed by 0x00 or
-    a restart marker), so a truncated file has no such pair in its tail.
+    a restart marker), so the marker is searched from the first scan on: a
+    truncated file has none there, and trailing bytes after it (metadata,
+    padding) of any length are fine.
     """
-    tail = bytes(data[-4096:])
-    return tail.rfind(b"\xff\xd9") >= 0
+    for marker, pos in _jpeg_segments(data):
+        if marker == 0xDA:
+            return bytes(data[pos:]).find(b"\xff\xd9") >= 0
+    return False
 
 
 def encoded_size(data: bytes | memoryview) -> tuple[int, int]:
@@ -63,11 +78,10 @@ def encoded_size(data: bytes | memoryview) -> tuple[int, int]:
 
 
 class EncodedImages:
-    """Random access to a split's encoded images by sample index; sizes are parsed once and cached."""
+    """Random access to a split's encoded images by sample index."""
 
     def __init__(self, index: ImageFolderIndex):
         self.index = index
-        self._sizes = np.full((len(index), 2), -1, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -82,16 +96,18 @@ class EncodedImages:
     def checked(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Encoded bytes (uint8 array) and (height, width) of image ``i``, after the
         checks that need no decode: readable, an image, and a JPEG not cut short.
-        Raises ``BadImageError`` naming the image."""
+        Raises ``BadImageError`` naming the image. Nothing is cached: a file
+        replaced during the run is checked (and sized) as it is now."""
         data = self.read(i)
-        if self._sizes[i, 0] < 0:
+        size = jpeg_size(data)
+        if size is not None and not jpeg_is_complete(data):
+            raise BadImageError(f"image {self.describe(i)} is truncated or damaged (no JPEG scan reaching an end marker)")
+        if size is None:
             try:
-                self._sizes[i] = encoded_size(data)
+                size = encoded_size(data)
             except Exception as exc:  # PIL raises many types; all mean "bad file"
                 raise BadImageError(f"cannot read the size of image {self.describe(i)}: {exc}") from exc
-        if jpeg_size(data) is not None and not jpeg_is_complete(data):
-            raise BadImageError(f"image {self.describe(i)} is truncated (its JPEG data has no end marker)")
-        return np.frombuffer(data, dtype=np.uint8), self._sizes[i].copy()
+        return np.frombuffer(data, dtype=np.uint8), np.asarray(size, dtype=np.int64)
 
     def batch(self, ids: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
         """Encoded bytes (uint8 arrays) and int64 [n, 2] (height, width) of images ``ids``."""
@@ -160,6 +176,16 @@ class ShardImages(EncodedImages):
 
     def describe(self, i: int) -> str:
         return f"{self.index.paths[i]} (sample {i} in shard {self.tars[int(self._shard[i])]})"
+
+    def __getstate__(self) -> dict:
+        """Pickled (spawned DataLoader workers) without file descriptors; reopened by path."""
+        state = dict(self.__dict__)
+        state["_fds"] = []
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._fds = [os.open(tar, os.O_RDONLY) for tar in self.tars]
 
     def __del__(self) -> None:
         for fd in getattr(self, "_fds", ()):

@@ -36,6 +36,7 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
+from pipelines.contract import LoaderFailure
 from pipelines.sampler import ClassBalancedSampler
 from pipelines.schedules import UnlabeledSchedule  # noqa: F401  (re-exported for the backend)
 
@@ -124,7 +125,7 @@ class ScheduledOrder(TraversalOrder):
         return self.schedule.order().astype(INDEX_DTYPE)
 
 
-class PipelineFailure(RuntimeError):
+class PipelineFailure(LoaderFailure):
     """An exception raised in FFCV's pipeline thread, re-raised in the consumer."""
 
 

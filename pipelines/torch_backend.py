@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines.bad_images import BadImageError, ReplacementPools, read_or_replace
-from pipelines.contract import PretrainBatch
+from pipelines.contract import LoaderFailure, PretrainBatch
 from pipelines.datasets import ImageFolderIndex
 from pipelines.reference_transforms import simclr_transform
 from pipelines.recipe import SimCLRRecipe
@@ -144,7 +144,7 @@ def _next_batch(batches: Iterator, stream: str):
     try:
         return next(batches)
     except (ConnectionError, EOFError) as exc:
-        raise RuntimeError(f"a DataLoader worker of the {stream} stream died while sending a batch (killed, or "
+        raise LoaderFailure(f"a DataLoader worker of the {stream} stream died while sending a batch (killed, or "
                            f"out of memory?): {type(exc).__name__}: {exc}") from exc
 
 

@@ -442,10 +442,14 @@ def _copy_tree(src: Path, dst: Path) -> Path:
 
 
 def _garble(path: Path) -> None:
-    """Corrupt the coded data but keep the file's length and its end marker."""
+    """Corrupt the Huffman tables but keep every segment length, the scan and the end
+    marker: the host-side structure checks pass, decoding fails."""
     data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid : mid + 200] = bytes((b * 7 + 13) % 256 for b in data[mid : mid + 200])
+    pos = data.index(b"\xff\xc4")
+    while pos < data.index(b"\xff\xda"):  # every DHT segment before the scan
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        data[pos + 5 : pos + 2 + length] = bytes((b * 7 + 13) % 256 for b in data[pos + 5 : pos + 2 + length])
+        pos += 2 + length
     path.write_bytes(bytes(data))
 
 
@@ -466,7 +470,7 @@ def test_bad_files_are_named_or_skipped(tree, tmp_path):
     assert [s for s, _ in named] == ([step] if step is not None else [])
     assert all(index.paths[truncated] in n for _, n in named)
     assert truncated not in torch.cat([b.sample_ids for b in batches]).tolist()
-    # Corrupt coded data passes the host-side checks; DALI's decoder fails and the
+    # Corrupt Huffman tables pass the host-side checks; DALI's decoder fails and the
     # error names the file, found by decoding the step's images on the host.
     _garble(root / "train" / index.paths[garbled])
     epoch = next(e for e in range(10) if garbled in unlabeled_plan(len(index), 6, 0, 1, 0, e))
@@ -520,3 +524,18 @@ def test_gpu_mixed_decode_matches_cpu(tree):
     # Same parameters; GPU JPEG decoding and resampling differ from the CPU's by a level or two.
     diff = (a.view1.float() - b.view1.cpu().float()).abs().mean() * 255 * min(SimCLRRecipe().std)
     assert diff < 3.0
+
+
+def test_shard_images_survive_pickling(tree, tmp_path):
+    import pickle
+
+    from pipelines.encoded_images import open_converted as open_shards
+    from tools.convert_imagenet import ConvertOptions, convert
+
+    out = tmp_path / "converted"
+    convert(ConvertOptions(src=str(tree), out=str(out), splits=("train",), formats=("dali",),
+                           labeled_fraction=0.5, shard_size=16, shard_multiple=1, jobs=1, progress=False))
+    images, _ = open_shards(out, "train")
+    copy = pickle.loads(pickle.dumps(images))  # what a spawned DataLoader worker receives
+    for i in (0, 17, len(images) - 1):
+        assert bytes(copy.read(i)) == bytes(images.read(i))

@@ -58,6 +58,8 @@ def test_read_only_run_directory_while_saving_keeps_previous_checkpoint(data_roo
     calls = {"n": 0}
 
     def read_only_after_first(*args, **kwargs):
+        if not kwargs.get("prefix", "").startswith(".tmp-ckpt-"):
+            return real_mkstemp(*args, **kwargs)
         calls["n"] += 1
         if calls["n"] >= 2:  # the file system turns read-only after the first checkpoint
             raise OSError(errno.EROFS, "Read-only file system")
@@ -169,9 +171,8 @@ def test_skip_mode_replaces_and_names_bad_images(tmp_path, workers):
     assert all(any(Path(index[i]).name in name for i in victims) for name in names)
     seen = torch.cat([b.sample_ids for b in batches]).tolist()
     assert not set(seen) & set(victims)
-    for i in victims:  # an unlabeled victim is replaced by the next image in dataset order
-        if i in order:
-            assert i + 1 in seen
+    for i in victims:  # an unlabeled victim is replaced, in its slot, by the next image in dataset order
+        assert seen[order.tolist().index(i)] == i + 1
     for b in batches:  # the support set keeps C x K with its labels
         counts = torch.bincount(b.support_labels, minlength=4)
         assert sorted(counts.tolist()) == [2, 2, 2, 2]
@@ -308,3 +309,26 @@ def test_bad_image_on_one_rank_ends_the_two_process_run_naming_it(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert f"cannot read image {victim}" in out
+
+
+def test_jpeg_completeness_check_reads_past_thumbnails_and_trailers():
+    import io
+
+    from PIL import Image
+
+    from pipelines.encoded_images import jpeg_is_complete
+
+    rng = np.random.default_rng(0)
+    for progressive in (False, True):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(buf, "JPEG", progressive=progressive)
+        jpeg = buf.getvalue()
+        assert jpeg_is_complete(jpeg)
+        assert jpeg_is_complete(jpeg + bytes(5000))  # metadata or padding after the image
+        assert not jpeg_is_complete(jpeg[: len(jpeg) // 2])
+        # An APP1 segment holding a whole thumbnail (its own end marker) right after the start marker.
+        thumb = b"Exif\x00\x00" + jpeg[:200] + b"\xff\xd9"
+        with_thumb = jpeg[:2] + b"\xff\xe1" + (len(thumb) + 2).to_bytes(2, "big") + thumb + jpeg[2:]
+        assert jpeg_is_complete(with_thumb)
+        assert not jpeg_is_complete(with_thumb[: len(with_thumb) - len(jpeg) // 3])
+        assert not jpeg_is_complete(b"not a jpeg")

@@ -42,6 +42,10 @@ def verify(out: Path, splits: list[str] | None = None) -> list[str]:
     manifest = layout.read_manifest(out)
     entries = manifest.get("splits", {})
     problems = [f"split {s!r}: not in {out / layout.MANIFEST}" for s in (splits or []) if s not in entries]
+    if "labels_file" in manifest:
+        problem = file_problem(out, manifest["labels_file"])
+        if problem:
+            problems.append(problem)
     for split, entry in entries.items():
         if splits and split not in splits:
             continue
@@ -64,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {out} holds no {layout.MANIFEST}", file=sys.stderr)
         return 2
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
-    problems = verify(out, splits)
+    try:
+        problems = verify(out, splits)
+    except (ValueError, KeyError, TypeError) as exc:  # unparsable JSON or records without the expected keys
+        print(f"error: {out / layout.MANIFEST} is not a converter manifest: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 2
     for problem in problems:
         print(problem)
     files = sum(len(e.get("files", [])) for s, e in layout.read_manifest(out).get("splits", {}).items()

@@ -114,6 +114,10 @@ class PretrainConfig:
             raise ConfigError(f"run.precision must be one of {PRECISIONS}, got {r.precision!r}")
         if d.on_bad_image not in ("error", "skip"):
             raise ConfigError(f"data.on_bad_image must be 'error' or 'skip', got {d.on_bad_image!r}")
+        if d.on_bad_image == "skip" and d.backend == "ffcv":
+            raise ConfigError("data.on_bad_image=skip is not supported with data.backend=ffcv: FFCV decodes inside "
+                              "its compiled pipeline and cannot replace an image; the .beton's images were checked "
+                              "at conversion (python -m tools.verify_converted checks the file)")
         if l.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"loss.on_nonfinite must be 'stop' or 'skip', got {l.on_nonfinite!r}")
         positive_ints = {

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from model import build_model, export_torchvision_state_dict
 from pipelines.build import Loaders, build_loaders
+from pipelines.contract import LoaderFailure
 from pipelines.datasets import DataError
 from train import checkpoint as ckpt
 from train.config import ConfigError, PretrainConfig, config_from_dict, config_to_dict, load_config
@@ -297,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except LoaderFailure as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (NonFiniteLossError, ckpt.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -332,3 +332,27 @@ def test_jpeg_completeness_check_reads_past_thumbnails_and_trailers():
         assert jpeg_is_complete(with_thumb)
         assert not jpeg_is_complete(with_thumb[: len(with_thumb) - len(jpeg) // 3])
         assert not jpeg_is_complete(b"not a jpeg")
+
+
+@pytest.mark.slow
+def test_skip_mode_counts_bad_images_of_every_rank(tmp_path):
+    root = make_split_tree(tmp_path / "data", classes=4, train_per_class=8, val_per_class=2)
+    for name in ("n00000001/n00000001_2.JPEG", "n00000003/n00000003_6.JPEG"):
+        _truncate(root / "train" / name)
+    extra = {"optim.epochs": 1, "optim.warmup_epochs": 0.5, "run.knn_every_epochs": 0, "data.unlabeled_batch_size": 4,
+             "data.support_images_per_class": 1, "data.on_bad_image": "skip"}
+    overrides = tiny_overrides(root, tmp_path / "run", **extra)
+    from train.config import load_config
+
+    expected = 0
+    for rank in range(2):  # what each rank's loader replaces in the epoch
+        loader = build_loaders(load_config(None, overrides), rank, 2, torch.device("cpu")).train
+        loader.set_epoch(0)
+        expected += sum(len(b.bad_images) for b in loader)
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "-m", "train.pretrain", "--device", "cpu", *_set_args(overrides)]
+    proc = _cli(args)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert expected > 0 and out.count("skipped unreadable image") == expected
+    assert int(read_metrics(tmp_path / "run")[-1]["bad_images"]) == expected

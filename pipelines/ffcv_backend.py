@@ -9,7 +9,9 @@ Reads the output of ``tools.convert_imagenet`` (layout in
 
 Two FFCV loaders feed one ``PretrainBatch`` per step:
 
-- *unlabeled*: two ``RandomResizedCropRGBImageDecoder`` pipelines on the one
+- *unlabeled*: two random-resized-crop decoder pipelines
+  (``ffcv_decode.CheckedRandomResizedCropDecoder``: FFCV's, but a JPEG that
+  fails to decode raises and is named instead of becoming noise) on the one
   image field (FFCV 1.0.2 decodes once per pipeline, so each view is an
   independent crop), a CPU flip, then ``ToDevice`` and channels-last uint8;
   plus the ``index`` field, which becomes ``sample_ids``;
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +51,10 @@ from pipelines.batch_augment import BatchColorAugment, normalize_only
 from pipelines.contract import PretrainBatch
 from pipelines.datasets import DataError, ImageFolderIndex, check_converted_files, read_converted_split
 from pipelines.ffcv_color import FFCVColorAugment
-from pipelines.ffcv_orders import ScheduledLoader, SupportSchedule, UnlabeledSchedule, keep_torch_threads
+from pipelines.bad_images import BadImageError
+from pipelines.ffcv_decode import CheckedRandomResizedCropDecoder, sample_of_decode_error
+from pipelines.ffcv_orders import (PipelineFailure, ScheduledLoader, SupportSchedule, UnlabeledSchedule,
+                                   keep_torch_threads)
 from pipelines.recipe import SimCLRRecipe
 from pipelines.sampler import ClassBalancedSampler
 from pipelines.torch_backend import sample_seed
@@ -57,7 +62,6 @@ from tools.convert import layout
 
 with keep_torch_threads():
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.pipeline import PipelineSpec
     from ffcv.types import CURRENT_VERSION, HeaderType
     from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
@@ -129,7 +133,7 @@ def view_pipeline(recipe: SimCLRRecipe, device: torch.device, colour: bool) -> P
     ``colour`` also the recipe's jitter, grayscale and blur
     (``FFCVColorAugment``), then uint8 ``[B, 3, H, W]`` channels-last on ``device``."""
     size = (recipe.resolution, recipe.resolution)
-    decoder = RandomResizedCropRGBImageDecoder(size, scale=tuple(recipe.crop_scale), ratio=tuple(recipe.crop_ratio))
+    decoder = CheckedRandomResizedCropDecoder(size, scale=tuple(recipe.crop_scale), ratio=tuple(recipe.crop_ratio))
     return PipelineSpec("image", decoder=decoder, transforms=[
         RandomHorizontalFlip(recipe.flip_prob),
         *([FFCVColorAugment(recipe)] if colour else []),
@@ -186,8 +190,9 @@ class FFCVPretrainLoader:
 
     def __init__(self, beton: Path, labeled: np.ndarray, support_sampler: ClassBalancedSampler | None,
                  recipe: SimCLRRecipe, settings: FFCVLoaderSettings, rank: int, world_size: int,
-                 device: torch.device, num_samples: int):
+                 device: torch.device, num_samples: int, sample_names: Sequence[str] | None = None):
         self.settings, self.device, self.rank = settings, device, rank
+        self.beton, self.sample_names = Path(beton), sample_names
         self.colour_on_loader = colour = colour_on_loader(device)
         common = dict(num_workers=max(1, settings.num_workers), batches_ahead=max(1, settings.batches_ahead),
                       seed=settings.seed)
@@ -230,7 +235,17 @@ class FFCVPretrainLoader:
         passes = [iter(self.unlabeled)] + ([iter(self.support)] if self.support is not None else [])
         try:
             for step in range(first, len(self)):
-                yield self._batch([next(p) for p in passes], epoch, step)
+                try:
+                    outputs = [next(p) for p in passes]
+                except PipelineFailure as exc:
+                    sample = sample_of_decode_error(exc)
+                    if sample is None:
+                        raise
+                    name = self.sample_names[sample] if self.sample_names is not None else "?"
+                    raise BadImageError(f"{self.beton}: the JPEG of sample {sample} ({name}) cannot be decoded, the "
+                                        f".beton is damaged; check it with python -m tools.verify_converted "
+                                        f"{self.beton.parent.parent} and reconvert") from exc
+                yield self._batch(outputs, epoch, step)
         finally:
             for p in passes:  # stop FFCV's threads (they run ahead) when the consumer stops early
                 p.close()
@@ -268,5 +283,5 @@ def build_ffcv_loader(cfg, rank: int, world_size: int, device: torch.device,
     settings = FFCVLoaderSettings(d.unlabeled_batch_size, d.support_views, d.num_workers, d.prefetch_factor,
                                   cfg.run.seed, dtype)
     loader = FFCVPretrainLoader(split.beton, labeled, sampler, cfg.augment, settings, rank, world_size, device,
-                                len(split.index))
+                                len(split.index), split.index.paths)
     return split.index, labeled, loader

@@ -1,6 +1,7 @@
 """Faults of the FFCV backend: a failing pipeline thread reaches the consumer
-instead of hanging it, and a damaged or foreign ``.beton`` is refused by name
-before FFCV reads it."""
+instead of hanging it, a pass stopped early can be joined, a damaged or
+foreign ``.beton`` is refused by name before FFCV reads it, and an
+undecodable JPEG inside it is named instead of becoming noise."""
 from __future__ import annotations
 
 import dataclasses

@@ -89,14 +89,16 @@ def check_converted_files(root: str | os.PathLike, split: str, paths: list[Path]
     in the manifest: it was truncated or replaced after conversion. Files the
     manifest does not list are not checked."""
     from tools.convert import layout
+    from tools.convert.manifest import size_mismatch
 
     root = Path(root)
     entry = layout.read_manifest(root).get("splits", {}).get(split, {})
-    recorded = {f["path"]: f["bytes"] for f in entry.get("files", [])}
+    records = {f["path"]: f for f in entry.get("files", [])}
     for path in paths:
-        key = Path(path).relative_to(root).as_posix()
-        if key in recorded and Path(path).stat().st_size != recorded[key]:
-            raise DataError(f"{path} is {Path(path).stat().st_size} bytes, but the converter wrote {recorded[key]} "
+        record = records.get(Path(path).relative_to(root).as_posix())
+        mismatch = size_mismatch(root, record) if record is not None else None
+        if mismatch:
+            raise DataError(f"{path} is {mismatch[1]} bytes, but the converter wrote {record['bytes']} "
                             "(see manifest.json): truncated or replaced since; reconvert the dataset")
 
 

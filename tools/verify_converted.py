@@ -13,27 +13,21 @@ matches, 1 otherwise (each bad file is printed), 2 when OUT is no conversion.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
 from tools.convert import layout
+from tools.convert.manifest import file_record, size_mismatch
 
 
 def file_problem(out: Path, record: dict) -> str | None:
     """Why the file of a manifest ``record`` does not match it, or None."""
-    path = out / record["path"]
-    if not path.is_file():
-        return f"{path}: missing"
-    size = path.stat().st_size
-    if size != record["bytes"]:
-        return f"{path}: {size} bytes, the converter wrote {record['bytes']}"
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != record["sha256"]:
-        return f"{path}: content differs from what the converter wrote (sha256 mismatch)"
+    mismatch = size_mismatch(out, record)
+    if mismatch is not None:
+        path, size = mismatch
+        return f"{path}: missing" if size is None else f"{path}: {size} bytes, the converter wrote {record['bytes']}"
+    if file_record(out / record["path"], out)["sha256"] != record["sha256"]:
+        return f"{out / record['path']}: content differs from what the converter wrote (sha256 mismatch)"
     return None
 
 

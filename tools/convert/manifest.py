@@ -35,12 +35,18 @@ def settings_diff(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
+def size_mismatch(out: Path, record: dict) -> tuple[Path, int | None] | None:
+    """``(path, size on disk, None when missing)`` if the file of a manifest ``record`` is
+    missing or not the size the converter wrote (cheap: no read); None when it matches."""
+    path = Path(out) / record["path"]
+    if not path.is_file():
+        return path, None
+    size = path.stat().st_size
+    return (path, size) if size != record["bytes"] else None
+
+
 def split_is_complete(entry: dict | None, out: Path) -> bool:
     """True when the entry says complete and every file it lists exists with its recorded size."""
     if not entry or not entry.get("complete"):
         return False
-    for record in entry["files"]:
-        path = out / record["path"]
-        if not path.is_file() or path.stat().st_size != record["bytes"]:
-            return False
-    return True
+    return all(size_mismatch(out, record) is None for record in entry["files"])

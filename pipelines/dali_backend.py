@@ -35,14 +35,12 @@ samples in random order (cheap from page cache or local disk).
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from pipelines.bad_images import BadImageError, ReplacementPools, read_or_replace
 from pipelines.contract import PretrainBatch
@@ -203,9 +201,7 @@ class DaliStream:
         step = next(self._pending)
         try:
             return next(self.iterator)[0]
-        except BadImageError:
-            raise
-        except RuntimeError as exc:  # DALI reports a failed operator as RuntimeError
+        except RuntimeError as exc:  # DALI reports a failed operator as RuntimeError (our feed's errors keep their type)
             raise self._explain(step, exc) from exc
 
     def _explain(self, step: int, exc: Exception) -> Exception:
@@ -217,26 +213,14 @@ class DaliStream:
         bad = []
         for i in ids:
             try:
-                decodes = _pil_decodes(self.feed.images.read(int(i)))
-            except BadImageError as read_error:  # gone since it was fed
-                bad.append(str(read_error))
-                continue
-            if not decodes:
-                bad.append(self.feed.images.describe(int(i)))
+                self.feed.images.decode(int(i))
+            except BadImageError as decode_error:  # undecodable, or gone since it was fed
+                bad.append(str(decode_error))
         cause = " / ".join(dict.fromkeys(line.strip() for line in str(exc).splitlines()
                                          if "Error in" in line or "failure" in line)) or str(exc)
         if bad:
             return BadImageError(f"DALI failed at step {step} on undecodable image(s): {', '.join(bad)} ({cause})")
         return DataError(f"DALI failed at step {step} (images {', '.join(map(str, ids.tolist()))}): {exc}")
-
-
-def _pil_decodes(data: memoryview) -> bool:
-    try:
-        with Image.open(io.BytesIO(bytes(data))) as img:
-            img.load()
-        return True
-    except Exception:  # PIL raises many types; all mean "bad file"
-        return False
 
 
 class DaliPretrainLoader:

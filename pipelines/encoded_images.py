@@ -109,10 +109,14 @@ class EncodedImages:
                 raise BadImageError(f"cannot read the size of image {self.describe(i)}: {exc}") from exc
         return np.frombuffer(data, dtype=np.uint8), np.asarray(size, dtype=np.int64)
 
-    def batch(self, ids: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        """Encoded bytes (uint8 arrays) and int64 [n, 2] (height, width) of images ``ids``."""
-        checked = [self.checked(int(i)) for i in ids]
-        return [d for d, _ in checked], np.stack([s for _, s in checked]).reshape(-1, 2)
+    def decode(self, i: int) -> Image.Image:
+        """Image ``i`` decoded by PIL as RGB; ``BadImageError`` naming it if it cannot be read or decoded."""
+        data = self.read(i)
+        try:
+            with Image.open(io.BytesIO(bytes(data))) as img:
+                return img.convert("RGB")
+        except Exception as exc:  # PIL raises many types; all mean "bad file"
+            raise BadImageError(f"cannot decode image {self.describe(i)}: {type(exc).__name__}: {exc}") from exc
 
     def describe(self, i: int) -> str:
         return str(self.index.root / self.index.paths[i])
@@ -148,16 +152,17 @@ class ShardImages(EncodedImages):
         self.tars = list(tars)
         self._fds: list[int] = []
         for shard, (tar, idx) in enumerate(zip(tars, idx_files)):
+            data_end = 0  # where the last member listed by the index ends
             for key, offset, length in _jpeg_members(idx):
                 if not 0 <= key < n or self._shard[key] >= 0:
                     raise DataError(f"{idx}: sample key {key} is out of range or repeated (dataset of {n} samples)")
                 self._shard[key], self._offset[key], self._length[key] = shard, offset, length
+                data_end = max(data_end, offset + length)
             self._fds.append(os.open(tar, os.O_RDONLY))
             size = os.fstat(self._fds[-1]).st_size
-            ends = self._offset[self._shard == shard] + self._length[self._shard == shard]
-            if len(ends) and int(ends.max()) > size:
+            if data_end > size:
                 raise DataError(f"shard {tar} is truncated: {size} bytes, but its index {idx.name} "
-                                f"lists data up to byte {int(ends.max())}; reconvert the dataset")
+                                f"lists data up to byte {data_end}; reconvert the dataset")
         missing = np.flatnonzero(self._shard < 0)
         if len(missing):
             raise DataError(f"{len(missing)} sample(s) of {n} have no .jpg member in the shards, e.g. index "

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from pipelines.bad_images import POLICIES as BAD_IMAGE_POLICIES
 from pipelines.recipe import SimCLRRecipe
 
 BACKENDS = ("torch", "dali", "ffcv")
@@ -112,7 +113,7 @@ class PretrainConfig:
             raise ConfigError(f"data.backend must be one of {BACKENDS}, got {d.backend!r}")
         if r.precision not in PRECISIONS:
             raise ConfigError(f"run.precision must be one of {PRECISIONS}, got {r.precision!r}")
-        if d.on_bad_image not in ("error", "skip"):
+        if d.on_bad_image not in BAD_IMAGE_POLICIES:
             raise ConfigError(f"data.on_bad_image must be 'error' or 'skip', got {d.on_bad_image!r}")
         if d.on_bad_image == "skip" and d.backend == "ffcv":
             raise ConfigError("data.on_bad_image=skip is not supported with data.backend=ffcv: FFCV decodes inside "

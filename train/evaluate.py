@@ -20,7 +20,6 @@ say otherwise. ``--data`` is an ImageFolder root (``<train>/<class>/<image>``,
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -29,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
@@ -139,8 +137,7 @@ class ShardDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        image = Image.open(io.BytesIO(self.images.read(i))).convert("RGB")
-        return self.transform(image), int(self.labels[i])
+        return self.transform(self.images.decode(i)), int(self.labels[i])
 
 
 @dataclass

@@ -201,7 +201,7 @@ class DaliStream:
         step = next(self._pending)
         try:
             return next(self.iterator)[0]
-        except RuntimeError as exc:  # DALI reports a failed operator as RuntimeError (our feed's errors keep their type)
+        except RuntimeError as exc:  # a failed DALI operator (our feed's own errors keep their type)
             raise self._explain(step, exc) from exc
 
     def _explain(self, step: int, exc: Exception) -> Exception:

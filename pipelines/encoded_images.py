@@ -101,7 +101,8 @@ class EncodedImages:
         data = self.read(i)
         size = jpeg_size(data)
         if size is not None and not jpeg_is_complete(data):
-            raise BadImageError(f"image {self.describe(i)} is truncated or damaged (no JPEG scan reaching an end marker)")
+            raise BadImageError(f"image {self.describe(i)} is truncated or damaged "
+                                "(no JPEG scan reaching an end marker)")
         if size is None:
             try:
                 size = encoded_size(data)

@@ -172,8 +172,8 @@ class TorchPretrainLoader:
                        persistent_workers=settings.num_workers > 0)
         if settings.num_workers > 0:
             workers["prefetch_factor"] = settings.prefetch_factor
-        self.unlabeled = DataLoader(TwoViewDataset(index, recipe, settings.on_bad_image), batch_sampler=self.unlabeled_batches,
-                                    collate_fn=_collate_unlabeled, **workers)
+        self.unlabeled = DataLoader(TwoViewDataset(index, recipe, settings.on_bad_image),
+                                    batch_sampler=self.unlabeled_batches, collate_fn=_collate_unlabeled, **workers)
         self.support_batches = None
         self.support = None
         if support_sampler is not None:

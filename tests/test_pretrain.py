@@ -126,7 +126,8 @@ def test_nonfinite_loss_skipped_when_configured(data_root, tmp_path, monkeypatch
         (["data.support_classes=9"], "support_classes"),
         (["data.support_images_per_class=7"], "class 0 has 5 labeled image.*data.support_images_per_class"),
         (["data.on_bad_image=ignore"], "data.on_bad_image must be 'error' or 'skip'"),
-        (["data.on_bad_image=skip", "data.backend=ffcv"], "data.on_bad_image=skip is not supported with data.backend=ffcv"),
+        (["data.on_bad_image=skip", "data.backend=ffcv"],
+         "data.on_bad_image=skip is not supported with data.backend=ffcv"),
     ],
 )
 def test_bad_configs_fail_naming_the_key(data_root, tmp_path, capsys, overrides, message):

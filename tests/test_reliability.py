@@ -274,8 +274,8 @@ def test_killed_loader_worker_fails_the_run_within_seconds(tmp_path):
     workers = loader.unlabeled._iterator._workers  # persistent workers of the unlabeled stream
     start = time.time()
     try:
-        with pytest.raises(RuntimeError, match=rf"DataLoader worker (\(pid.*{workers[0].pid}.*(killed by signal|exited unexpectedly)"
-                                               r"|of the unlabeled stream died)"):
+        dead = rf"\(pid.*{workers[0].pid}.*(killed by signal|exited unexpectedly)"
+        with pytest.raises(RuntimeError, match=rf"DataLoader worker ({dead}|of the unlabeled stream died)"):
             os.kill(workers[0].pid, signal.SIGKILL)  # torch may raise from its SIGCHLD handler right here
             for _ in batches:
                 pass

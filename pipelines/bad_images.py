@@ -25,16 +25,12 @@ from typing import Callable, TypeVar
 
 import numpy as np
 
-from pipelines.datasets import DataError
+from pipelines.errors import BadImageError
 
 POLICIES = ("error", "skip")
 MAX_CONSECUTIVE_FAILURES = 8
 
 T = TypeVar("T")
-
-
-class BadImageError(DataError):
-    """An image that cannot be read or decoded; the message names it."""
 
 
 @dataclass(frozen=True)

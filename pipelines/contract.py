@@ -43,15 +43,16 @@ class PretrainBatch:
             raise ValueError("sample_ids must have one id per unlabeled image")
 
 
-class LoaderFailure(RuntimeError):
-    """The loader's machinery failed (a worker process or pipeline thread died);
-    the message says which stream or file, the cause is chained."""
-
-
 class PretrainLoader(Protocol):
-    """What ``build_loaders`` returns: an epoch-aware iterable of batches."""
+    """What ``pipelines.build.build_train_loader`` returns: an epoch-aware iterable of batches.
 
-    def __len__(self) -> int:  # steps per epoch, equal on every rank
+    Every backend's position in its stream is (epoch, start step): the plan
+    (``pipelines.plan``) makes the stream a function of it, so ``state_dict``
+    holds no more than what a backend needs beyond that (all of ours: nothing).
+    """
+
+    def __len__(self) -> int:
+        """Steps per epoch, equal on every rank."""
         ...
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -59,4 +60,15 @@ class PretrainLoader(Protocol):
         ...
 
     def __iter__(self) -> Iterator[PretrainBatch]:
+        ...
+
+    def close(self) -> None:
+        """Stop worker processes/threads; the loader is not used afterwards."""
+        ...
+
+    def state_dict(self) -> dict:
+        """What resuming needs beyond (epoch, step); saved in checkpoints."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
         ...

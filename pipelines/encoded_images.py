@@ -1,7 +1,7 @@
 """Random access to a split's encoded images (bytes and sizes) by sample index,
 from an ImageFolder tree or from the converter's webdataset shards (through
-their DALI index files and memory maps). Needs no DALI: the DALI backend feeds
-these bytes to its pipelines, and evaluation decodes them with PIL.
+their DALI index files). Needs no DALI: the DALI backend feeds these bytes to
+its pipelines, and evaluation decodes them with PIL (``pipelines.images``).
 """
 from __future__ import annotations
 
@@ -13,8 +13,14 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from pipelines.bad_images import BadImageError
-from pipelines.datasets import DataError, ImageFolderIndex, check_converted_files, read_converted_split
+from pipelines.errors import BadImageError, DataError
+from pipelines.format.converted import ConvertedSplit
+from pipelines.image_folder import ImageFolderIndex
+from pipelines.images import decode_rgb
+
+# The most pixels an image may have: where PIL raises DecompressionBombError (2x its warning
+# threshold), so that every backend refuses the same files (DALI alone has no limit).
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 
 # Start-of-frame markers of baseline, extended, progressive and lossless JPEGs.
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
@@ -100,24 +106,22 @@ class EncodedImages:
         replaced during the run is checked (and sized) as it is now."""
         data = self.read(i)
         size = jpeg_size(data)
+        if size is not None and size[0] * size[1] > MAX_PIXELS:
+            raise BadImageError(f"image {self.describe(i)} has {size[1]}x{size[0]} pixels, more than {MAX_PIXELS} "
+                                "(PIL's decompression-bomb limit, which the torch backend applies too)")
         if size is not None and not jpeg_is_complete(data):
             raise BadImageError(f"image {self.describe(i)} is truncated or damaged "
                                 "(no JPEG scan reaching an end marker)")
         if size is None:
             try:
-                size = encoded_size(data)
+                size = encoded_size(data)  # PIL refuses sizes over MAX_PIXELS here
             except Exception as exc:  # PIL raises many types; all mean "bad file"
                 raise BadImageError(f"cannot read the size of image {self.describe(i)}: {exc}") from exc
         return np.frombuffer(data, dtype=np.uint8), np.asarray(size, dtype=np.int64)
 
     def decode(self, i: int) -> Image.Image:
-        """Image ``i`` decoded by PIL as RGB; ``BadImageError`` naming it if it cannot be read or decoded."""
-        data = self.read(i)
-        try:
-            with Image.open(io.BytesIO(bytes(data))) as img:
-                return img.convert("RGB")
-        except Exception as exc:  # PIL raises many types; all mean "bad file"
-            raise BadImageError(f"cannot decode image {self.describe(i)}: {type(exc).__name__}: {exc}") from exc
+        """Image ``i`` decoded by PIL as 8-bit RGB; ``BadImageError`` naming it if it cannot be read or decoded."""
+        return decode_rgb(self.read(i), self.describe(i))
 
     def describe(self, i: int) -> str:
         return str(self.index.root / self.index.paths[i])
@@ -213,16 +217,7 @@ def _jpeg_members(idx_file: Path) -> Iterator[tuple[int, int, int]]:
                 yield int(name.split(".", 1)[0]), int(offset), int(size)
 
 
-def open_converted(root: Path, split: str) -> tuple[ShardImages, np.ndarray | None]:
-    """The converted split under ``root`` and its labeled subset (None if the converter wrote none)."""
-    from tools.convert import layout  # the converter's format, defined once
-
-    tars, idx_files = layout.shard_files(root, split)
-    if not tars:
-        raise DataError(f"no DALI shards in {layout.shard_dir(root, split)}")
-    missing = [p for p in idx_files if not p.is_file()]
-    if missing:
-        raise DataError(f"DALI index file(s) missing next to the shards, e.g. {missing[0]}")
-    index, labeled = read_converted_split(root, split, "python -m tools.convert_imagenet --formats dali ...")
-    check_converted_files(root, split, tars + idx_files)
-    return ShardImages(index, tars, idx_files), labeled
+def shard_images(split: ConvertedSplit) -> ShardImages:
+    """The images of a converted split, read from its DALI shards (checked against the manifest)."""
+    tars, idx_files = split.shards()
+    return ShardImages(split.index, tars, idx_files)

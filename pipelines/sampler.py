@@ -152,24 +152,31 @@ class ClassBalancedSampler:
         M = len(self.classes)
 
         self._slots = W * C if self.unique_classes else C
+        # Suggested remedies name only values that config validation accepts: SuNCEt needs at
+        # least 2 classes per step, and at least 2 images per class unless ranks share classes.
         if self._slots > M:
             if self.unique_classes:
+                options = ([f"lower data.support_classes to <= {M // W}"] if M // W >= 2 else []) + [
+                    "set data.unique_classes=false", "use fewer ranks", "label more classes"]
                 raise ValueError(
                     f"unique_classes needs world_size * classes_per_batch = {W} * {C} = {W * C} distinct classes "
-                    f"per step, but the labels hold only {M} classes. Options: lower data.support_classes to "
-                    f"<= {M // W}, set data.unique_classes=false, use fewer ranks, or label more classes."
+                    f"per step, but the labels hold only {M} classes. Options: {', '.join(options)}."
                 )
+            options = ([f"lower data.support_classes to <= {M}"] if M >= 2 else []) + [
+                "label more classes", "or set loss.suncet_weight=0 (SimCLR alone)"]
             raise ValueError(
                 f"classes_per_batch (data.support_classes) = {C} but the labels hold only {M} classes. "
-                f"Options: lower data.support_classes to <= {M}, or label more classes."
+                f"Options: {', '.join(options)}."
             )
+        min_images = 1 if (W > 1 and not self.unique_classes) else 2
         for cls, images in zip(self.classes, self._class_images):
             if len(images) < K:
+                options = ([f"lower data.support_images_per_class to <= {len(images)}"]
+                           if len(images) >= min_images else []) + [
+                    f"drop class {int(cls)} from the labeled list", f"add labeled images of class {int(cls)}"]
                 raise ValueError(
                     f"class {int(cls)} has {len(images)} labeled image(s), fewer than "
-                    f"images_per_class (data.support_images_per_class) = {K}. Options: lower "
-                    f"data.support_images_per_class to <= {len(images)}, drop class {int(cls)} from the "
-                    f"labeled list, or add labeled images of class {int(cls)}."
+                    f"images_per_class (data.support_images_per_class) = {K}. Options: {', '.join(options)}."
                 )
 
         # Images drawn per class occurrence (all ranks together), and epoch length.

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from pipelines.batch_augment import (
+from pipelines.augment.batched import (
     BRIGHTNESS,
     CONTRAST,
     SATURATION,
@@ -30,7 +30,7 @@ from pipelines.batch_augment import (
     normalize_only,
     to_unit_float,
 )
-from pipelines.recipe import SimCLRRecipe
+from pipelines.augment.recipe import SimCLRRecipe
 
 ATOL = 1e-5
 

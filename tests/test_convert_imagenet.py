@@ -22,9 +22,9 @@ import pytest
 from PIL import Image
 
 from tests.helpers.imagefolder import make_image_folder, smooth_image
-from tools.convert import layout
+from pipelines.format import layout
 from tools.convert.dali_shards import plan_shards
-from tools.convert.labeled import stratified
+from pipelines.labeled import stratified
 from tools.convert.source import load_rgb
 from tools.convert_imagenet import ConversionError, ConvertOptions, convert, main
 
@@ -109,7 +109,7 @@ def tree(tmp_path_factory) -> Path:
 def converted(tree, tmp_path_factory):
     out = tmp_path_factory.mktemp("converted")
     options = ConvertOptions(src=str(tree), out=str(out), labeled_list=str(tree / "10percent.txt"),
-                             shard_size=4, shard_multiple=1, jobs=2, progress=False)
+                             allow_missing=True, shard_size=4, shard_multiple=1, jobs=2, progress=False)
     return SimpleNamespace(src=tree, out=out, options=options, manifest=convert(options))
 
 
@@ -208,13 +208,14 @@ def _read_dali(tars: list[Path], idxs: list[Path], count: int):
     def pipe():
         jpg, cls, idx = fn.readers.webdataset(
             paths=[str(p) for p in tars], index_paths=[str(p) for p in idxs], ext=list(layout.DALI_EXTENSIONS),
-            dtypes=[types.UINT8, types.INT32, types.INT32], random_shuffle=False, name="reader")
+            dtypes=[types.UINT8, types.UINT8, types.UINT8], random_shuffle=False, name="reader")
         return jpg, fn.decoders.image(jpg, device="cpu", output_type=types.RGB), cls, idx
 
     p = pipe()
     p.build()
     outs = p.run()
-    return [[np.array(out[i]) for out in outs] for i in range(count)]
+    return [[np.array(out[i]) for out in outs[:2]] + [layout.decode_int(np.array(out[i])) for out in outs[2:]]
+            for i in range(count)]
 
 
 def test_dali_round_trip(converted):
@@ -223,7 +224,7 @@ def test_dali_round_trip(converted):
     tars, idxs = layout.shard_files(converted.out, "train")
     records = _read_dali(tars, idxs, len(samples))
     for i, ((jpg, image, label, index), sample) in enumerate(zip(records, samples)):
-        assert int(index[0]) == i and int(label[0]) == sample["label"]
+        assert index == i and label == sample["label"]
         source_path = converted.src / "train" / sample["path"]
         source = load_rgb(str(source_path))
         if sample["reencode"]:
@@ -237,6 +238,7 @@ def test_dali_round_trip(converted):
 def test_dali_shards_are_balanced_webdatasets_with_wds2idx_indexes(converted, tmp_path):
     wds2idx = pytest.importorskip("wds2idx", reason="pip install .[dali]")
     shards = converted.manifest["splits"]["train"]["dali_shards"]
+    samples = layout.read_samples(converted.out, "train")
     sizes = [s["samples"] for s in shards]
     assert max(sizes) <= 4 and max(sizes) - min(sizes) <= 1
     assert [s["first_index"] for s in shards] == np.cumsum([0] + sizes[:-1]).tolist()
@@ -246,6 +248,10 @@ def test_dali_shards_are_balanced_webdatasets_with_wds2idx_indexes(converted, tm
             names = t.getnames()
         keys = [f"{i:09d}" for i in range(shard["first_index"], shard["first_index"] + shard["samples"])]
         assert names == [f"{k}.{ext}" for k in keys for ext in ("jpg", "cls", "idx")]
+        with tarfile.open(tar) as t:  # webdataset's convention: .cls holds the label as ASCII digits
+            for k, i in zip(keys, range(shard["first_index"], shard["first_index"] + shard["samples"])):
+                assert int(t.extractfile(f"{k}.cls").read().decode("ascii")) == samples[i]["label"]
+                assert t.extractfile(f"{k}.idx").read() == str(i).encode()
         with wds2idx.IndexCreator(str(tar), str(tmp_path / "ref.idx"), verbose=False) as creator:
             creator.create_index()
         assert idx.read_text() == (tmp_path / "ref.idx").read_text()
@@ -283,10 +289,10 @@ def test_cli_fraction_draw_is_class_stratified(tree, tmp_path):
 
 def test_stratified_draw_counts_and_seed():
     labels = [0] * 10 + [1] * 3 + [2] * 1 + [3] * 7
-    subset = stratified(labels, 0.3, seed=0)
-    assert Counter(labels[i] for i in subset.indices) == {0: 3, 1: 1, 2: 1, 3: 2}
-    assert stratified(labels, 0.3, seed=0).indices == subset.indices
-    assert any(stratified(labels, 0.3, seed=s).indices != subset.indices for s in range(1, 5))
+    subset = stratified(labels, 0.3, seed=0).tolist()
+    assert Counter(labels[i] for i in subset) == {0: 3, 1: 1, 2: 1, 3: 2}
+    assert stratified(labels, 0.3, seed=0).tolist() == subset
+    assert any(stratified(labels, 0.3, seed=s).tolist() != subset for s in range(1, 5))
 
 
 # ---------------------------------------------------------------------------
@@ -316,12 +322,18 @@ def test_ffcv_write_failure_fails_the_split_instead_of_hanging(tmp_path):
     assert not layout.beton_path(tmp_path / "out", "train").exists()
 
 
-def test_strict_fails_on_a_missing_labeled_name(tree, tmp_path):
+def test_a_labeled_list_naming_absent_files_is_refused_unless_allowed(tree, tmp_path):
     options = ConvertOptions(src=str(tree), out=str(tmp_path / "out"), splits=("val",), formats=("dali",),
-                             labeled_list=str(tree / "10percent.txt"), labeled_split="val", strict=True,
-                             jobs=1, progress=False)
-    with pytest.raises(ConversionError, match="not found in val: n00000001/cmyk.JPEG"):
+                             labeled_list=str(tree / "10percent.txt"), labeled_split="val", jobs=1, progress=False)
+    with pytest.raises(ConversionError, match="against val: .* not in the split: .*n00000001/cmyk.JPEG"):
         convert(options)
+    assert not layout.shard_dir(tmp_path / "out", "val").exists()
+    code = main(["--src", str(tree), "--out", str(tmp_path / "out2"), "--splits", "train", "--formats", "dali",
+                 "--labeled-list", str(tree / "10percent.txt"), "--jobs", "1", "--no-progress"])
+    assert code != 0  # the train split's list names a missing and an unreadable file
+    assert main(["--src", str(tree), "--out", str(tmp_path / "out2"), "--splits", "train", "--formats", "dali",
+                 "--labeled-list", str(tree / "10percent.txt"), "--jobs", "1", "--no-progress",
+                 "--allow-missing"]) == 0
 
 
 def test_rerun_skips_complete_splits(converted):
@@ -350,7 +362,7 @@ def test_interrupted_split_is_redone_and_other_settings_refused(tree, tmp_path):
 
 
 def test_missing_src_and_split_fail_clearly(tree, tmp_path, capsys):
-    assert main(["--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 1
+    assert main(["--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     assert "is not a directory" in capsys.readouterr().err
     with pytest.raises(ConversionError, match=r"no folder for split\(s\) \['test'\]"):
         convert(ConvertOptions(src=str(tree), out=str(tmp_path / "out"), splits=("test",)))

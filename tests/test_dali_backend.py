@@ -22,8 +22,8 @@ pytestmark = pytest.mark.dali
 import torchvision.transforms.v2.functional as TF  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from pipelines.build import build_loaders  # noqa: E402
-from pipelines.dali_augment import (  # noqa: E402
+from train.data import build_loaders  # noqa: E402
+from pipelines.augment.dali import (  # noqa: E402
     BRIGHTNESS,
     CONTRAST,
     HUE,
@@ -37,11 +37,12 @@ from pipelines.dali_augment import (  # noqa: E402
     simclr_pipeline,
     view_params,
 )
-from pipelines.dali_backend import unlabeled_plan  # noqa: E402
 from pipelines.encoded_images import encoded_size, jpeg_size  # noqa: E402
-from pipelines.datasets import DataError, index_image_folder  # noqa: E402
-from pipelines.recipe import SimCLRRecipe  # noqa: E402
-from pipelines.torch_backend import SupportBatches, UnlabeledBatches  # noqa: E402
+from pipelines.errors import DataError  # noqa: E402
+from pipelines.image_folder import index_image_folder  # noqa: E402
+from pipelines.plan import UnlabeledPlan  # noqa: E402
+from pipelines.augment.recipe import SimCLRRecipe  # noqa: E402
+from tests.helpers.reference_plan import reference_support, reference_unlabeled  # noqa: E402
 from tests.helpers.imagefolder import make_image_folder, smooth_image  # noqa: E402
 from train.config import load_config  # noqa: E402
 
@@ -356,17 +357,15 @@ def test_ids_and_labels_match_the_images(colour_tree):
 def test_same_images_per_step_as_torch_backend(tree):
     cfg = _cfg(tree)
     index = index_image_folder(tree / "train")
-    torch_plan = UnlabeledBatches(len(index), 6, 1, 2, cfg.run.seed)
-    torch_plan.set_epoch(3)
-    ours = unlabeled_plan(len(index), 6, 1, 2, cfg.run.seed, 3)
-    assert [[i for i, _ in step] for step in torch_plan] == ours.tolist()
+    expected = reference_unlabeled(len(index), 6, 1, 2, cfg.run.seed, 3)
+    ours = _loader(tree, rank=1, world=2)
+    assert [batch.sample_ids.tolist() for batch in _epoch(ours, 3)] == expected
 
     loader = _loader(tree)
-    support = SupportBatches(loader.sampler, loader.labeled, cfg.run.seed)
-    support.set_range(2 * len(loader), len(loader))  # epoch 2
-    expected = [[i for i, _ in step] for step in support]
-    loader.support_plan.epoch = 2
-    assert [loader.support_plan(step)[0].tolist() for step in range(len(loader))] == expected
+    support = loader.plan.support
+    expected = reference_support(support.sampler, support.labeled, 2 * len(loader), len(loader))  # epoch 2
+    loader.support_steps.epoch = 2
+    assert [loader.support_steps(step)[0].tolist() for step in range(len(loader))] == expected
 
 
 def test_two_ranks_disjoint_complete_and_equal_length(tree):
@@ -377,11 +376,11 @@ def test_two_ranks_disjoint_complete_and_equal_length(tree):
     assert len(set(ids[0].tolist())) == len(ids[0]) == 3 * 6
     # Complete: every image appears on some rank across epochs, and a whole epoch is
     # covered when batches divide the data (pure host plan, checked over 40 images).
-    plans = [unlabeled_plan(40, 5, r, 2, 0, 0) for r in range(2)]
+    plans = [UnlabeledPlan(40, 5, r, 2, 0).batches(0) for r in range(2)]
     assert sorted(np.concatenate([p.ravel() for p in plans]).tolist()) == list(range(40))
     seen = set()
     for epoch in range(3):
-        seen |= {int(i) for r in range(2) for i in unlabeled_plan(40, 6, r, 2, 0, epoch).ravel()}
+        seen |= {int(i) for r in range(2) for i in UnlabeledPlan(40, 6, r, 2, 0).batches(epoch).ravel()}
     assert seen == set(range(40))
 
 
@@ -460,7 +459,7 @@ def test_bad_files_are_named_or_skipped(tree, tmp_path):
     path = root / "train" / index.paths[truncated]
     path.write_bytes(path.read_bytes()[:200])
     loader = _loader(root, "loss.suncet_weight=0.0")
-    order = unlabeled_plan(len(index), 6, 0, 1, 0, 0)
+    order = UnlabeledPlan(len(index), 6, 0, 1, 0).batches(0)
     with pytest.raises(DataError, match=index.paths[truncated] + ".*truncated"):
         _epoch(loader, 0)
     # skip: replaced by the next image, named once per use, never seen itself.
@@ -473,13 +472,13 @@ def test_bad_files_are_named_or_skipped(tree, tmp_path):
     # Corrupt Huffman tables pass the host-side checks; DALI's decoder fails and the
     # error names the file, found by decoding the step's images on the host.
     _garble(root / "train" / index.paths[garbled])
-    epoch = next(e for e in range(10) if garbled in unlabeled_plan(len(index), 6, 0, 1, 0, e))
+    epoch = next(e for e in range(10) if garbled in UnlabeledPlan(len(index), 6, 0, 1, 0).batches(e))
     with pytest.raises(DataError, match=index.paths[garbled] + ".*decoders.image"):
         _epoch(_loader(root, "loss.suncet_weight=0.0", "data.on_bad_image=skip"), epoch)
 
 
 def test_damaged_shards_are_named(tree, tmp_path):
-    from tools.convert import layout
+    from pipelines.format import layout
     from tools.convert_imagenet import ConvertOptions, convert
 
     out = tmp_path / "converted"
@@ -499,7 +498,7 @@ def test_damaged_shards_are_named(tree, tmp_path):
         _loader(out)  # refused when opened
     lost_step = None
     for epoch in range(4):
-        order = unlabeled_plan(len(images), 6, 0, 1, 0, epoch)
+        order = UnlabeledPlan(len(images), 6, 0, 1, 0).batches(epoch)
         if lost & set(order.ravel().tolist()):
             lost_step = epoch
             break
@@ -529,13 +528,14 @@ def test_gpu_mixed_decode_matches_cpu(tree):
 def test_shard_images_survive_pickling(tree, tmp_path):
     import pickle
 
-    from pipelines.encoded_images import open_converted as open_shards
+    from pipelines.encoded_images import shard_images
+    from pipelines.format.converted import open_converted
     from tools.convert_imagenet import ConvertOptions, convert
 
     out = tmp_path / "converted"
     convert(ConvertOptions(src=str(tree), out=str(out), splits=("train",), formats=("dali",),
                            labeled_fraction=0.5, shard_size=16, shard_multiple=1, jobs=1, progress=False))
-    images, _ = open_shards(out, "train")
+    images = shard_images(open_converted(out, "train"))
     copy = pickle.loads(pickle.dumps(images))  # what a spawned DataLoader worker receives
     for i in (0, 17, len(images) - 1):
         assert bytes(copy.read(i)) == bytes(images.read(i))

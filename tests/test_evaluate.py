@@ -95,7 +95,9 @@ def test_shard_dataset_reads_converted_tars_in_index_order(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from pipelines.encoded_images import open_converted
+    from pipelines.encoded_images import shard_images
+    from pipelines.eval_data import EvalImages
+    from pipelines.format.converted import open_converted
     from tests.helpers.imagefolder import make_image_folder
     from tools.convert_imagenet import ConvertOptions, convert
 
@@ -103,9 +105,9 @@ def test_shard_dataset_reads_converted_tars_in_index_order(tmp_path):
     paths = make_image_folder(src / "train", 2, 3, 16, seed=5)
     convert(ConvertOptions(src=str(src), out=str(tmp_path / "out"), splits=("train",), formats=("dali",),
                            shard_size=2, shard_multiple=1, jobs=1, progress=False))
-    images, _ = open_converted(tmp_path / "out", "train")
-    ds = evaluate.ShardDataset(images, transform=lambda im: np.asarray(im))
-    assert len(ds) == 6 and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    images = shard_images(open_converted(tmp_path / "out", "train"))
+    ds = EvalImages(images, range(len(images)), transform=lambda im: np.asarray(im))
+    assert len(ds) == 6 and images.labels.tolist() == [0, 0, 0, 1, 1, 1]
     for i, path in enumerate(paths):  # ImageFolder order = sample index; RGB JPEG bytes are copied
         image, label = ds[i]
         assert label == i // 3

@@ -27,17 +27,20 @@ pytest.importorskip("ffcv")
 
 from PIL import Image  # noqa: E402
 
-from pipelines.build import build_loaders  # noqa: E402
+from train.data import build_loaders  # noqa: E402
 from pipelines.contract import PretrainBatch  # noqa: E402
-from pipelines.datasets import DataError  # noqa: E402
-from pipelines.build import labeled_indices  # noqa: E402
-from pipelines import ffcv_backend  # noqa: E402
-from pipelines.ffcv_backend import FFCVPretrainLoader, NormalizeOnly, open_converted  # noqa: E402
-from pipelines.ffcv_color import FFCVColorAugment  # noqa: E402
-from pipelines.ffcv_orders import SupportSchedule, UnlabeledSchedule  # noqa: E402
-from pipelines.recipe import SimCLRRecipe  # noqa: E402
-from pipelines.torch_backend import SupportBatches, UnlabeledBatches  # noqa: E402
-from tools.convert import layout  # noqa: E402
+from pipelines.errors import DataError  # noqa: E402
+from pipelines.format.converted import open_converted  # noqa: E402
+from pipelines.labeled import choose_labeled  # noqa: E402
+from pipelines.backends.ffcv import loader as ffcv_backend  # noqa: E402
+from pipelines.backends.ffcv.loader import FFCVPretrainLoader, NormalizeOnly  # noqa: E402
+from pipelines.augment.ffcv_colour import FFCVColorAugment  # noqa: E402
+from pipelines.backends.ffcv.orders import SupportSchedule, UnlabeledSchedule  # noqa: E402
+from pipelines.plan import UnlabeledPlan  # noqa: E402
+from pipelines.augment.recipe import SimCLRRecipe  # noqa: E402
+from tests.helpers import reference_plan  # noqa: E402
+from train.data import labeled_spec  # noqa: E402
+from pipelines.format import layout  # noqa: E402
 from tools.convert_imagenet import ConvertOptions, convert  # noqa: E402
 from train.config import PretrainConfig  # noqa: E402
 from tests.helpers.dist import free_port
@@ -151,15 +154,12 @@ def crop_geometry(raw: torch.Tensor):
 
 
 def reference_unlabeled(epoch: int, rank: int = 0, world_size: int = 1, seed: int = 3) -> list[list[int]]:
-    batches = UnlabeledBatches(sum(COUNTS), B, rank, world_size, seed)
-    batches.set_epoch(epoch)
-    return [[i for i, _ in step] for step in batches]
+    return reference_plan.reference_unlabeled(sum(COUNTS), B, rank, world_size, seed, epoch)
 
 
 def reference_support(loader: FFCVPretrainLoader, first: int, n: int) -> list[list[int]]:
-    ref = SupportBatches(loader.support_schedule.sampler, loader.support_schedule.labeled, 3)
-    ref.set_range(first, n)
-    return [[i for i, _ in step] for step in ref]
+    plan = loader.plan.support
+    return reference_plan.reference_support(plan.sampler, plan.labeled, first, n)
 
 
 # --------------------------------------------------------------------------- contract
@@ -214,7 +214,7 @@ def test_images_are_the_samples_named_and_labels_match_the_manifest(run, convert
             assert per_image[:, 0].tolist() == expected
             blocks = b.support_labels.view(C, K * V)
             assert (blocks == blocks[:, :1]).all() and len(set(blocks[:, 0].tolist())) == C
-            assert set(support_ids.tolist()) <= set(run["loaders"].train.support_schedule.labeled.tolist())
+            assert set(support_ids.tolist()) <= set(run["loaders"].train.plan.support.labeled.tolist())
 
 
 def test_views_differ(run):
@@ -236,10 +236,10 @@ def test_resume_mid_epoch_matches_the_uninterrupted_order(run):
 
 def test_schedules_are_pure_functions_of_the_step(run):
     loader = run["loader"]
-    u = UnlabeledSchedule(sum(COUNTS), B, 0, 1, 3)
+    u = UnlabeledSchedule(UnlabeledPlan(sum(COUNTS), B, 0, 1, 3))
     u.set_epoch(4, 5)
     assert u.order().reshape(-1, B).tolist() == reference_unlabeled(4)[5:]
-    s = SupportSchedule(loader.support_schedule.sampler, loader.support_schedule.labeled)
+    s = SupportSchedule(loader.plan.support)
     s.set_range(37, 20)  # crosses several sampler epochs
     assert s.order().reshape(-1, C * K).tolist() == reference_support(loader, 37, 20)
 
@@ -331,9 +331,10 @@ def test_labeled_list_overrides_the_converter_subset(converted, tmp_path):
     assert split.index.classes == tuple(layout.read_classes(converted))
     assert split.labeled.tolist() == layout.read_labeled(converted, "train")
     listing = tmp_path / "labeled.txt"
-    listing.write_text("n00000001/img_03.JPEG\nimg_00.JPEG\n")  # a path and an ambiguous bare name (first wins)
+    listing.write_text("n00000001/img_03.JPEG\nn00000000/img_00.JPEG\n")
     cfg = make_cfg(converted, labeled_list=str(listing))
-    assert labeled_indices(cfg, split.index, split.labeled).tolist() == [0, COUNTS[0] + 3]
+    chosen = choose_labeled(labeled_spec(cfg), split.index.paths, split.index.labels, "train", split.labeled)
+    assert chosen.tolist() == [0, COUNTS[0] + 3]
 
 
 # --------------------------------------------------------------------------- two ranks

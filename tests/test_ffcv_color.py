@@ -25,9 +25,9 @@ pytest.importorskip("ffcv")
 
 from numba import njit  # noqa: E402
 
-from pipelines.batch_augment import BatchColorAugment, ColorAugParams, gaussian_kernels  # noqa: E402
-from pipelines.ffcv_color import FFCVColorAugment, color_augment_image  # noqa: E402  (imports FFCV)
-from pipelines.recipe import SimCLRRecipe  # noqa: E402
+from pipelines.augment.batched import BatchColorAugment, ColorAugParams, gaussian_kernels  # noqa: E402
+from pipelines.augment.ffcv_colour import FFCVColorAugment, color_augment_image  # noqa: E402  (imports FFCV)
+from pipelines.augment.recipe import SimCLRRecipe  # noqa: E402
 from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
 from ffcv.pipeline.compiler import Compiler  # noqa: E402
 from ffcv.pipeline.state import State  # noqa: E402

@@ -14,14 +14,16 @@ import pytest
 
 pytest.importorskip("ffcv")
 
-from pipelines.datasets import DataError  # noqa: E402
-from pipelines.ffcv_backend import int_pipeline, open_converted  # noqa: E402
-from pipelines.ffcv_orders import PipelineFailure, ScheduledLoader, UnlabeledSchedule  # noqa: E402
+from pipelines.backends.ffcv.loader import int_pipeline, open_beton  # noqa: E402
+from pipelines.backends.ffcv.orders import PipelineFailure, ScheduledLoader, UnlabeledSchedule  # noqa: E402
+from pipelines.errors import DataError  # noqa: E402
+from pipelines.format.converted import open_converted  # noqa: E402
+from pipelines.plan import UnlabeledPlan  # noqa: E402
 from tests.helpers.imagefolder import make_image_folder  # noqa: E402
-from tools.convert import layout  # noqa: E402
+from pipelines.format import layout  # noqa: E402
 from tools.convert_imagenet import ConvertOptions, convert  # noqa: E402
 
-with __import__("pipelines.ffcv_orders", fromlist=["keep_torch_threads"]).keep_torch_threads():
+with __import__("pipelines.torch_threads", fromlist=["keep_torch_threads"]).keep_torch_threads():
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.operation import Operation
 
@@ -59,12 +61,12 @@ def converted(tmp_path_factory) -> Path:
 
 
 def test_pipeline_thread_failure_reaches_the_consumer(converted):
-    schedule = UnlabeledSchedule(24, 4, 0, 1, seed=0)
+    schedule = UnlabeledSchedule(UnlabeledPlan(24, 4, 0, 1, seed=0))
     spec = int_pipeline("index", None)
     spec.transforms.insert(0, FailOnSample())
     loader = ScheduledLoader(str(layout.beton_path(converted, "train")), schedule, num_workers=1, batches_ahead=1,
                              pipelines={"image": None, "label": None, "index": spec})
-    order = schedule.epoch_order(0).reshape(-1, 4)
+    order = schedule.plan.batches(0)
     poisoned_step = int(np.argwhere(order == POISONED)[0, 0])
     outcome: dict = {}
 
@@ -94,7 +96,7 @@ def test_truncated_beton_is_refused_by_name(converted, tmp_path):
     with open(beton, "r+b") as f:
         f.truncate(beton.stat().st_size // 2)
     with pytest.raises(DataError, match=f"{beton} is .* bytes, but the converter wrote"):
-        open_converted(copy, "train")
+        open_beton(open_converted(copy, "train"))
 
 
 def test_beton_of_another_format_version_is_refused_by_name(converted, tmp_path):
@@ -107,11 +109,11 @@ def test_beton_of_another_format_version_is_refused_by_name(converted, tmp_path)
     data[0:2] = (99).to_bytes(2, "little")  # the header's format version
     beton.write_bytes(bytes(data))
     with pytest.raises(DataError, match=f"{beton}.*format version 99.*reads version 2"):
-        open_converted(copy, "train")
+        open_beton(open_converted(copy, "train"))
 
 
 def test_pass_stopped_with_a_full_queue_can_be_joined(converted):
-    schedule = UnlabeledSchedule(24, 4, 0, 1, seed=0)  # 6 batches
+    schedule = UnlabeledSchedule(UnlabeledPlan(24, 4, 0, 1, seed=0))  # 6 batches
     loader = ScheduledLoader(str(layout.beton_path(converted, "train")), schedule, num_workers=1, batches_ahead=2,
                              pipelines={"image": None, "label": None, "index": int_pipeline("index", None)})
     epoch = iter(loader)
@@ -143,7 +145,7 @@ def test_undecodable_jpeg_inside_the_beton_is_named(converted, tmp_path):
     from ffcv.reader import Reader
 
     from pipelines.bad_images import BadImageError
-    from pipelines.build import build_loaders
+    from train.data import build_loaders
     from train.config import load_config
 
     copy = tmp_path / "out"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipelines.bad_images import BadImageError, ReplacementPools
-from pipelines.build import build_loaders
+from train.data import build_loaders
 from tests.pretrain_helpers import make_split_tree, read_metrics, step_losses, tiny_config, tiny_overrides
 from tests.helpers.dist import free_port
 from tests.test_pretrain import CPU, REPO, _cli, _set_args
@@ -154,14 +154,14 @@ def test_skip_mode_replaces_and_names_bad_images(tmp_path, workers):
     loaders = build_loaders(cfg, 0, 1, torch.device("cpu"))
     loader = loaders.train
     index = loader.unlabeled.dataset.source.paths
-    labeled = set(loader.support_batches.labeled.tolist())
+    labeled = set(loader.plan.support.labeled.tolist())
     # One unlabeled-only image and labeled images of two classes, no two adjacent in a pool.
     victims = {min(set(range(len(index))) - labeled)}
     victims |= {min(i for i in labeled if f"n0000000{c}" in index[i] and i - 1 not in victims) for c in (2, 3)}
     for i in victims:
         _truncate(Path(index[i]))
     loader.set_epoch(0)
-    order = loader.unlabeled_batches.order()
+    order = loader.plan.unlabeled.batches(0).reshape(-1)
     support_ids = [i for batch in loader.support_batches for i, _ in batch]
     loader.set_epoch(0)
     batches = list(loader)

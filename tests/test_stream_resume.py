@@ -1,7 +1,7 @@
 """A SIGKILLed run resumed with ``--resume auto`` continues the DALI and FFCV
 sample streams where its checkpoint left them: every epoch, put together from
 the killed run (up to its checkpoint) and the resumed one, holds each planned
-image once, in the order of an uninterrupted run (the shared schedule)."""
+image once, in the order of an uninterrupted run (the shared plan)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.schedules import UnlabeledSchedule
+from tests.helpers.reference_plan import reference_unlabeled
 from tests.pretrain_helpers import make_split_tree, read_metrics, tiny_overrides
 from tests.test_pretrain import _cli, _set_args
 
@@ -74,9 +74,8 @@ def test_killed_run_resumes_the_same_sample_stream(backend, kill_after_step, tmp
     assert resume_at == divmod(kill_after_step, STEPS)  # the checkpoint's position, even at an epoch end
     stream = [r for r in first if (r["epoch"], r["step"]) < resume_at] + second
     assert [(r["epoch"], r["step"]) for r in stream] == [(e, s) for e in range(EPOCHS) for s in range(STEPS)]
-    schedule = UnlabeledSchedule(CLASSES * PER_CLASS, BATCH, 0, 1, seed=0)
     for epoch in range(EPOCHS):
         ids = [i for r in stream if r["epoch"] == epoch for i in r["ids"]]
-        assert ids == schedule.epoch_order(epoch).tolist()
+        assert ids == [i for step in reference_unlabeled(CLASSES * PER_CLASS, BATCH, 0, 1, 0, epoch) for i in step]
         assert len(set(ids)) == len(ids) == STEPS * BATCH
     assert int(read_metrics(run_dir)[-1]["global_step"]) == EPOCHS * STEPS

@@ -215,8 +215,8 @@ def test_step_shape_follows_the_config():
 def test_missing_augment_module_is_reported_unavailable(tmp_path, capsys, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "pipelines.batch_augment", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "pipelines.augment.batched", None)  # import now raises ImportError
     code, report, stdout = _run(["--mode", "augment"] + TINY, tmp_path, capsys)
     (row,) = report["results"]
-    assert code == 0 and row["status"] == "unavailable" and "pipelines.batch_augment" in row["reason"]
+    assert code == 0 and row["status"] == "unavailable" and "pipelines.augment.batched" in row["reason"]
     assert "| augment | - | unavailable: " in stdout

@@ -6,8 +6,8 @@ Usage::
         [--labeled-list FILE | --labeled-fraction 0.1 --seed S] [--max-resolution 512]
         [--jpeg-quality 90] [--shard-size 1024] [--jobs N] [--strict] [--overwrite]
 
-``--src`` holds ``<split>/<wnid>/*.JPEG``. The output layout is described in
-``tools/convert/layout.py``; ``manifest.json`` accounts for every file seen
+``--src`` holds ``<split>/<wnid>/*.JPEG``, listed by ``pipelines.image_folder``
+(the index every loader uses). The output format is ``pipelines.format``; ``manifest.json`` accounts for every file seen
 (``seen = written + skipped`` per split). Bad files (unreadable, empty, not
 an image, truncated or corrupt, other extensions, files outside class
 folders) are skipped and recorded, or with ``--strict`` stop the run. Files
@@ -16,9 +16,13 @@ rotated) are re-encoded for the DALI shards; the rest are copied byte for
 byte.
 
 Each split is written under temporary names and renamed when complete, so a
-rerun skips the splits already done with the same settings and redoes any
-partial one. Settings that differ from the previous run in ``--out`` are
-refused unless ``--overwrite`` (which deletes the previous outputs).
+rerun skips the splits already done with the same settings from the same
+source files, and redoes any partial one. Settings that differ from the
+previous run in ``--out``, or source files that changed since (added, removed,
+or another size or modification time), are refused unless ``--overwrite``
+(which deletes the previous outputs).
+
+Exit status: 0 when converted, 2 when refused (the one-line message says why).
 """
 from __future__ import annotations
 
@@ -39,12 +43,15 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from tqdm import tqdm
 
-from tools.convert import layout
+from pipelines.errors import DataError
+from pipelines.format import layout
+from pipelines.format.manifest import (FORMAT_VERSION, file_record, new_manifest, settings_diff,
+                                      split_is_complete, write_json)
+from pipelines.image_folder import find_classes, list_split
+from pipelines.labeled import LabeledSubset, match_list, stratified
 from tools.convert.dali_shards import ShardTask, plan_shards, write_shard
 from tools.convert.ffcv_beton import BetonSettings, require_ffcv, write_beton
-from tools.convert.labeled import LabeledSubset, from_list, stratified
-from tools.convert.manifest import file_record, new_manifest, settings_diff, split_is_complete, write_json
-from tools.convert.source import SKIP, SourceChanged, Verdict, find_classes, inspect_file, list_split
+from tools.convert.source import SKIP, SourceChanged, Verdict, inspect_file, source_changes, source_state
 
 FORMATS = ("ffcv", "dali")
 log = logging.getLogger("tools.convert_imagenet")
@@ -73,6 +80,7 @@ class ConvertOptions:
     shard_multiple: int = 64
     jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
     strict: bool = False
+    allow_missing: bool = False  # a labeled list may name absent, ambiguous or unreadable files (they are left out)
     overwrite: bool = False
     progress: bool = True
 
@@ -138,6 +146,15 @@ def convert(options: ConvertOptions) -> dict:
             raise ConversionError(str(e)) from e
 
     classes = find_classes([src / s for s in options.splits])
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--out {out} is a file; give a directory (new, or a previous conversion)")
+    try:
+        return _convert(options, src, out, classes)
+    except OSError as e:  # the output cannot be written: read-only, full, no permission
+        raise ConversionError(f"cannot write the conversion to --out {out}: {e}") from e
+
+
+def _convert(options: ConvertOptions, src: Path, out: Path, classes: list[str]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     manifest = _open_manifest(out, options.settings(classes), options.overwrite)
     write_json(out / layout.LABELS, {"classes": classes, "class_to_idx": {c: i for i, c in enumerate(classes)}})
@@ -147,7 +164,8 @@ def convert(options: ConvertOptions) -> dict:
     with _worker_pool(options.jobs) as pool:
         for split in options.splits:
             if split_is_complete(manifest["splits"].get(split), out):
-                log.info("%s: already converted with these settings, skipping", split)
+                _check_source_unchanged(split, src / split, out, classes, manifest["splits"][split])
+                log.info("%s: already converted with these settings from the same source files, skipping", split)
                 continue
             manifest["splits"][split] = {"complete": False}
             write_json(out / layout.MANIFEST, manifest)
@@ -157,19 +175,39 @@ def convert(options: ConvertOptions) -> dict:
     return manifest
 
 
+def _check_source_unchanged(split: str, split_dir: Path, out: Path, classes: list[str], entry: dict) -> None:
+    """Refuse to call a complete split done when its source files changed since it was converted."""
+    listing = list_split(split_dir, classes)
+    seen = listing.paths + [r["path"] for r in listing.ignored]
+    recorded = entry.get("source")
+    if recorded is None:
+        log.warning("%s: converted by an older version that did not record its source files; cannot tell whether "
+                    "they changed (pass --overwrite to reconvert)", split)
+        return
+    if source_state(split_dir, seen) != recorded:
+        before = [s["path"] for s in layout.read_samples(out, split)] + [s["path"] for s in entry.get("skipped", [])]
+        raise ConversionError(f"{split_dir} changed since it was converted ({source_changes(before, seen)}): the "
+                              "conversion is stale; pass --overwrite to reconvert it")
+
+
 def _open_manifest(out: Path, settings: dict, overwrite: bool) -> dict:
-    """The previous manifest when its settings match, else a new one (after ``--overwrite`` checks)."""
+    """The previous manifest when its settings match, else a new one. Other settings replace a
+    previous conversion only with ``--overwrite``, or when none of its splits was completed
+    (a refused or interrupted first attempt holds nothing to protect)."""
     path = out / layout.MANIFEST
     if path.exists():
-        previous = json.loads(path.read_text())
+        previous = layout.read_manifest(out)
         diff = settings_diff(previous.get("settings", {}), settings)
+        if previous.get("format_version") != FORMAT_VERSION:
+            diff.append(f"format_version: {previous.get('format_version')!r} -> {FORMAT_VERSION} (an older converter)")
         if not diff and not overwrite:
             return previous
-        if not overwrite:
+        done = [split for split, entry in previous["splits"].items() if entry.get("complete")]
+        if done and not overwrite:
             raise ConversionError(
-                f"--out {out} holds a conversion with other settings; use another --out or pass --overwrite "
-                "to delete it. Differences:\n  " + "\n  ".join(diff))
-    if overwrite:
+                f"--out {out} holds a conversion ({', '.join(done)}) with other settings; use another --out or "
+                "pass --overwrite to delete it. Differences: " + "; ".join(diff))
+    if path.exists() or overwrite:  # only what a conversion writes, never other files in --out
         for name in ("ffcv", "dali", "samples", "labeled"):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in (layout.MANIFEST, layout.LABELS):
@@ -198,6 +236,7 @@ class Inspection:
     skipped: list[dict]  # {"path", "reason", "detail"}
     seen: int
     empty_classes: list[str]
+    source: dict  # source_state of the listed files, to tell a stale conversion on a rerun
 
 
 def _convert_split(split: str, split_dir: Path, out: Path, classes: list[str], options: ConvertOptions, pool) -> dict:
@@ -247,6 +286,7 @@ def _convert_split(split: str, split_dir: Path, out: Path, classes: list[str], o
         "skipped": found.skipped,
         "reencoded": reencoded,
         "empty_classes": found.empty_classes,
+        "source": found.source,
         "samples_file": layout.samples_path(out, split).relative_to(out).as_posix(),
         "labeled": None if labeled is None else {
             "file": layout.labeled_path(out, split).relative_to(out).as_posix(),
@@ -268,20 +308,21 @@ def _inspect_split(split: str, split_dir: Path, classes: list[str], options: Con
     if options.strict and listing.empty_classes:
         raise ConversionError(f"--strict: {split_dir / listing.empty_classes[0]}: empty-class-folder")
 
-    sources = [str(split_dir / c.path) for c in listing.candidates]
+    sources = [str(split_dir / path) for path in listing.paths]
     accepted: list[Accepted] = []
     skipped = list(listing.ignored)
     verdicts = _ordered_map(pool, inspect_file, sources, 64, _bar(options, len(sources), f"{split}: inspect"))
-    for candidate, source, verdict in zip(listing.candidates, sources, verdicts):
+    for path, label, source, verdict in zip(listing.paths, listing.labels, sources, verdicts):
         if verdict.action != SKIP:
-            accepted.append(Accepted(source, candidate.path, candidate.label, verdict))
+            accepted.append(Accepted(source, path, label, verdict))
         elif options.strict:
             raise ConversionError(f"--strict: {source}: {verdict.reason} ({verdict.detail})")
         else:
-            skipped.append({"path": candidate.path, "reason": verdict.reason, "detail": verdict.detail})
+            skipped.append({"path": path, "reason": verdict.reason, "detail": verdict.detail})
     if not accepted:
         raise ConversionError(f"{split_dir}: no usable image among {len(sources)} candidate files")
-    return Inspection(accepted, skipped, len(sources) + len(listing.ignored), listing.empty_classes)
+    state = source_state(split_dir, listing.paths + [r["path"] for r in listing.ignored])
+    return Inspection(accepted, skipped, len(sources) + len(listing.ignored), listing.empty_classes, state)
 
 
 def _write_samples(path: Path, accepted: list[Accepted]) -> None:
@@ -295,14 +336,17 @@ def _labeled_subset(split: str, found: Inspection, options: ConvertOptions) -> L
         return None
     if options.labeled_list is not None:
         lines = Path(options.labeled_list).read_text().splitlines()
-        subset = from_list(lines, [a.path for a in found.accepted], {s["path"]: s["reason"] for s in found.skipped})
-        problems = subset.missing + subset.ambiguous
-        if options.strict and problems:
-            raise ConversionError(f"--strict: --labeled-list {options.labeled_list}: "
-                                  f"{'not found' if subset.missing else 'ambiguous'} in {split}: {problems[0]}")
+        subset = match_list(lines, [a.path for a in found.accepted], {s["path"]: s["reason"] for s in found.skipped})
+        problem = subset.problems()
+        if problem and not options.allow_missing:
+            raise ConversionError(f"--labeled-list {options.labeled_list} against {split}: {problem}; fix the list, "
+                                  "or pass --allow-missing to convert without those entries")
+        if not subset.indices:
+            raise ConversionError(f"--labeled-list {options.labeled_list} names no usable image of {split}")
         return subset
     if options.labeled_fraction is not None:
-        return stratified([a.label for a in found.accepted], options.labeled_fraction, options.seed)
+        return LabeledSubset(stratified([a.label for a in found.accepted], options.labeled_fraction,
+                                        options.seed).tolist())
     return None
 
 
@@ -426,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DALI: shard count is rounded up to a multiple of this, for balance across ranks")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     p.add_argument("--strict", action="store_true", help="stop at the first bad file instead of skipping it")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="convert even when --labeled-list names files that are absent, ambiguous (a bare name in "
+                        "several class folders) or unreadable; they are left out of the labeled subset and "
+                        "recorded in manifest.json")
     p.add_argument("--overwrite", action="store_true", help="delete what a previous conversion wrote in --out and start afresh (needed when its settings differ)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
@@ -441,15 +489,15 @@ def main(argv: list[str] | None = None) -> int:
             labeled_list=args.labeled_list, labeled_fraction=args.labeled_fraction, labeled_split=args.labeled_split,
             seed=args.seed, max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,
             compress_probability=args.compress_probability, shard_size=args.shard_size,
-            shard_multiple=args.shard_multiple, jobs=args.jobs, strict=args.strict, overwrite=args.overwrite,
+            shard_multiple=args.shard_multiple, jobs=args.jobs, strict=args.strict, allow_missing=args.allow_missing, overwrite=args.overwrite,
             progress=not args.no_progress)
     except ValueError as e:
         parser.error(str(e))
     try:
         convert(options)
-    except ConversionError as e:
+    except (ConversionError, DataError) as e:  # refused: the input or output is not usable as given
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.datasets import DataError, index_image_folder, stratified_subset
+from pipelines.errors import DataError
+from pipelines.image_folder import index_image_folder
+from pipelines.labeled import stratified
 from train.config import ConfigError, load_config
 
 ARMS = {"simclr": "SimCLR", "suncet": "SimCLR+SuNCEt"}
@@ -76,7 +78,7 @@ def subset_root(data: Path, train_split: str, val_split: str, n: int, seed: int,
     index = index_image_folder(data / train_split)
     if not 0 < n <= len(index):
         raise DataError(f"--train-subset must be in [1, {len(index)}], got {n}")
-    chosen = stratified_subset(index.labels, n / len(index), seed)
+    chosen = stratified(index.labels, n / len(index), seed)
     root = out / f"data-subset{n}-seed{seed}"
     split = root / train_split
     for i in chosen:

@@ -52,11 +52,12 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from pipelines.build import build_loaders
 from pipelines.contract import PretrainBatch, PretrainLoader
-from pipelines.datasets import DataError, index_image_folder
-from pipelines.torch_backend import load_rgb
+from pipelines.errors import DataError
+from pipelines.image_folder import index_image_folder
+from pipelines.images import open_rgb
 from train.config import BACKENDS, ConfigError, PretrainConfig, load_config
+from train.data import build_loaders
 from train.distributed import DistContext, init_distributed, shutdown_distributed
 from train.lars import LARS
 from train.precision import Precision, resolve_precision
@@ -277,7 +278,7 @@ def device_sync(device: torch.device) -> Callable[[], None]:
 def _decode_files(paths: list[str]) -> int:
     """Worker: decode each file to RGB pixels (PIL / libjpeg-turbo) and drop them."""
     for path in paths:
-        load_rgb(path)
+        open_rgb(path)
     return len(paths)
 
 
@@ -412,7 +413,7 @@ def measure_e2e(kit: StepKit, batches: Iterator[PretrainBatch], shape: StepShape
 def measure_augment(cfg: PretrainConfig, shape: StepShape, timing: Timing, device: torch.device,
                     precision: Precision) -> dict:
     """``BatchColorAugment`` on uint8 channels-last batches of all the step's views."""
-    from pipelines.batch_augment import BatchColorAugment  # written alongside the FFCV backend
+    from pipelines.augment.batched import BatchColorAugment
 
     augment = BatchColorAugment(cfg.augment, dtype=precision.input_dtype)
     r = shape.resolution

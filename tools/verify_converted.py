@@ -16,8 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from tools.convert import layout
-from tools.convert.manifest import file_record, size_mismatch
+from pipelines.errors import DataError
+from pipelines.format import layout
+from pipelines.format.manifest import file_record, size_mismatch
 
 
 def file_problem(out: Path, record: dict) -> str | None:
@@ -64,9 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     try:
         problems = verify(out, splits)
-    except (ValueError, KeyError, TypeError) as exc:  # unparsable JSON or records without the expected keys
-        print(f"error: {out / layout.MANIFEST} is not a converter manifest: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
+    except DataError as exc:  # not JSON, or not shaped like a converter manifest
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     for problem in problems:
         print(problem)

@@ -7,6 +7,8 @@ the dotted key, before any work starts. ``--set a.b=value`` overrides parse
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib.resources
 import math
 import types
 import typing
@@ -16,10 +18,9 @@ from typing import Any
 
 import yaml
 
+from pipelines.augment.recipe import SimCLRRecipe
 from pipelines.bad_images import POLICIES as BAD_IMAGE_POLICIES
-from pipelines.recipe import SimCLRRecipe
-
-BACKENDS = ("torch", "dali", "ffcv")
+from pipelines.spec import BACKENDS
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -141,6 +142,13 @@ class PretrainConfig:
             raise ConfigError("data.support_classes and data.num_workers must be >= 0")
         if l.suncet_weight > 0 and d.support_classes < 2:
             raise ConfigError("data.support_classes must be >= 2 when loss.suncet_weight > 0 (SuNCEt needs negatives)")
+        if l.suncet_weight > 0 and d.support_images_per_class * d.support_views < 2 and (
+                world_size == 1 or d.unique_classes):
+            where = "on one process" if world_size == 1 else "with data.unique_classes=true"
+            raise ConfigError(
+                f"data.support_images_per_class=1 with data.support_views=1 {where} gives SuNCEt no positive pair "
+                "(each class appears once in a step's support set): set data.support_images_per_class >= 2 or "
+                "data.support_views >= 2" + ("" if world_size == 1 else ", or data.unique_classes=false"))
         if not 0 < d.labeled_fraction <= 1:
             raise ConfigError(f"data.labeled_fraction must be in (0, 1], got {d.labeled_fraction}")
         for key in ("start_lr", "lr", "final_lr", "weight_decay", "momentum", "trust_coefficient", "warmup_epochs"):
@@ -209,7 +217,12 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)} (known: {', '.join(sorted(known))})")
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hints.append(prefix + key + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+        raise ConfigError(f"unknown config key(s): {', '.join(hints)}; known in {prefix.rstrip('.') or 'the top level'}: "
+                          f"{', '.join(sorted(known))}")
     kwargs = {}
     for name, value in values.items():
         annotation = hints[name]
@@ -254,15 +267,52 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
-    """Load a YAML config (or defaults when ``path`` is None) and apply overrides."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+BASE_KEY = "_base_"  # a config file may name another file whose values it overrides
+
+
+def find_config(path: str | Path) -> Path:
+    """``path`` as given, or, when it does not exist, the config of that name shipped with
+    the package (``configs/``), so that ``--config configs/demo.yaml`` or ``--config demo.yaml``
+    works from an installed package too."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.parent in (Path("."), Path("configs")):
+        try:
+            shipped = importlib.resources.files("configs").joinpath(path.name)
+        except ModuleNotFoundError:  # not installed with its configs
+            shipped = None
+        if shipped is not None and shipped.is_file():
+            return Path(str(shipped))
+    raise ConfigError(f"config file not found: {path}")
+
+
+def read_config_tree(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The values of config file ``path`` merged over those of its ``_base_`` file(s), recursively
+    (a base path is relative to the file that names it)."""
+    path = find_config(path)
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path}: _base_ files form a cycle: {' -> '.join(str(p) for p in seen)}")
+    try:
         with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+            tree = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    tree = {} if tree is None else tree
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(tree).__name__}")
+    base = tree.pop(BASE_KEY, None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"config {path}: {BASE_KEY} must be a file name, got {base!r}")
+    base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+    return _merge(read_config_tree(base_path, seen + (path.resolve(),)), tree)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
+    """Load a YAML config (or defaults when ``path`` is None), its ``_base_`` chain, and apply overrides."""
+    tree = read_config_tree(path) if path is not None else {}
     tree = _merge(tree, parse_overrides(overrides or []))
     return _build(PretrainConfig, tree, "")
 

@@ -29,17 +29,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from model import build_model
-from pipelines.build import EvalDataset, labeled_indices
-from pipelines.datasets import DataError, index_image_folder
-from pipelines.encoded_images import ShardImages, open_converted
-from pipelines.reference_transforms import eval_transform
+from pipelines.augment.reference import eval_transform
+from pipelines.errors import DataError
+from pipelines.eval_data import EvalImages, capped_ids, open_split_images
+from pipelines.format.converted import is_converted, open_converted
+from pipelines.labeled import LabeledSpec, choose_labeled
 from train import checkpoint as ckpt
-from train.config import ConfigError, PretrainConfig, config_from_dict
+from train.config import ConfigError, PretrainConfig
+from train.data import labeled_spec
+from train.export import ExportError, load_encoder, load_pretrained
 from train.knn import extract_features, knn_accuracy
 
 METHODS = ("knn", "linear", "finetune")
@@ -79,8 +81,12 @@ class EvalSettings:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="a ckpt-*.pt file, or a run directory (newest checkpoint)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a ckpt-*.pt file, a run directory (newest checkpoint), or an encoder from tools.export")
     p.add_argument("--data", default=None, help="data root (default: the checkpoint's data.root)")
+    p.add_argument("--arch", default=None, help="encoder architecture of an exported encoder (default resnet50)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side for an exported encoder (default 224; a training checkpoint knows its own)")
     p.add_argument("--method", default="knn", choices=METHODS)
     p.add_argument("--labeled-list", default=None, help="labeled subset file (SimCLR 10percent.txt format)")
     p.add_argument("--labeled-fraction", type=float, default=None,
@@ -105,41 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- checkpoint and data
 
 
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, PretrainConfig, Path]:
-    """The pre-trained ``SimCLRModel`` (CPU, eval mode), its config, and the file read."""
-    path = Path(path)
-    if path.is_dir():
-        loaded = ckpt.load_latest(path)
-        if loaded is None:
-            raise DataError(f"no ckpt-*.pt checkpoint in {path}")
-        state, path = loaded
-    elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    else:
-        raise DataError(f"checkpoint not found: {path}")
-    if "model" not in state or "config" not in state:
-        raise DataError(f"{path} is not a pre-training checkpoint (needs 'model' and 'config')")
-    cfg = config_from_dict(state["config"])
-    m = cfg.model
-    model = build_model(m.arch, m.head_hidden_dim, m.head_out_dim, channels_last=m.channels_last, sync_bn=False)
-    model.load_state_dict(state["model"])
-    return model.eval(), cfg, path
-
-
-class ShardDataset(Dataset):
-    """(image, label) of a converted split, read from its webdataset shards (``ShardImages``)."""
-
-    def __init__(self, images: ShardImages, transform):
-        self.images, self.transform = images, transform
-        self.labels = images.labels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        return self.transform(self.images.decode(i)), int(self.labels[i])
-
-
 @dataclass
 class EvalData:
     labeled: Dataset  # eval transform
@@ -153,57 +124,33 @@ def finetune_transform(resolution: int, mean, std) -> v2.Compose:
                        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
-def _val_subset(n: int, cap: int | None, seed: int) -> list[int]:
-    ids = np.arange(n)
-    if cap is not None and n > cap:
-        ids = np.sort(np.random.default_rng(seed).choice(ids, cap, replace=False))
-    return ids.tolist()
-
-
-def labeled_for(cfg: PretrainConfig, s: EvalSettings, index, converted: np.ndarray | None) -> np.ndarray:
-    """The run's labeled-subset rule (``labeled_indices``), with --labeled-list or
-    --labeled-fraction taking precedence when given."""
-    d = cfg.data
+def labeled_for(cfg: PretrainConfig, s: EvalSettings, root: Path, paths, labels, where: str) -> np.ndarray:
+    """The run's labeled-subset rule (``pipelines.labeled.choose_labeled``), with --labeled-list
+    or --labeled-fraction taking precedence when given."""
+    spec = labeled_spec(cfg)
+    converted = open_converted(root, s.train_split or cfg.data.train_split).labeled if is_converted(root) else None
     if s.labeled_list is not None:
-        d = replace(d, labeled_list=s.labeled_list)
+        spec = LabeledSpec(s.labeled_list, spec.fraction, spec.seed)
     elif s.labeled_fraction is not None:
-        d, converted = replace(d, labeled_list=None, labeled_fraction=s.labeled_fraction), None
-    return labeled_indices(replace(cfg, data=d), index, converted)
+        spec, converted = LabeledSpec(None, s.labeled_fraction, spec.seed), None
+    return choose_labeled(spec, paths, labels, where, converted)
 
 
 def build_eval_data(cfg: PretrainConfig, root: Path, s: EvalSettings) -> EvalData:
-    """Labeled train subset and held-out split of ``root`` (ImageFolder or DALI shards)."""
+    """Labeled train subset and held-out split of ``root`` (an ImageFolder tree, or a conversion's shards)."""
     d = cfg.data
     train_split, val_split = s.train_split or d.train_split, s.val_split or d.val_split
     recipe = cfg.augment
-    aug = finetune_transform(recipe.resolution, recipe.mean, recipe.std)
     if not root.is_dir():
         raise DataError(f"data root not found: {root}")
-    if (root / "manifest.json").is_file():  # a converted directory
-        from tools.convert import layout
-
-        if not (layout.shard_dir(root, train_split).is_dir() and layout.shard_dir(root, val_split).is_dir()):
-            raise DataError(f"{root} holds no DALI shards for {train_split}/{val_split}; pass the ImageFolder root "
-                            "it was converted from as --data")
-        train_images, converted = open_converted(root, train_split)
-        val_images, _ = open_converted(root, val_split)
-        train, train_aug = ShardDataset(train_images, eval_transform(recipe)), ShardDataset(train_images, aug)
-        val = ShardDataset(val_images, eval_transform(recipe))
-        labeled = labeled_for(cfg, s, train_images.index, converted)
-        num_classes = len(train_images.index.classes)
-    else:
-        index = index_image_folder(root / train_split)
-        val_index = index_image_folder(root / val_split)
-        if val_index.classes != index.classes:
-            raise DataError(f"class folders of {val_index.root} differ from those of {index.root}")
-        labeled = labeled_for(cfg, s, index, None)
-        train, val = EvalDataset(index, recipe), EvalDataset(val_index, recipe)
-        train_aug = EvalDataset(index, recipe)
-        train_aug.transform = aug
-        num_classes = len(index.classes)
-    ids = labeled.tolist()
-    val_ids = _val_subset(len(val), s.val_max_samples, s.seed)
-    return EvalData(Subset(train, ids), Subset(train_aug, ids), Subset(val, val_ids), num_classes)
+    train, val = open_split_images(root, train_split), open_split_images(root, val_split)
+    if val.index.classes != train.index.classes:
+        raise DataError(f"class folders of {val.index.root} differ from those of {train.index.root}")
+    labeled = labeled_for(cfg, s, root, train.index.paths, train.labels, str(train.index.root))
+    aug = finetune_transform(recipe.resolution, recipe.mean, recipe.std)
+    return EvalData(EvalImages(train, labeled, eval_transform(recipe)), EvalImages(train, labeled, aug),
+                    EvalImages(val, capped_ids(len(val), s.val_max_samples, s.seed), eval_transform(recipe)),
+                    len(train.index.classes))
 
 
 # --------------------------------------------------------------------------- protocols
@@ -291,10 +238,32 @@ def finetune(model, data: EvalData, s: EvalSettings, device, channels_last: bool
     return topk_accuracy(torch.cat(scores), torch.cat(labels))
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None, s: EvalSettings) -> dict:
-    """Load ``checkpoint``, evaluate with ``s.method`` and return
-    ``{"method", "top1", "top5", "checkpoint", "num_labeled", "num_val"}``."""
-    model, cfg, path = load_checkpoint(checkpoint)
+def load_for_evaluation(checkpoint: str | Path, arch: str | None, resolution: int | None):
+    """(model, config, file) of a training checkpoint (file or run directory), or of an encoder
+    exported by ``tools.export`` (any format), which needs ``arch`` and ``resolution`` given since
+    it carries no config (defaults for the rest: ImageNet normalisation, the 10 % draw)."""
+    path = Path(checkpoint)
+    if path.is_file() and path.suffix != ".safetensors":
+        state = ckpt.load(path)
+        is_training = isinstance(state, dict) and "model" in state and "config" in state
+    else:
+        is_training = path.is_dir() or not path.exists()
+    if is_training:
+        model, cfg, path, _ = load_pretrained(path)
+        return model, cfg, path
+    cfg = PretrainConfig()
+    cfg.model = replace(cfg.model, arch=arch or cfg.model.arch)
+    cfg.augment = replace(cfg.augment, resolution=resolution or cfg.augment.resolution)
+    return load_encoder(path, cfg.model.arch).eval(), cfg, path
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None, s: EvalSettings,
+                        arch: str | None = None, resolution: int | None = None) -> dict:
+    """Load ``checkpoint`` (a training checkpoint or an exported encoder), evaluate with
+    ``s.method`` and return ``{"method", "top1", "top5", "checkpoint", "num_labeled", "num_val"}``."""
+    model, cfg, path = load_for_evaluation(checkpoint, arch, resolution)
+    if data is None and not cfg.data.root:
+        raise ConfigError("--data is needed: an exported encoder does not record its data root")
     root = Path(data if data is not None else cfg.data.root)
     if s.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -319,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                          val_max_samples=a.val_max_samples, knn_k=a.k, knn_temperature=a.knn_temperature,
                          linear_l2=a.linear_l2, finetune_epochs=a.epochs, finetune_lr=a.lr, batch_size=a.batch_size,
                          num_workers=a.num_workers, seed=a.seed, device=a.device, progress=not a.no_progress)
-        result = evaluate_checkpoint(a.checkpoint, a.data, s)
-    except (ConfigError, DataError, ckpt.CheckpointError) as exc:
+        result = evaluate_checkpoint(a.checkpoint, a.data, s, a.arch, a.resolution)
+    except (ConfigError, DataError, ckpt.CheckpointError, ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{result['method']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "

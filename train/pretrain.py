@@ -18,16 +18,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from model import build_model, export_torchvision_state_dict
-from pipelines.build import Loaders, build_loaders
-from pipelines.contract import LoaderFailure
-from pipelines.datasets import DataError
+from model import TORCHVISION_ARCHS, build_model
+from pipelines.errors import DataError, LoaderFailure
 from train import checkpoint as ckpt
+from train import export
 from train.config import ConfigError, PretrainConfig, config_from_dict, config_to_dict, load_config
+from train.data import Loaders, build_loaders
 from train.distributed import DistContext, all_reduce_sum, init_distributed, shutdown_distributed
 from train.knn import extract_features, knn_accuracy
 from train.lars import LARS, lars_param_groups
 from train.precision import resolve_precision
+from train.run_lock import RunDirError, RunLock
 from train.run_logger import RunLogger
 from train.schedule import WarmupCosineSchedule
 from train.step import NonFiniteLossError, StepSettings, train_step
@@ -87,8 +88,7 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "world_size": self.ctx.world_size,
             "rng": ckpt.rng_state(),
-            # Backends whose stream position is more than (epoch, step) expose it (e.g. DALI reader state).
-            "loader": self.loaders.train.state_dict() if hasattr(self.loaders.train, "state_dict") else None,
+            "loader": self.loaders.train.state_dict(),  # what the stream needs beyond (epoch, step)
         }
 
     def save(self, state: TrainState) -> None:
@@ -147,8 +147,7 @@ def train_one_epoch(tr: Trainer, state: TrainState) -> None:
         if save_now:
             tr.save(state)
     bar.close()
-    if hasattr(batches, "close"):  # stop a generator-based loader (and its workers) cut short
-        batches.close()
+    loader.close()  # a pass cut short (max_steps_per_epoch) stops its workers
 
 
 @torch.no_grad()
@@ -190,7 +189,7 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[dict, Path] | None:
     path = Path(resume)
     if not path.is_file():
         raise ConfigError(f"--resume: checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=False), path
+    return ckpt.load(path), path
 
 
 def build_model_and_optimizer(cfg: PretrainConfig, ctx: DistContext):
@@ -230,12 +229,33 @@ def build_trainer(cfg: PretrainConfig, ctx: DistContext, resume_step: int | None
 def run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none") -> dict:
     cfg.validate(ctx.world_size)
     run_dir = Path(cfg.run.output_dir)
+    lock = RunLock(run_dir) if ctx.is_main else None  # one run per directory; dies with the process
+    try:
+        return _run(cfg, ctx, resume, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def check_resumable(saved: dict, cfg: PretrainConfig, ctx: DistContext) -> None:
+    """Refuse a checkpoint whose model differs from the config's (its weights would not load),
+    naming the keys; warn when data settings or the world size differ."""
+    saved_cfg = config_from_dict(saved["config"])
+    changed = [f"model.{k}: {v!r} in the checkpoint, {getattr(cfg.model, k)!r} now"
+               for k, v in config_to_dict(saved_cfg.model).items() if v != config_to_dict(cfg.model)[k]
+               and k not in ("sync_bn", "channels_last")]  # these two change no weight
+    if changed:
+        raise ConfigError("cannot resume: the model differs from the checkpoint's (" + "; ".join(changed) +
+                          "); resume with the checkpoint's model settings or start another run.output_dir")
+    if saved_cfg.data != cfg.data or saved["world_size"] != ctx.world_size:
+        print("warning: resuming with a different data config or world size than the checkpoint's",
+              file=sys.stderr)
+
+
+def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path) -> dict:
     loaded = resolve_resume(resume, run_dir)
     if loaded is not None:
-        saved_cfg = config_from_dict(loaded[0]["config"])
-        if (saved_cfg.data, saved_cfg.model) != (cfg.data, cfg.model) or loaded[0]["world_size"] != ctx.world_size:
-            print("warning: resuming with a different data/model config or world size than the checkpoint's",
-                  file=sys.stderr)
+        check_resumable(loaded[0], cfg, ctx)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     state = TrainState(**loaded[0]["train_state"]) if loaded else TrainState()
     tr = build_trainer(cfg, ctx, state.global_step if loaded else None)
@@ -245,43 +265,44 @@ def run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none") -> dict:
         tr.optimizer.load_state_dict(saved["optimizer"])
         tr.scaler.load_state_dict(saved["scaler"])
         ckpt.set_rng_state(saved["rng"])
-        if saved.get("loader") is not None and hasattr(tr.loaders.train, "load_state_dict"):
+        if saved.get("loader") is not None:
             tr.loaders.train.load_state_dict(saved["loader"])
         if ctx.is_main:
             print(f"resumed from {path} at epoch {state.epoch} step {state.step} (global step {state.global_step})")
+    if tr.loaders.knn_off and ctx.is_main:
+        print(f"note: kNN monitor off (run.knn_every_epochs={cfg.run.knn_every_epochs}): {tr.loaders.knn_off}")
     knn = None
     try:
         while state.epoch < cfg.optim.epochs:
             train_one_epoch(tr, state)
-            if cfg.run.knn_every_epochs and (state.epoch + 1) % cfg.run.knn_every_epochs == 0 and ctx.is_main:
+            epoch = state.epoch
+            state.epoch, state.step = state.epoch + 1, 0
+            tr.save(state)  # before evaluating: an evaluation failure never costs the epoch
+            if cfg.run.knn_every_epochs and (epoch + 1) % cfg.run.knn_every_epochs == 0 and ctx.is_main:
                 knn = evaluate_knn(tr)
                 if knn is not None:
-                    tr.logger.log({"global_step": state.global_step, "epoch": state.epoch, **knn})
-                    print(f"epoch {state.epoch}: kNN top-1 {knn['knn_top1']:.2f}%  top-5 {knn['knn_top5']:.2f}%")
-            state.epoch, state.step = state.epoch + 1, 0
-            tr.save(state)
+                    tr.logger.log({"global_step": state.global_step, "epoch": epoch, **knn})
+                    print(f"epoch {epoch}: kNN top-1 {knn['knn_top1']:.2f}%  top-5 {knn['knn_top5']:.2f}%")
     except NonFiniteLossError as exc:
         raise NonFiniteLossError(f"{exc}. Last good checkpoint kept in {run_dir}; "
                                  "lower optim.lr or set loss.on_nonfinite=skip") from exc
     summary = {"run_dir": str(run_dir.resolve()), "global_step": state.global_step,
                "skipped_steps": state.skipped_steps, "bad_images": state.bad_images, **(knn or {})}
     if ctx.is_main:
-        export_encoder(tr, run_dir)
+        summary["encoder"] = str(export_encoder(tr, run_dir).resolve())
         tr.logger.write_summary(summary)
         tr.logger.close()
     return summary
 
 
 def export_encoder(tr: Trainer, run_dir: Path) -> Path:
-    """torchvision-compatible state_dict where the arch is a torchvision one,
-    the raw encoder state_dict otherwise."""
-    try:
-        state = export_torchvision_state_dict(tr.core)
-        path = run_dir / f"encoder_{tr.cfg.model.arch}_torchvision.pth"
-    except ValueError:
-        state = {k: v.cpu() for k, v in tr.core.encoder.state_dict().items()}
-        path = run_dir / f"encoder_{tr.cfg.model.arch}.pth"
-    ckpt.save_atomic(state, path)
+    """The encoder for other tools (``train.export``): torchvision's format where the arch is a
+    torchvision one, the encoder's own keys otherwise (``python -m tools.export`` writes more formats)."""
+    arch = tr.cfg.model.arch
+    if arch in TORCHVISION_ARCHS:
+        return export.export_encoder(tr.core, run_dir / f"encoder_{arch}_torchvision.pth", "torchvision")
+    path = run_dir / f"encoder_{arch}.pth"
+    ckpt.save_atomic(export.encoder_state(tr.core), path)
     return path
 
 
@@ -295,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = init_distributed(args.device)
     try:
         summary = run(cfg, ctx, args.resume)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except LoaderFailure as exc:
@@ -307,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutdown_distributed()
     if ctx.is_main:
-        print(f"done: {summary['global_step']} steps; run directory {summary['run_dir']}")
+        print(f"done: {summary['global_step']} steps; run directory {summary['run_dir']}; "
+              f"encoder {summary['encoder']}")
         if "knn_top1" in summary:
             print(f"final kNN top-1 {summary['knn_top1']:.2f}%")
     return 0

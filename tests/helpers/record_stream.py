@@ -27,6 +27,15 @@ class RecordingLoader:
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.loader.set_epoch(epoch, start_step)
 
+    def close(self) -> None:
+        self.loader.close()
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
     def __iter__(self):
         for batch in self.loader:
             record = {"epoch": batch.epoch, "step": batch.step, "ids": batch.sample_ids.tolist()}

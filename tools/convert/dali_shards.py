@@ -1,11 +1,13 @@
-"""Webdataset shards for DALI's ``fn.readers.webdataset``, with their index files.
+"""Webdataset shards, readable by DALI's ``fn.readers.webdataset`` and by webdataset itself,
+with their DALI index files.
 
 Each sample is three tar members sharing the key ``%09d`` of its index:
 ``<key>.jpg`` (JPEG bytes), ``<key>.cls`` (label) and ``<key>.idx`` (sample
-index), the last two as 4-byte little-endian int32 so that the reader can
-return them with ``dtypes=[types.UINT8, types.INT32, types.INT32]`` without
-parsing text. Members are written in USTAR format with zeroed owner and
-time, so a shard's bytes depend only on its samples.
+index), the last two as ASCII decimal digits, as webdataset writes ``.cls``
+and reads it back with ``int()`` (``pipelines.format.layout.decode_int``
+reads what DALI returns: the member's bytes, ``dtypes=UINT8``). Members are
+written in USTAR format with zeroed owner and time, so a shard's bytes
+depend only on its samples.
 
 The index file is what DALI's ``wds2idx`` writes (version ``v1.2``): a header
 line ``v1.2 <num_samples>``, then per sample one line listing each member as
@@ -16,12 +18,11 @@ from __future__ import annotations
 
 import io
 import math
-import struct
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.convert.layout import DALI_EXTENSIONS, sample_key, shard_name
+from pipelines.format.layout import DALI_EXTENSIONS, encode_int, sample_key, shard_name
 from tools.convert.source import Verdict, stored_jpeg
 
 INDEX_VERSION = "v1.2"
@@ -61,7 +62,7 @@ def write_shard(task: ShardTask) -> dict:
         for offset, (path, label, verdict) in enumerate(task.items):
             index = task.first_index + offset
             key = sample_key(index)
-            payloads = (stored_jpeg(path, verdict, task.jpeg_quality), struct.pack("<i", label), struct.pack("<i", index))
+            payloads = (stored_jpeg(path, verdict, task.jpeg_quality), encode_int(label), encode_int(index))
             members = []
             for ext, payload in zip(DALI_EXTENSIONS, payloads):
                 info = tarfile.TarInfo(f"{key}.{ext}")

@@ -1,14 +1,12 @@
-"""Reading the ImageFolder source: listing a split, and judging and decoding each file.
+"""Judging and decoding each source file of a conversion.
 
-The listing follows torchvision's ``ImageFolder`` (class folders sorted by
-name, files found by ``os.walk`` in sorted order, the same image extensions)
-so that sample order and labels match what the torchvision backend sees.
-Unlike ``ImageFolder`` it also reports what it leaves out (files of other
-types, files outside class folders, empty class folders), so that nothing
-present in the tree goes unaccounted for.
+The source tree is listed by ``pipelines.image_folder`` (the index every
+loader uses too); this module decides, file by file, whether to store it as
+it is, re-encode it, or skip it with a recorded reason.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from dataclasses import dataclass
@@ -17,8 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-# torchvision.datasets.folder.IMG_EXTENSIONS
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from pipelines.images import UNSCALABLE_MODES, open_rgb
 
 # Outcome of inspecting one file.
 COPY = "copy"  # a baseline/progressive RGB JPEG: stored as its original bytes
@@ -29,14 +26,6 @@ EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """A file that will be inspected: ``path`` is relative to the split folder."""
-
-    path: str
-    label: int
-
-
-@dataclass(frozen=True)
 class Verdict:
     """What to do with a candidate; ``reason`` is a short category, ``detail`` the error text."""
 
@@ -44,47 +33,6 @@ class Verdict:
     reason: str | None = None
     detail: str | None = None
     nbytes: int = 0
-
-
-@dataclass
-class SplitListing:
-    candidates: list[Candidate]
-    ignored: list[dict]  # {"path", "reason", "detail"}: files no class folder or extension admits
-    empty_classes: list[str]  # class folders holding no candidate file
-
-
-def find_classes(split_dirs: list[Path]) -> list[str]:
-    """Sorted union of the class folder names of the given split folders."""
-    names: set[str] = set()
-    for split_dir in split_dirs:
-        with os.scandir(split_dir) as entries:
-            names.update(e.name for e in entries if e.is_dir())
-    return sorted(names)
-
-
-def list_split(split_dir: Path, classes: list[str]) -> SplitListing:
-    """Candidates of one split in ImageFolder order, labelled by position in ``classes``."""
-    candidates: list[Candidate] = []
-    ignored: list[dict] = []
-    empty: list[str] = []
-    with os.scandir(split_dir) as entries:
-        for entry in entries:
-            if not entry.is_dir():
-                ignored.append({"path": entry.name, "reason": "outside-class-folder", "detail": None})
-    ignored.sort(key=lambda r: r["path"])
-    for label, name in enumerate(classes):
-        found = 0
-        for root, _, fnames in sorted(os.walk(split_dir / name, followlinks=True)):
-            for fname in sorted(fnames):
-                rel = os.path.relpath(os.path.join(root, fname), split_dir)
-                if fname.lower().endswith(IMG_EXTENSIONS):
-                    candidates.append(Candidate(rel, label))
-                    found += 1
-                else:
-                    ignored.append({"path": rel, "reason": "not-an-image-extension", "detail": None})
-        if not found:
-            empty.append(name)  # an empty folder, or a class only the other splits have
-    return SplitListing(candidates, ignored, empty)
 
 
 def inspect_file(path: str) -> Verdict:
@@ -115,6 +63,8 @@ def inspect_file(path: str) -> Verdict:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
         return Verdict(SKIP, reason, f"{type(e).__name__}: {e}")
+    if mode in UNSCALABLE_MODES:
+        return Verdict(SKIP, "unsupported-mode", f"mode {mode}: no defined 8-bit scaling (32-bit or float samples)")
     if fmt != "JPEG":
         return Verdict(REENCODE, f"format:{fmt}", None, len(data))
     if mode != "RGB":
@@ -127,10 +77,8 @@ def inspect_file(path: str) -> Verdict:
 
 
 def load_rgb(path: str) -> np.ndarray:
-    """Decode like torchvision's ``pil_loader``: uint8 HWC RGB."""
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        return np.asarray(img.convert("RGB"))
+    """Decode as every loader does (``pipelines.images.open_rgb``): uint8 HWC RGB."""
+    return np.asarray(open_rgb(path))
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
@@ -156,3 +104,30 @@ def stored_jpeg(path: str, verdict: Verdict, quality: int) -> bytes:
 
 class SourceChanged(RuntimeError):
     """A source file changed between inspection and writing."""
+
+
+def source_state(split_dir: Path, paths: list[str]) -> dict:
+    """What a conversion of ``split_dir`` was made from: the number of files and a digest of
+    each one's (relative path, size, mtime). A rerun compares it to tell a stale conversion."""
+    digest = hashlib.sha256()
+    for rel in sorted(paths):
+        try:
+            st = os.stat(split_dir / rel)
+        except OSError:  # a link to nothing, or a file gone since listing
+            st = os.lstat(split_dir / rel) if os.path.lexists(split_dir / rel) else None
+        digest.update(f"{rel}\0{st.st_size if st else -1}\0{st.st_mtime_ns if st else -1}\n".encode())
+    return {"files": len(paths), "sha256": digest.hexdigest()}
+
+
+def source_changes(before: list[str], after: list[str]) -> str:
+    """``before`` and ``after`` (relative paths) compared in one line: added and removed files,
+    or, when the names match, that some file changed in size or modification time."""
+    old, new = set(before), set(after)
+    added, removed = sorted(new - old), sorted(old - new)
+    if not added and not removed:
+        return "the same files, but some changed in size or modification time"
+    parts = []
+    for label, names in (("added", added), ("removed", removed)):
+        if names:
+            parts.append(f"{len(names)} {label} (e.g. {', '.join(names[:3])})")
+    return "; ".join(parts)

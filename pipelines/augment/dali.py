@@ -50,8 +50,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines.batch_augment import LUMA_WEIGHTS
-from pipelines.recipe import SimCLRRecipe
+from pipelines.augment.batched import LUMA_WEIGHTS
+from pipelines.augment.recipe import SimCLRRecipe
 
 # Jitter op ids, as in ``batch_augment``: ``order[i, k]`` is the op applied k-th to view i.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)

@@ -6,7 +6,8 @@ import json
 import os
 from pathlib import Path
 
-FORMAT_VERSION = 1
+# 2: webdataset .cls/.idx members in ASCII decimal (1: 4-byte little-endian int32).
+FORMAT_VERSION = 2
 
 
 def file_record(path: Path, out: Path) -> dict:

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipelines.ffcv_orders import keep_torch_threads
+from pipelines.torch_threads import keep_torch_threads
 
 with keep_torch_threads():  # importing FFCV sets torch's thread count to 1
     from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder

@@ -20,12 +20,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipelines.errors import DataError
+
 MANIFEST = "manifest.json"
 LABELS = "labels.json"
 PARTIAL = ".partial"  # suffix of outputs being written; renamed when the split completes
 
-# Members of each webdataset sample, and the DALI dtypes to read them with.
+# Members of each webdataset sample: JPEG bytes, label, sample index (both ASCII decimal, as
+# webdataset writes and reads ``.cls``).
 DALI_EXTENSIONS = ("jpg", "cls", "idx")
+
+
+def encode_int(value: int) -> bytes:
+    """A ``.cls`` / ``.idx`` member: ASCII decimal digits."""
+    return str(int(value)).encode("ascii")
+
+
+def decode_int(data) -> int:
+    """The value of a ``.cls`` / ``.idx`` member given as bytes or a uint8 array (DALI's ``UINT8``)."""
+    return int(bytes(bytearray(data)).decode("ascii"))
 
 
 def beton_path(out: Path, split: str) -> Path:
@@ -59,7 +72,29 @@ def shard_files(out: Path, split: str) -> tuple[list[Path], list[Path]]:
 
 
 def read_manifest(out: Path) -> dict:
-    return json.loads((Path(out) / MANIFEST).read_text())
+    """The manifest of conversion ``out``; ``DataError`` naming the file when it is
+    missing, not JSON, or not shaped like a converter manifest."""
+    path = Path(out) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{Path(out)} holds no {MANIFEST}: not the output of tools.convert_imagenet") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} cannot be read as JSON ({exc}); reconvert the dataset") from exc
+    splits = manifest.get("splits") if isinstance(manifest, dict) else None
+    if not isinstance(splits, dict) or not all(isinstance(e, dict) for e in splits.values()):
+        raise DataError(f"{path} is not a converter manifest (expected an object with a \"splits\" object of "
+                        f"objects, got {json.dumps(manifest)[:80]}); reconvert the dataset")
+    def is_record(f) -> bool:
+        return isinstance(f, dict) and {"path", "bytes", "sha256"} <= f.keys()
+
+    for split, entry in splits.items():
+        files = entry.get("files", [])
+        if not isinstance(files, list) or not all(is_record(f) for f in files):
+            raise DataError(f"{path}: split {split!r} lists its files in an unknown shape; reconvert the dataset")
+    if "labels_file" in manifest and not is_record(manifest["labels_file"]):
+        raise DataError(f"{path}: labels_file is not a file record; reconvert the dataset")
+    return manifest
 
 
 def read_classes(out: Path) -> list[str]:

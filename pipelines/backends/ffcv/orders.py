@@ -6,12 +6,9 @@ forward, so it cannot resume mid-epoch, and its distributed orders pad the
 ranks with repeated samples. Here the loader's order is a *schedule*
 owned by the backend instead:
 
-- ``UnlabeledSchedule``: the reference backend's order (``DistributedSampler``
-  shuffled with ``seed + epoch``, ``drop_last=True``, so ranks are disjoint and
-  all have ``(N // W) // B`` steps), from ``start_step`` on;
-- ``SupportSchedule``: global step ``g`` takes batch ``g mod L`` of epoch
-  ``g div L`` of a ``ClassBalancedSampler`` (``L`` its length), exactly as the
-  reference backend's ``SupportBatches``;
+- ``UnlabeledSchedule``: the plan's unlabeled order (``pipelines.plan``) of
+  one epoch, from ``start_step`` on;
+- ``SupportSchedule``: the plan's support batches for a range of global steps;
 - ``ScheduledOrder`` is the one ``TraversalOrder`` handed to FFCV: it returns
   the schedule's current order and ignores FFCV's epoch counter.
   ``ScheduledLoader`` is an FFCV ``Loader`` built around a schedule; it is
@@ -28,29 +25,15 @@ loader, which reads the order at that moment.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from queue import Full, Queue
 from threading import Event
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
-import torch
 
-from pipelines.contract import LoaderFailure
-from pipelines.sampler import ClassBalancedSampler
-from pipelines.schedules import UnlabeledSchedule  # noqa: F401  (re-exported for the backend)
-
-
-@contextmanager
-def keep_torch_threads() -> Iterator[None]:
-    """Undo FFCV's ``torch.set_num_threads`` calls (at import, in ``Loader.__init__``
-    and ``Loader.__iter__``), which would otherwise throttle the device-side ops
-    and the training step on CPU."""
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+from pipelines.errors import LoaderFailure
+from pipelines.plan import SupportPlan, UnlabeledPlan
+from pipelines.torch_threads import keep_torch_threads
 
 
 with keep_torch_threads():  # importing FFCV sets torch's thread count to 1
@@ -76,16 +59,37 @@ class Schedule(Protocol):
         ...
 
 
+class UnlabeledSchedule:
+    """This rank's unlabeled images of one epoch from ``start_step`` on, ``B`` per step."""
+
+    def __init__(self, plan: UnlabeledPlan):
+        self.plan = plan
+        self.batch_size = plan.batch_size
+        self.epoch, self.start_step = 0, 0
+
+    def __len__(self) -> int:
+        """Steps per epoch; the same on every rank."""
+        return self.plan.steps_per_epoch
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= len(self):
+            raise ValueError(f"start_step must be in [0, {len(self)}], got {start_step}")
+        self.epoch, self.start_step = epoch, start_step
+
+    @property
+    def num_batches(self) -> int:
+        return len(self) - self.start_step
+
+    def order(self) -> np.ndarray:
+        return self.plan.batches(self.epoch)[self.start_step :].reshape(-1)
+
+
 class SupportSchedule:
-    """Support images for a range of global steps, ``C * K`` per step, class-major.
+    """This rank's support images for a range of global steps, ``C * K`` per step, class-major."""
 
-    ``labeled[p]`` is the dataset index of the sampler's position ``p``.
-    """
-
-    def __init__(self, sampler: ClassBalancedSampler, labeled: np.ndarray):
-        self.sampler = sampler
-        self.labeled = np.asarray(labeled, dtype=np.int64)
-        self.batch_size = sampler.classes_per_batch * sampler.images_per_class
+    def __init__(self, plan: SupportPlan):
+        self.plan = plan
+        self.batch_size = plan.batch_size
         self.first_step, self.num_steps = 0, 0
 
     def set_range(self, first_global_step: int, num_steps: int) -> None:
@@ -95,20 +99,8 @@ class SupportSchedule:
     def num_batches(self) -> int:
         return self.num_steps
 
-    def batches(self, first_global_step: int, num_steps: int) -> np.ndarray:
-        """Dataset indices ``[num_steps, C*K]`` of global steps ``first .. first + num_steps - 1``."""
-        per_epoch = len(self.sampler)
-        rows = [np.empty((0, self.batch_size), dtype=np.int64)]
-        g, end = first_global_step, first_global_step + num_steps
-        while g < end:
-            epoch, step = divmod(g, per_epoch)
-            take = min(per_epoch - step, end - g)
-            rows.append(self.sampler.epoch_plan(epoch)[step : step + take])
-            g += take
-        return self.labeled[np.concatenate(rows)]
-
     def order(self) -> np.ndarray:
-        return self.batches(self.first_step, self.num_steps).reshape(-1)
+        return self.plan.batches(self.first_step, self.num_steps).reshape(-1)
 
 
 # --------------------------------------------------------------------------- FFCV adapter

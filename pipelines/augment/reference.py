@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from pipelines.recipe import SimCLRRecipe
+from pipelines.augment.recipe import SimCLRRecipe
 
 
 def simclr_transform(recipe: SimCLRRecipe) -> v2.Compose:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipelines.recipe import SimCLRRecipe
+from pipelines.augment.recipe import SimCLRRecipe
 
 # Luma weights of torchvision's tensor ``rgb_to_grayscale`` (ITU-R 601-2; its
 # red weight is 0.2989, not 0.299).

@@ -1,26 +1,21 @@
 """DALI backend: decode and the two-view SimCLR recipe in a DALI graph, on the GPU when there is one.
 
-``build_loaders(cfg, ..., backend="dali")`` calls ``build_dali_loader``, which
-reads ``data.root`` either as a converted dataset (``tools.convert_imagenet``
-output: ``dali/<split>/shard-*.tar`` webdataset shards with their index files)
-or as an ImageFolder tree, and returns a ``DaliPretrainLoader`` yielding the
-``PretrainBatch`` contract.
+``pipelines.build`` hands ``build`` the split's encoded images (the
+converter's webdataset shards, or the files of an ImageFolder tree: see
+``pipelines.encoded_images``) and the rank's ``SamplePlan``; the returned
+``DaliPretrainLoader`` yields the ``PretrainBatch`` contract.
 
 Design
 ------
 - One pipeline definition, ``simclr_pipeline``: ``fn.external_source`` ->
   ``fn.decoders.image`` (``mixed`` on CUDA, ``cpu`` otherwise) -> per view
-  ``dali_augment.augment_view`` (runs where the decoded images are). It is
+  ``pipelines.augment.dali.augment_view`` (runs where the decoded images are). It is
   instantiated twice: the unlabeled stream (2 views of each image, decoded
   once) and the support stream (``data.support_views`` views).
-- Which images a step holds is planned on the host, exactly as the torch
-  backend plans it: the unlabeled stream uses DistributedSampler's
-  permutation (seed + epoch, last partial batch dropped, so every rank has
-  ``(N // world_size) // batch`` steps and the ranks' images are disjoint);
-  the support stream asks the shared ``ClassBalancedSampler`` for global
-  step ``epoch * len + step``. The encoded bytes are read on the host
-  (memory-mapped shards or files) and fed with their per-view augmentation
-  parameters, drawn by numpy from ``(seed, stream, epoch, step, rank)``.
+- Which images a step holds is the shared plan's (``pipelines.plan``), as
+  for every backend. The encoded bytes are read on the host (shards or
+  files) and fed with their per-view augmentation parameters, drawn by numpy
+  from ``(seed, stream, epoch, step, rank)``.
 - Hence the whole stream is a pure function of (seed, rank, world size,
   epoch, step): ``set_epoch(epoch, start_step)`` resumes it exactly, and no
   DALI state needs checkpointing (the loader has no ``state_dict``).
@@ -35,34 +30,23 @@ samples in random order (cheap from page cache or local disk).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from pipelines.bad_images import BadImageError, ReplacementPools, read_or_replace
+from pipelines.augment.dali import sample_view_params, simclr_pipeline
+from pipelines.augment.recipe import SimCLRRecipe
+from pipelines.bad_images import ReplacementPools, read_or_replace
 from pipelines.contract import PretrainBatch
-from pipelines.dali_augment import sample_view_params, simclr_pipeline
-from pipelines.datasets import DataError, ImageFolderIndex, index_image_folder
-from pipelines.encoded_images import EncodedImages, FileImages, open_converted
-from pipelines.recipe import SimCLRRecipe
-from pipelines.sampler import ClassBalancedSampler
-from pipelines.schedules import UnlabeledSchedule
-
-UNLABELED_STREAM, SUPPORT_STREAM = 0, 1
+from pipelines.encoded_images import EncodedImages
+from pipelines.errors import BadImageError, DataError
+from pipelines.plan import SUPPORT_STREAM, UNLABELED_STREAM, SamplePlan
+from pipelines.spec import LoaderSpec
 
 # ---------------------------------------------------------------------------
-# Host-side plan: which images each step holds, and their view parameters
+# Host side: the plan's images of each step, and a generator for their view parameters
 # ---------------------------------------------------------------------------
-
-
-def unlabeled_plan(num_samples: int, batch_size: int, rank: int, world_size: int, seed: int,
-                   epoch: int) -> np.ndarray:
-    """int64 [steps, batch_size]: this rank's images per step, the shared unlabeled schedule."""
-    schedule = UnlabeledSchedule(num_samples, batch_size, rank, world_size, seed)
-    return schedule.epoch_order(epoch).reshape(-1, batch_size)
 
 
 def step_rng(seed: int, stream: int, a: int, b: int, rank: int) -> np.random.Generator:
@@ -70,37 +54,27 @@ def step_rng(seed: int, stream: int, a: int, b: int, rank: int) -> np.random.Gen
     return np.random.default_rng([seed, stream, a, b, rank])
 
 
-class UnlabeledPlan:
+class UnlabeledSteps:
     """Step -> (this rank's unlabeled images, view-parameter generator) for ``epoch``."""
 
-    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int):
-        # Raises DataError when the images cannot fill one batch per rank.
-        self.schedule = UnlabeledSchedule(num_samples, batch_size, rank, world_size, seed)
-        self.rank, self.seed = rank, seed
-        self.steps = len(self.schedule)
-        self.epoch = 0
-        self._cache: tuple[int, np.ndarray] | None = None
-
-    def __call__(self, step: int) -> tuple[np.ndarray, np.random.Generator]:
-        if self._cache is None or self._cache[0] != self.epoch:
-            order = self.schedule.epoch_order(self.epoch).reshape(-1, self.schedule.batch_size)
-            self._cache = (self.epoch, order)
-        return self._cache[1][step], step_rng(self.seed, UNLABELED_STREAM, self.epoch, step, self.rank)
-
-
-class SupportPlan:
-    """Step -> (support images, view-parameter generator): global step ``epoch * steps + step``
-    is batch ``g mod L`` of the sampler's epoch ``g div L`` (L its length), as in the torch backend."""
-
-    def __init__(self, sampler: ClassBalancedSampler, labeled: np.ndarray, steps_per_epoch: int, rank: int,
-                 seed: int):
-        self.sampler, self.labeled, self.steps, self.rank, self.seed = sampler, labeled, steps_per_epoch, rank, seed
+    def __init__(self, plan: SamplePlan, rank: int, seed: int):
+        self.plan, self.rank, self.seed = plan.unlabeled, rank, seed
         self.epoch = 0
 
     def __call__(self, step: int) -> tuple[np.ndarray, np.random.Generator]:
-        g = self.epoch * self.steps + step
-        positions = self.sampler.batch(*divmod(g, len(self.sampler)))
-        return self.labeled[np.asarray(positions)], step_rng(self.seed, SUPPORT_STREAM, g, 0, self.rank)
+        return self.plan.batches(self.epoch)[step], step_rng(self.seed, UNLABELED_STREAM, self.epoch, step, self.rank)
+
+
+class SupportSteps:
+    """Step -> (this rank's support images, view-parameter generator) at global step ``epoch * steps + step``."""
+
+    def __init__(self, plan: SamplePlan, rank: int, seed: int):
+        self.plan, self.rank, self.seed = plan, rank, seed
+        self.epoch = 0
+
+    def __call__(self, step: int) -> tuple[np.ndarray, np.random.Generator]:
+        g = self.plan.global_step(self.epoch, step)
+        return self.plan.support.batch(g), step_rng(self.seed, SUPPORT_STREAM, g, 0, self.rank)
 
 
 class StreamFeed:
@@ -147,32 +121,20 @@ class StreamFeed:
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DaliSettings:
-    unlabeled_batch_size: int
-    support_views: int
-    num_threads: int  # DALI CPU threads per pipeline
-    prefetch: int  # batches in flight per pipeline
-    seed: int
-    dtype: torch.dtype
-    channels_last: bool = True
-    on_bad_image: str = "error"
-
-
 class DaliStream:
     """One pipeline behind the PyTorch plugin's iterator, restartable at any planned step."""
 
-    def __init__(self, feed: StreamFeed, batch_size: int, recipe: SimCLRRecipe, settings: DaliSettings,
-                 device: torch.device, seed: int):
+    def __init__(self, feed: StreamFeed, batch_size: int, spec: LoaderSpec, seed: int):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+        device = spec.device
         cuda = device.type == "cuda"
         self.feed = feed
         self.output_map = [f"view{v}" for v in range(feed.views)] + ["ids"]
         pipe = simclr_pipeline(
-            feed, feed.views, recipe, decoder_device="mixed" if cuda else "cpu",
-            float16=settings.dtype in (torch.float16, torch.bfloat16), channels_last=settings.channels_last,
-            batch_size=batch_size, num_threads=settings.num_threads, prefetch_queue_depth=settings.prefetch,
+            feed, feed.views, spec.recipe, decoder_device="mixed" if cuda else "cpu",
+            float16=spec.dtype in (torch.float16, torch.bfloat16), channels_last=spec.channels_last,
+            batch_size=batch_size, num_threads=max(1, spec.host_workers), prefetch_queue_depth=max(1, spec.prefetch),
             device_id=(device.index if device.index is not None else torch.cuda.current_device()) if cuda else None,
             seed=seed,
         )
@@ -224,52 +186,57 @@ class DaliStream:
 
 
 class DaliPretrainLoader:
-    """Yields ``PretrainBatch`` from two DALI pipelines (unlabeled: 2 views, support: V views)."""
+    """Yields ``PretrainBatch`` from two DALI pipelines (unlabeled: 2 views, support: V views) that follow ``plan``."""
 
-    def __init__(self, images: EncodedImages, labeled: np.ndarray, support_sampler: ClassBalancedSampler | None,
-                 recipe: SimCLRRecipe, settings: DaliSettings, rank: int, world_size: int, device: torch.device):
-        self.images, self.labeled, self.sampler = images, labeled, support_sampler
-        self.settings, self.device = settings, device
-        b = settings.unlabeled_batch_size
-        self.unlabeled_plan = UnlabeledPlan(len(images), b, rank, world_size, settings.seed)
+    def __init__(self, spec: LoaderSpec, images: EncodedImages, labeled: np.ndarray, plan: SamplePlan):
+        self.spec, self.device, self.images, self.plan = spec, spec.device, images, plan
         self.epoch, self.start_step = 0, 0
-        pipe_seed = int(np.random.SeedSequence([settings.seed, rank]).generate_state(1)[0] & 0x7FFFFFFF)
-        feed = StreamFeed(images, self.unlabeled_plan, recipe, 2, ReplacementPools.single(len(images)),
-                          settings.on_bad_image)
-        self.unlabeled = DaliStream(feed, b, recipe, settings, device, pipe_seed)
-        self.support_plan = self.support = None
-        if support_sampler is not None:
-            self.support_plan = SupportPlan(support_sampler, labeled, len(self), rank, settings.seed)
-            m = support_sampler.classes_per_batch * support_sampler.images_per_class
-            feed = StreamFeed(images, self.support_plan, recipe, settings.support_views,
-                              ReplacementPools.by_class(images.labels, labeled), settings.on_bad_image)
-            self.support = DaliStream(feed, m, recipe, settings, device, pipe_seed)
+        pipe_seed = int(np.random.SeedSequence([spec.seed, spec.rank]).generate_state(1)[0] & 0x7FFFFFFF)
+        self.unlabeled_steps = UnlabeledSteps(plan, spec.rank, spec.seed)
+        feed = StreamFeed(images, self.unlabeled_steps, spec.recipe, 2, ReplacementPools.single(len(images)),
+                          spec.on_bad_image)
+        self.unlabeled = DaliStream(feed, spec.batch_size, spec, pipe_seed)
+        self.support_steps = self.support = None
+        if plan.support is not None:
+            self.support_steps = SupportSteps(plan, spec.rank, spec.seed)
+            feed = StreamFeed(images, self.support_steps, spec.recipe, spec.support.views,
+                              ReplacementPools.by_class(images.labels, labeled), spec.on_bad_image)
+            self.support = DaliStream(feed, plan.support.batch_size, spec, pipe_seed)
 
     def __len__(self) -> int:
-        return self.unlabeled_plan.steps
+        return self.plan.steps_per_epoch
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         if not 0 <= start_step <= len(self):
             raise ValueError(f"start_step must be in [0, {len(self)}], got {start_step}")
         self.epoch, self.start_step = epoch, start_step
 
+    def close(self) -> None:
+        """Nothing to stop between passes: a new pass runs out what an abandoned one left in flight."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def _batch(self, views: list[torch.Tensor]) -> torch.Tensor:
         """DALI outputs (one per view, each [n, H, W, 3], or [n, 3, H, W] without channels-last)
         as one [n * len(views), 3, H, W] batch, image-major (an image's views adjacent).
         One view in the requested dtype is DALI's buffer itself, not a copy."""
         x = views[0] if len(views) == 1 else torch.stack(views, dim=1).flatten(0, 1)
-        if self.settings.channels_last:
+        if self.spec.channels_last:
             x = x.permute(0, 3, 1, 2)  # NHWC buffer -> NCHW shape with channels-last strides
-        return x if x.dtype == self.settings.dtype else x.to(self.settings.dtype)
+        return x if x.dtype == self.spec.dtype else x.to(self.spec.dtype)
 
     def __iter__(self) -> Iterator[PretrainBatch]:
         epoch, steps = self.epoch, range(self.start_step, len(self))
         self.start_step = 0
         if not steps:
             return
-        for plan in (self.unlabeled_plan, self.support_plan):
-            if plan is not None:
-                plan.epoch = epoch
+        for steps_of in (self.unlabeled_steps, self.support_steps):
+            if steps_of is not None:
+                steps_of.epoch = epoch
         for stream in (self.unlabeled, self.support):
             if stream is not None:
                 stream.start(steps)
@@ -278,7 +245,7 @@ class DaliPretrainLoader:
             view1, view2 = self._batch([u["view0"]]), self._batch([u["view1"]])
             if self.support is not None:
                 out = self.support.next()
-                views = self.settings.support_views
+                views = self.spec.support.views
                 support = self._batch([out[f"view{v}"] for v in range(views)])
                 ids = out["ids"].to(torch.int64)
                 labels = torch.from_numpy(self.images.labels[ids.numpy()]).repeat_interleave(views)
@@ -294,34 +261,5 @@ class DaliPretrainLoader:
                                 sample_ids=u["ids"].to(torch.int64), epoch=epoch, step=step, bad_images=bad)
 
 
-# ---------------------------------------------------------------------------
-# Entry point for build_loaders
-# ---------------------------------------------------------------------------
-
-
-def build_dali_loader(cfg, rank: int, world_size: int, device: torch.device,
-                      dtype: torch.dtype = torch.float32) -> tuple[ImageFolderIndex, np.ndarray, DaliPretrainLoader]:
-    """(index, labeled sample indices, loader) for ``cfg.data.root``.
-
-    A root holding ``dali/<train_split>/`` is read as a converted dataset
-    (labeled subset: ``data.labeled_list`` if set, else the converter's
-    ``labeled/<split>.txt`` if present, else a stratified draw); otherwise
-    ``<root>/<train_split>`` is read as an ImageFolder tree.
-    """
-    from pipelines.build import build_support_sampler, labeled_indices
-
-    d = cfg.data
-    root = Path(d.root)
-    if (root / "dali" / d.train_split).is_dir():
-        images, converted = open_converted(root, d.train_split)
-        labeled = labeled_indices(cfg, images.index, converted)
-    else:
-        images = FileImages(index_image_folder(root / d.train_split))
-        labeled = labeled_indices(cfg, images.index)
-    if len(labeled) == 0:
-        raise DataError("the labeled subset is empty")
-    sampler = build_support_sampler(cfg, images.labels[labeled], rank, world_size)
-    settings = DaliSettings(d.unlabeled_batch_size, d.support_views, max(1, d.num_workers), max(1, d.prefetch_factor),
-                            cfg.run.seed, dtype, cfg.model.channels_last, d.on_bad_image)
-    loader = DaliPretrainLoader(images, labeled, sampler, cfg.augment, settings, rank, world_size, device)
-    return images.index, labeled, loader
+def build(spec: LoaderSpec, images: EncodedImages, labeled: np.ndarray, plan: SamplePlan) -> DaliPretrainLoader:
+    return DaliPretrainLoader(spec, images, labeled, plan)

@@ -2,15 +2,13 @@
 augmentation as batched torch ops on the training device (GPU) or inside FFCV's
 compiled pipeline (CPU).
 
-Reads the output of ``tools.convert_imagenet`` (layout in
-``tools/convert/layout.py``): ``data.root`` holds ``ffcv/<split>.beton``
-(fields ``image``, ``label``, ``index``), ``samples/<split>.jsonl``,
-``labels.json``, ``labeled/<split>.txt`` and ``manifest.json``.
+Reads the output of ``tools.convert_imagenet`` (``pipelines.format``):
+``ffcv/<split>.beton`` with fields ``image``, ``label``, ``index``.
 
 Two FFCV loaders feed one ``PretrainBatch`` per step:
 
 - *unlabeled*: two random-resized-crop decoder pipelines
-  (``ffcv_decode.CheckedRandomResizedCropDecoder``: FFCV's, but a JPEG that
+  (``decode.CheckedRandomResizedCropDecoder``: FFCV's, but a JPEG that
   fails to decode raises and is named instead of becoming noise) on the one
   image field (FFCV 1.0.2 decodes once per pipeline, so each view is an
   independent crop), a CPU flip, then ``ToDevice`` and channels-last uint8;
@@ -18,8 +16,8 @@ Two FFCV loaders feed one ``PretrainBatch`` per step:
 - *support*: ``support_views`` such pipelines plus ``label`` over the labeled
   images, ``C * K`` per step in the class-balanced order.
 
-Both follow the schedules of ``pipelines.ffcv_orders`` (the reference
-backend's sample order, per rank, as a pure function of epoch and step), so
+Both follow the rank's ``SamplePlan`` (``pipelines.plan``) through the
+schedules of ``orders``, so
 ``set_epoch(epoch, start_step)`` resumes without decoding the skipped steps.
 Where the colour stage (jitter, grayscale, blur) runs is decided once, by
 ``colour_on_loader(device)``:
@@ -28,7 +26,7 @@ Where the colour stage (jitter, grayscale, blur) runs is decided once, by
   on the device (jitter, grayscale, blur, normalisation, cast to ``dtype``),
   each with its own parameters;
 - on the CPU, where those batched torch ops are the bottleneck, each view
-  pipeline runs ``pipelines.ffcv_color.FFCVColorAugment`` after the flip
+  pipeline runs ``pipelines.augment.ffcv_colour.FFCVColorAugment`` after the flip
   (numba, on FFCV's worker threads, per-image parameters, uint8 out), and the
   step only normalises and casts (``normalize_only``).
 
@@ -40,25 +38,23 @@ resumable, the augmentations are not.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from pipelines.batch_augment import BatchColorAugment, normalize_only
+from pipelines.augment.batched import BatchColorAugment, normalize_only
+from pipelines.augment.ffcv_colour import FFCVColorAugment
+from pipelines.augment.recipe import SimCLRRecipe
+from pipelines.backends.ffcv.decode import CheckedRandomResizedCropDecoder, sample_of_decode_error
+from pipelines.backends.ffcv.orders import PipelineFailure, ScheduledLoader, SupportSchedule, UnlabeledSchedule
 from pipelines.contract import PretrainBatch
-from pipelines.datasets import DataError, ImageFolderIndex, check_converted_files, read_converted_split
-from pipelines.ffcv_color import FFCVColorAugment
-from pipelines.bad_images import BadImageError
-from pipelines.ffcv_decode import CheckedRandomResizedCropDecoder, sample_of_decode_error
-from pipelines.ffcv_orders import (PipelineFailure, ScheduledLoader, SupportSchedule, UnlabeledSchedule,
-                                   keep_torch_threads)
-from pipelines.recipe import SimCLRRecipe
-from pipelines.sampler import ClassBalancedSampler
-from pipelines.torch_backend import sample_seed
-from tools.convert import layout
+from pipelines.errors import BadImageError, DataError
+from pipelines.format.converted import CONVERT_HINT, ConvertedSplit
+from pipelines.plan import COLOUR_STREAM, SamplePlan, sample_seed
+from pipelines.spec import LoaderSpec
+from pipelines.torch_threads import keep_torch_threads
 
 with keep_torch_threads():
     from ffcv.fields.basics import IntDecoder
@@ -67,39 +63,14 @@ with keep_torch_threads():
     from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
 
 
-COLOR_STREAM = 2  # sample_seed stream of the colour-parameter generator (0, 1: reference backend)
-CONVERT_HINT = "python -m tools.convert_imagenet --src <ImageFolder root> --out <data.root> --formats ffcv"
-
-
 # --------------------------------------------------------------------------- the converted dataset
 
 
-@dataclass(frozen=True)
-class ConvertedSplit:
-    """One split of a converter output directory.
-
-    ``index`` lists the samples in beton index order with the source tree's
-    split folder as its root (the original JPEGs need not exist any more).
-    ``labeled`` holds the converter's labeled subset, or None if it made none.
-    """
-
-    beton: Path
-    index: ImageFolderIndex
-    labeled: np.ndarray | None
-
-
-def open_converted(root: str | Path, split: str) -> ConvertedSplit:
-    """Check that ``root`` holds a complete FFCV conversion of ``split`` and read its listing."""
-    try:
-        index, labeled = read_converted_split(root, split, CONVERT_HINT)
-    except DataError as exc:
-        raise DataError(f"data.backend=ffcv: {exc}") from exc
-    beton = layout.beton_path(Path(root), split)
-    if not beton.is_file():
-        raise DataError(f"data.backend=ffcv: {beton} not found; convert with --formats including ffcv: {CONVERT_HINT}")
-    check_converted_files(root, split, [beton])
-    check_beton_header(beton, len(index))
-    return ConvertedSplit(beton, index, labeled)
+def open_beton(split: ConvertedSplit) -> Path:
+    """The split's ``.beton``, checked against the manifest and against this FFCV's format."""
+    beton = split.beton()
+    check_beton_header(beton, len(split.index))
+    return beton
 
 
 def check_beton_header(beton: Path, num_samples: int) -> None:
@@ -156,16 +127,6 @@ def view_names(views: int) -> list[str]:
 # --------------------------------------------------------------------------- the PretrainLoader
 
 
-@dataclass
-class FFCVLoaderSettings:
-    batch_size: int
-    support_views: int
-    num_workers: int  # numba threads of each of the two FFCV loaders (they decode concurrently)
-    batches_ahead: int
-    seed: int
-    dtype: torch.dtype
-
-
 class NormalizeOnly:
     """The step's colour stage when the colour ops ran inside FFCV: normalise
     and cast to ``dtype`` only (same call signature as ``BatchColorAugment``)."""
@@ -188,33 +149,34 @@ class FFCVPretrainLoader:
     range set by ``set_epoch``.
     """
 
-    def __init__(self, beton: Path, labeled: np.ndarray, support_sampler: ClassBalancedSampler | None,
-                 recipe: SimCLRRecipe, settings: FFCVLoaderSettings, rank: int, world_size: int,
-                 device: torch.device, num_samples: int, sample_names: Sequence[str] | None = None):
-        self.settings, self.device, self.rank = settings, device, rank
+    def __init__(self, spec: LoaderSpec, beton: Path, plan: SamplePlan, sample_names: Sequence[str] | None = None):
+        self.spec, self.device, self.rank = spec, spec.device, spec.rank
+        self.plan = plan
         self.beton, self.sample_names = Path(beton), sample_names
+        device, recipe = spec.device, spec.recipe
         self.colour_on_loader = colour = colour_on_loader(device)
-        common = dict(num_workers=max(1, settings.num_workers), batches_ahead=max(1, settings.batches_ahead),
-                      seed=settings.seed)
-        self.unlabeled_schedule = UnlabeledSchedule(num_samples, settings.batch_size, rank, world_size, settings.seed)
-        self.unlabeled = ScheduledLoader(str(beton), self.unlabeled_schedule, distributed=world_size > 1, pipelines={
+        common = dict(num_workers=max(1, spec.host_workers), batches_ahead=max(1, spec.prefetch), seed=spec.seed)
+        self.unlabeled_schedule = UnlabeledSchedule(plan.unlabeled)
+        self.unlabeled = ScheduledLoader(str(beton), self.unlabeled_schedule, distributed=spec.world_size > 1,
+                                         pipelines={
             "image": None, "label": None,
             **{name: view_pipeline(recipe, device, colour) for name in view_names(2)},
             "index": int_pipeline("index", None),
         }, **common)
         self.support_schedule = self.support = None
-        if support_sampler is not None:
-            self.support_schedule = SupportSchedule(support_sampler, labeled)
+        if plan.support is not None:
+            self.support_schedule = SupportSchedule(plan.support)
             self.support = ScheduledLoader(str(beton), self.support_schedule, pipelines={
                 "image": None, "index": None,
-                **{name: view_pipeline(recipe, device, colour) for name in view_names(settings.support_views)},
+                **{name: view_pipeline(recipe, device, colour) for name in view_names(spec.support.views)},
                 "label": int_pipeline("label", device),
             }, **common)
         # flipped on the CPU; on the CPU also coloured there
-        self.augment = (NormalizeOnly(recipe, settings.dtype) if colour
-                        else BatchColorAugment(recipe, flip=False, dtype=settings.dtype))
+        self.augment = (NormalizeOnly(recipe, spec.dtype) if colour
+                        else BatchColorAugment(recipe, flip=False, dtype=spec.dtype))
         self.generator = torch.Generator(device=device)
         self.epoch, self.start_step = 0, 0
+        self._passes: list = []
 
     def __len__(self) -> int:
         return len(self.unlabeled_schedule)
@@ -223,7 +185,7 @@ class FFCVPretrainLoader:
         self.unlabeled_schedule.set_epoch(epoch, start_step)
         self.epoch, self.start_step = epoch, start_step
         if self.support_schedule is not None:
-            self.support_schedule.set_range(epoch * len(self) + start_step, len(self) - start_step)
+            self.support_schedule.set_range(self.plan.global_step(epoch, start_step), len(self) - start_step)
 
     def __iter__(self) -> Iterator[PretrainBatch]:
         epoch, first = self.epoch, self.start_step
@@ -231,8 +193,8 @@ class FFCVPretrainLoader:
         self.start_step = 0
         if first >= len(self):
             return
-        self.generator.manual_seed(sample_seed(self.settings.seed, epoch, self.rank, COLOR_STREAM))
-        passes = [iter(self.unlabeled)] + ([iter(self.support)] if self.support is not None else [])
+        self.generator.manual_seed(sample_seed(self.spec.seed, epoch, self.rank, COLOUR_STREAM))
+        passes = self._passes = [iter(self.unlabeled)] + ([iter(self.support)] if self.support is not None else [])
         try:
             for step in range(first, len(self)):
                 try:
@@ -247,19 +209,30 @@ class FFCVPretrainLoader:
                                         f"{self.beton.parent.parent} and reconvert") from exc
                 yield self._batch(outputs, epoch, step)
         finally:
-            for p in passes:  # stop FFCV's threads (they run ahead) when the consumer stops early
-                p.close()
-            for p in passes:
-                p.join()
+            self.close()
+
+    def close(self) -> None:
+        """Stop the current pass's FFCV threads (they run ahead) and wait for them."""
+        passes, self._passes = self._passes, []
+        for p in passes:
+            p.close()
+        for p in passes:
+            p.join()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def _batch(self, outputs: list[tuple], epoch: int, step: int) -> PretrainBatch:
         # FFCV outputs are views into its ring buffers: everything kept below is a copy.
         u = dict(zip(self.unlabeled.pipeline_specs, outputs[0]))
-        b = self.settings.batch_size
+        b = self.spec.batch_size
         images = [u["view0"], u["view1"]]
         if self.support is not None:
             s = dict(zip(self.support.pipeline_specs, outputs[1]))
-            views = [s[name] for name in view_names(self.settings.support_views)]
+            views = [s[name] for name in view_names(self.spec.support.views)]
             images.append(torch.stack(views, dim=1).flatten(0, 1))  # [C*K*V, ...], image-major like the reference
             support_labels = s["label"].view(-1).repeat_interleave(len(views))
         else:
@@ -271,17 +244,5 @@ class FFCVPretrainLoader:
         )
 
 
-def build_ffcv_loader(cfg, rank: int, world_size: int, device: torch.device,
-                      dtype: torch.dtype = torch.float32) -> tuple[ImageFolderIndex, np.ndarray, FFCVPretrainLoader]:
-    """``(index, labeled, loader)`` for ``build_loaders``; see the module docstring."""
-    from pipelines.build import build_support_sampler, labeled_indices  # build imports this module lazily
-
-    d = cfg.data
-    split = open_converted(d.root, d.train_split)
-    labeled = labeled_indices(cfg, split.index, split.labeled)
-    sampler = build_support_sampler(cfg, split.index.labels[labeled], rank, world_size)
-    settings = FFCVLoaderSettings(d.unlabeled_batch_size, d.support_views, d.num_workers, d.prefetch_factor,
-                                  cfg.run.seed, dtype)
-    loader = FFCVPretrainLoader(split.beton, labeled, sampler, cfg.augment, settings, rank, world_size, device,
-                                len(split.index), split.index.paths)
-    return split.index, labeled, loader
+def build(spec: LoaderSpec, split: ConvertedSplit, plan: SamplePlan) -> FFCVPretrainLoader:
+    return FFCVPretrainLoader(spec, open_beton(split), plan, split.index.paths)

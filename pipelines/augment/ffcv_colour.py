@@ -50,9 +50,9 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 from numba import njit
 
-from pipelines.batch_augment import BRIGHTNESS, CONTRAST, HUE, LUMA_WEIGHTS, SATURATION
-from pipelines.ffcv_orders import keep_torch_threads
-from pipelines.recipe import SimCLRRecipe
+from pipelines.augment.batched import BRIGHTNESS, CONTRAST, HUE, LUMA_WEIGHTS, SATURATION
+from pipelines.augment.recipe import SimCLRRecipe
+from pipelines.torch_threads import keep_torch_threads
 
 with keep_torch_threads():  # importing FFCV sets torch's thread count to 1
     from ffcv.pipeline.allocation_query import AllocationQuery

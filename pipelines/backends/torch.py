@@ -7,7 +7,6 @@ on the number of workers and a resumed run sees exactly the same views.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -15,29 +14,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines.bad_images import BadImageError, ReplacementPools, read_or_replace
-from pipelines.contract import LoaderFailure, PretrainBatch
-from pipelines.datasets import ImageFolderIndex
-from pipelines.reference_transforms import simclr_transform
-from pipelines.recipe import SimCLRRecipe
-from pipelines.sampler import ClassBalancedSampler
-from pipelines.schedules import UnlabeledSchedule
-
-UNLABELED_STREAM, SUPPORT_STREAM = 0, 1
-
-
-def sample_seed(seed: int, epoch: int, index: int, stream: int) -> int:
-    """A 63-bit seed that depends only on its arguments."""
-    return int(np.random.SeedSequence([seed, epoch, index, stream]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB, naming the file in any error."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except Exception as exc:  # PIL raises many types; all mean "bad file"
-        raise BadImageError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+from pipelines.augment.recipe import SimCLRRecipe
+from pipelines.augment.reference import simclr_transform
+from pipelines.bad_images import ReplacementPools, read_or_replace
+from pipelines.contract import PretrainBatch
+from pipelines.errors import LoaderFailure
+from pipelines.image_folder import ImageFolderIndex
+from pipelines.images import open_rgb
+from pipelines.plan import SUPPORT_STREAM, UNLABELED_STREAM, SamplePlan, SupportPlan, UnlabeledPlan, sample_seed
+from pipelines.spec import LoaderSpec
 
 
 class _ImageSource:
@@ -48,7 +33,7 @@ class _ImageSource:
         self.pools, self.on_bad_image = pools, on_bad_image
 
     def load(self, i: int) -> tuple[Image.Image, int, tuple[str, ...]]:
-        return read_or_replace(i, lambda j: load_rgb(self.paths[j]), self.on_bad_image, self.pools)
+        return read_or_replace(i, lambda j: open_rgb(self.paths[j]), self.on_bad_image, self.pools)
 
 
 class TwoViewDataset(Dataset):
@@ -86,22 +71,33 @@ class SupportDataset(Dataset):
         return torch.stack([self.transform(img) for _ in range(self.views)]), int(self.labels[used]), bad
 
 
-class UnlabeledBatches(UnlabeledSchedule):
-    """The shared unlabeled schedule as DataLoader batches of (index, seed)."""
+class UnlabeledBatches:
+    """The plan's unlabeled stream of one epoch, from a start step, as DataLoader
+    batches of (index, seed) keys; each sample's views are seeded by (seed, epoch, index)."""
+
+    def __init__(self, plan: UnlabeledPlan):
+        self.plan = plan
+        self.epoch, self.start_step = 0, 0
+
+    def __len__(self) -> int:
+        return self.plan.steps_per_epoch - self.start_step
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= self.plan.steps_per_epoch:
+            raise ValueError(f"start_step must be in [0, {self.plan.steps_per_epoch}], got {start_step}")
+        self.epoch, self.start_step = epoch, start_step
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = self.order().astype(np.int64).reshape(-1, self.batch_size)
-        for batch in order:
-            yield [(int(i), sample_seed(self.seed, self.epoch, int(i), UNLABELED_STREAM)) for i in batch]
+        for batch in self.plan.batches(self.epoch)[self.start_step :]:
+            yield [(int(i), sample_seed(self.plan.seed, self.epoch, int(i), UNLABELED_STREAM)) for i in batch]
 
 
 class SupportBatches:
-    """The support stream for a range of global steps: global step g uses
-    batch g mod L of the class-balanced sampler's epoch g div L (L its length),
-    so the stream is a pure function of the global step and resumes exactly."""
+    """The plan's support stream for a range of global steps, as DataLoader batches
+    of (index, seed) keys; each image's views are seeded by (seed, global step, index)."""
 
-    def __init__(self, sampler: ClassBalancedSampler, labeled: np.ndarray, seed: int):
-        self.sampler, self.labeled, self.seed = sampler, labeled, seed
+    def __init__(self, plan: SupportPlan, seed: int):
+        self.plan, self.seed = plan, seed
         self.first_step, self.num_steps = 0, 0
 
     def set_range(self, first_global_step: int, num_steps: int) -> None:
@@ -111,17 +107,8 @@ class SupportBatches:
         return self.num_steps
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        per_epoch = len(self.sampler)
-        g, end = self.first_step, self.first_step + self.num_steps
-        while g < end:
-            epoch, step = divmod(g, per_epoch)
-            self.sampler.set_epoch(epoch, start_step=step)
-            for positions in self.sampler:
-                idx = self.labeled[np.asarray(positions)]
-                yield [(int(i), sample_seed(self.seed, g, int(i), SUPPORT_STREAM)) for i in idx]
-                g += 1
-                if g >= end:
-                    return
+        for g, idx in enumerate(self.plan.batches(self.first_step, self.num_steps), start=self.first_step):
+            yield [(int(i), sample_seed(self.seed, g, int(i), SUPPORT_STREAM)) for i in idx]
 
 
 def _collate_unlabeled(items):
@@ -148,55 +135,47 @@ def _next_batch(batches: Iterator, stream: str):
                            f"out of memory?): {type(exc).__name__}: {exc}") from exc
 
 
-@dataclass
-class TorchLoaderSettings:
-    batch_size: int
-    support_views: int
-    num_workers: int
-    prefetch_factor: int
-    seed: int
-    dtype: torch.dtype
-    channels_last: bool = True
-    on_bad_image: str = "error"
-
-
 class TorchPretrainLoader:
-    """Yields ``PretrainBatch`` from two DataLoaders (unlabeled, support)."""
+    """Yields ``PretrainBatch`` from two DataLoaders (unlabeled, support) that follow ``plan``."""
 
-    def __init__(self, index: ImageFolderIndex, labeled: np.ndarray, support_sampler: ClassBalancedSampler | None,
-                 recipe: SimCLRRecipe, settings: TorchLoaderSettings, rank: int, world_size: int,
-                 device: torch.device):
-        self.settings, self.device = settings, device
-        self.unlabeled_batches = UnlabeledBatches(len(index), settings.batch_size, rank, world_size, settings.seed)
-        workers = dict(num_workers=settings.num_workers, pin_memory=device.type == "cuda",
-                       persistent_workers=settings.num_workers > 0)
-        if settings.num_workers > 0:
-            workers["prefetch_factor"] = settings.prefetch_factor
-        self.unlabeled = DataLoader(TwoViewDataset(index, recipe, settings.on_bad_image),
+    def __init__(self, spec: LoaderSpec, index: ImageFolderIndex, labeled: np.ndarray, plan: SamplePlan):
+        self.spec, self.device = spec, spec.device
+        self.plan = plan
+        self.unlabeled_batches = UnlabeledBatches(plan.unlabeled)
+        workers = dict(num_workers=spec.host_workers, pin_memory=spec.device.type == "cuda",
+                       persistent_workers=spec.host_workers > 0)
+        if spec.host_workers > 0:
+            workers["prefetch_factor"] = spec.prefetch
+        self.unlabeled = DataLoader(TwoViewDataset(index, spec.recipe, spec.on_bad_image),
                                     batch_sampler=self.unlabeled_batches, collate_fn=_collate_unlabeled, **workers)
         self.support_batches = None
         self.support = None
-        if support_sampler is not None:
-            self.support_batches = SupportBatches(support_sampler, labeled, settings.seed)
-            self.support = DataLoader(SupportDataset(index, recipe, settings.support_views, labeled,
-                                                   settings.on_bad_image),
+        if plan.support is not None:
+            self.support_batches = SupportBatches(plan.support, spec.seed)
+            self.support = DataLoader(SupportDataset(index, spec.recipe, spec.support.views, labeled,
+                                                     spec.on_bad_image),
                                       batch_sampler=self.support_batches, collate_fn=_collate_support, **workers)
         self.epoch, self.start_step = 0, 0
+        self._pass: Iterator[PretrainBatch] | None = None
 
     def __len__(self) -> int:
-        return len(self.unlabeled_batches)
+        return self.plan.steps_per_epoch
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
         self.unlabeled_batches.set_epoch(epoch, start_step)
         if self.support_batches is not None:
-            self.support_batches.set_range(epoch * len(self) + start_step, len(self) - start_step)
+            self.support_batches.set_range(self.plan.global_step(epoch, start_step), len(self) - start_step)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        fmt = torch.channels_last if self.settings.channels_last else torch.contiguous_format
-        return x.to(self.device, dtype=self.settings.dtype, non_blocking=True, memory_format=fmt)
+        fmt = torch.channels_last if self.spec.channels_last else torch.contiguous_format
+        return x.to(self.device, dtype=self.spec.dtype, non_blocking=True, memory_format=fmt)
 
     def __iter__(self) -> Iterator[PretrainBatch]:
+        self._pass = self._batches()
+        return self._pass
+
+    def _batches(self) -> Iterator[PretrainBatch]:
         unlabeled = iter(self.unlabeled)
         support = iter(self.support) if self.support is not None else None
         for step in range(self.start_step, len(self)):
@@ -213,3 +192,19 @@ class TorchPretrainLoader:
                 sample_ids=ids, epoch=self.epoch, step=step, bad_images=bad,
             )
         self.start_step = 0
+
+    def close(self) -> None:
+        """End a pass cut short (its DataLoader iterators shut their workers down)."""
+        if self._pass is not None:
+            self._pass.close()
+            self._pass = None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def build(spec: LoaderSpec, index: ImageFolderIndex, labeled: np.ndarray, plan: SamplePlan) -> TorchPretrainLoader:
+    return TorchPretrainLoader(spec, index, labeled, plan)

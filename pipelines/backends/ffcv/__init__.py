@@ -1,0 +1,3 @@
+"""FFCV backend: ``loader`` (the PretrainLoader), ``orders`` (schedule-driven
+FFCV orders and a fail-fast pass), ``decode`` (a crop decoder that raises on
+JPEG errors). Importing any of them imports ffcv."""

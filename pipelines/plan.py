@@ -1,0 +1,124 @@
+"""The sample plan every backend follows: which images each rank gets at each step, and their seeds.
+
+A backend turns this plan into tensors; it decides nothing about *which*
+images. Everything here is a pure function of (seed, epoch or global step,
+rank, world size), so backends agree image for image, a resumed run continues
+exactly, and no loader state needs checkpointing.
+
+Unlabeled stream
+    Epoch ``e`` is one permutation ``P_e`` of the ``N`` unlabeled images,
+    ``torch.randperm(N)`` seeded with ``seed + e`` (``DistributedSampler``'s,
+    so the order is the one torchvision users know). With ``W`` ranks of ``B``
+    images each (global batch ``G = W * B``) an epoch has ``N // G`` steps
+    (the last partial global batch is dropped), and rank ``r`` takes
+    ``P_e[(s * B + i) * W + r]`` for ``i < B`` at step ``s``. The ranks are
+    disjoint, and global step ``s`` holds exactly ``P_e[s * G : (s + 1) * G]``
+    whatever ``W`` is: a run resumed on another number of ranks with the same
+    global batch continues the same stream, no image repeated or skipped.
+
+Support stream
+    Global step ``g = epoch * steps_per_epoch + step`` takes batch ``g mod L``
+    of epoch ``g div L`` of a ``ClassBalancedSampler`` (``L`` its length;
+    ``pipelines.sampler`` documents the class-balanced schedule and how ranks
+    share it), so the support stream, too, is a function of the global step.
+
+Seeds
+    ``sample_seed(seed, *keys)`` derives independent 63-bit seeds; the
+    ``*_STREAM`` ids keep the streams' seeds apart.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipelines.errors import DataError
+from pipelines.sampler import ClassBalancedSampler
+
+UNLABELED_STREAM, SUPPORT_STREAM, COLOUR_STREAM = 0, 1, 2
+
+
+def sample_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed that depends only on its arguments."""
+    state = np.random.SeedSequence([seed, *keys]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+class UnlabeledPlan:
+    """This rank's unlabeled images, ``[steps, batch_size]`` per epoch (see the module docstring)."""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.steps_per_epoch = num_samples // (world_size * batch_size)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{num_samples} unlabeled images cannot fill one batch of {batch_size} per rank "
+                            f"on {world_size} rank(s)")
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def batches(self, epoch: int) -> np.ndarray:
+        """int64 ``[steps_per_epoch, batch_size]``: this rank's images of ``epoch``, step by step."""
+        if self._cache is None or self._cache[0] != epoch:
+            g = torch.Generator()
+            g.manual_seed(self.seed + epoch)
+            perm = torch.randperm(self.num_samples, generator=g).numpy()
+            used = self.steps_per_epoch * self.batch_size * self.world_size
+            self._cache = (epoch, perm[self.rank : used : self.world_size].reshape(self.steps_per_epoch, -1))
+        return self._cache[1]
+
+
+class SupportPlan:
+    """This rank's support images per global step: ``C * K`` dataset indices, class-major."""
+
+    def __init__(self, sampler: ClassBalancedSampler, labeled: np.ndarray):
+        self.sampler = sampler
+        self.labeled = np.asarray(labeled, dtype=np.int64)  # sampler position p -> dataset index
+        self.batch_size = sampler.classes_per_batch * sampler.images_per_class
+
+    def batches(self, first_global_step: int, num_steps: int) -> np.ndarray:
+        """Dataset indices ``[num_steps, C*K]`` of global steps ``first .. first + num_steps - 1``."""
+        per_epoch = len(self.sampler)
+        rows = [np.empty((0, self.batch_size), dtype=np.int64)]
+        g, end = first_global_step, first_global_step + num_steps
+        while g < end:
+            epoch, step = divmod(g, per_epoch)
+            take = min(per_epoch - step, end - g)
+            rows.append(self.sampler.epoch_plan(epoch)[step : step + take])
+            g += take
+        return self.labeled[np.concatenate(rows)]
+
+    def batch(self, global_step: int) -> np.ndarray:
+        return self.batches(global_step, 1)[0]
+
+
+@dataclass
+class SamplePlan:
+    """One rank's plan: the unlabeled stream, and the support stream when SuNCEt is on."""
+
+    unlabeled: UnlabeledPlan
+    support: SupportPlan | None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.unlabeled.steps_per_epoch
+
+    def global_step(self, epoch: int, step: int) -> int:
+        return epoch * self.steps_per_epoch + step
+
+
+def build_plan(num_samples: int, labels: np.ndarray, labeled: np.ndarray, batch_size: int, support,
+               rank: int, world_size: int, seed: int) -> SamplePlan:
+    """The plan of one rank. ``support`` is a ``SupportSpec`` or None; an impossible
+    support set for this labeled subset (too few classes or images) is a ``DataError``."""
+    unlabeled = UnlabeledPlan(num_samples, batch_size, rank, world_size, seed)
+    if support is None:
+        return SamplePlan(unlabeled, None)
+    try:
+        sampler = ClassBalancedSampler(labels[labeled], support.classes, support.images_per_class, rank=rank,
+                                       world_size=world_size, unique_classes=support.unique_classes, seed=seed)
+    except ValueError as exc:  # a data/config problem, named by the sampler
+        raise DataError(f"support set: {exc}") from exc
+    return SamplePlan(unlabeled, SupportPlan(sampler, labeled))

@@ -1,0 +1,71 @@
+"""The training split a run reads, and its labeled subset, by one rule for every backend.
+
+``data.root`` is either an ImageFolder tree (``<root>/<split>/<class>/...``,
+indexed by ``pipelines.image_folder``) or a conversion
+(``tools.convert_imagenet`` output, read by ``pipelines.format.converted``).
+The torch backend reads trees, FFCV reads conversions, DALI reads both; a
+root of the wrong kind is refused with what to do instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.errors import DataError
+from pipelines.format import layout
+from pipelines.format.converted import CONVERT_HINT, ConvertedSplit, is_converted, open_converted
+from pipelines.image_folder import ImageFolderIndex, index_image_folder
+from pipelines.labeled import choose_labeled
+from pipelines.spec import LoaderSpec
+
+
+@dataclass(frozen=True)
+class TrainSplit:
+    """The samples of the training split (``index``), its labeled subset (sample
+    indices), and the conversion they come from (None for an ImageFolder tree)."""
+
+    index: ImageFolderIndex
+    labeled: np.ndarray
+    converted: ConvertedSplit | None
+
+
+def check_root(root: Path | str, train_split: str, val_split: str | None = None) -> Path:
+    """``data.root`` as a directory that exists, or a ``DataError`` saying what it is instead."""
+    if not str(root):
+        raise DataError(f"data.root is not set: point it at a directory holding {train_split}/"
+                        f"{f' and {val_split}/' if val_split else ''} (ImageFolder layout or a converted dataset)")
+    root = Path(root)
+    if root.is_file():
+        raise DataError(f"data.root {root} is a file; point it at a directory holding {train_split}/ "
+                        "(ImageFolder layout or a converted dataset)")
+    if not root.is_dir():
+        raise DataError(f"data.root does not exist: {root}")
+    return root
+
+
+def open_train_split(spec: LoaderSpec) -> TrainSplit:
+    """Index the training split of ``spec.root`` for ``spec.backend`` and choose its labeled subset."""
+    root = check_root(spec.root, spec.train_split)
+    converted = None
+    if is_converted(root):
+        if spec.backend == "torch":
+            source = layout.read_manifest(root).get("settings", {}).get("src", "the source tree")
+            raise DataError(f"data.root {root} is a converted dataset (it holds {layout.MANIFEST}); the torch "
+                            f"backend reads an ImageFolder tree: set data.backend=dali or ffcv, or point "
+                            f"data.root at the tree it was converted from ({source})")
+        converted = open_converted(root, spec.train_split)
+        index = converted.index
+    else:
+        if spec.backend == "ffcv":
+            raise DataError(f"data.backend=ffcv reads a converted dataset, and {root} holds no {layout.MANIFEST}; "
+                            f"convert it first: {CONVERT_HINT} --formats ffcv")
+        index = index_image_folder(root / spec.train_split)
+        if index.broken and spec.on_bad_image == "error":
+            shown = ", ".join(str(index.root / p) for p in index.broken[:3])
+            raise DataError(f"{len(index.broken)} image(s) in {index.root} are symbolic links to nothing, e.g. "
+                            f"{shown}; remove or fix them (or set data.on_bad_image=skip to skip and count them)")
+    labeled = choose_labeled(spec.labeled, index.paths, index.labels, str(index.root),
+                             converted.labeled if converted is not None else None)
+    return TrainSplit(index, labeled, converted)

@@ -1,0 +1,112 @@
+"""Checkpoints that are safe to load, files that follow the umask, and the encoder export
+(issue 15, parts 2 and 3)."""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from tests.pretrain_helpers import make_split_tree, tiny_config
+from tools import export as export_tool
+from train import checkpoint as ckpt
+from train import evaluate, pretrain
+from train.distributed import DistContext
+
+CPU = DistContext(0, 1, 0, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A ResNet-18 (torchvision's) run at 16 px: its checkpoints and end-of-run export."""
+    root = tmp_path_factory.mktemp("export")
+    data = make_split_tree(root / "data", classes=4, train_per_class=6, val_per_class=2)
+    old = os.umask(0o022)
+    try:
+        cfg = tiny_config(data, root / "run", **{"model.arch": "resnet18", "run.max_steps_per_epoch": 2,
+                                                 "run.checkpoint_every_steps": 1})
+        summary = pretrain.run(cfg, CPU)
+    finally:
+        os.umask(old)
+    return dict(data=data, dir=root / "run", summary=summary)
+
+
+def test_every_file_the_run_writes_loads_with_weights_only(run):
+    files = ckpt.list_checkpoints(run["dir"]) + [Path(run["summary"]["encoder"])]
+    assert len(files) >= 2 and files[-1].name == "encoder_resnet18_torchvision.pth"
+    for path in files:
+        torch.load(path, weights_only=True)  # raises on anything but tensors and plain types
+
+
+def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+    torch.manual_seed(3)
+    np.random.seed(4)
+    random.seed(5)
+    ckpt.save_atomic({"rng": ckpt.rng_state()}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_checkpoint_that_could_run_code_is_refused_by_name(tmp_path):
+    torch.save({"model": {}, "config": {}, "payload": Path("x")}, tmp_path / "evil.pt")  # a pickled class
+    with pytest.raises(ckpt.CheckpointError, match="evil.pt holds more than tensors"):
+        ckpt.load(tmp_path / "evil.pt")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "evil.pt"), "--data", str(tmp_path)]) == 2
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match="notes.txt is not a readable checkpoint"):
+        ckpt.load(tmp_path / "notes.txt")
+
+
+def test_checkpoints_and_exports_follow_the_umask(run, tmp_path):
+    for path in ckpt.list_checkpoints(run["dir"]) + [Path(run["summary"]["encoder"])]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    old = os.umask(0o077)
+    try:
+        ckpt.save_atomic({"x": torch.zeros(1)}, tmp_path / "private.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "private.pt").stat().st_mode) == 0o600
+
+
+def test_the_export_loads_into_torchvision_with_only_fc_missing(run, tmp_path):
+    assert export_tool.main(["--checkpoint", str(run["dir"]), "--out", str(tmp_path / "enc.pth")]) == 0
+    model = torchvision.models.resnet18()
+    missing, unexpected = model.load_state_dict(torch.load(tmp_path / "enc.pth", weights_only=True), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    newest, _ = ckpt.load_latest(run["dir"])
+    assert torch.equal(model.conv1.weight, newest["model"]["encoder.conv1.weight"])
+    assert export_tool.main(["--checkpoint", str(run["dir"]), "--out", str(tmp_path / "enc.pth")]) == 2  # exists
+
+
+def test_safetensors_and_timm_formats(run, tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file
+    assert export_tool.main(["--checkpoint", str(run["dir"]), "--format", "safetensors",
+                             "--out", str(tmp_path / "enc.safetensors")]) == 0
+    model = torchvision.models.resnet18()
+    missing, _ = model.load_state_dict(load_file(str(tmp_path / "enc.safetensors")), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"]
+    assert export_tool.main(["--checkpoint", str(run["dir"]), "--format", "timm", "--out", str(tmp_path / "t.pth")]) == 0
+    timm = pytest.importorskip("timm")
+    missing, unexpected = timm.create_model("resnet18").load_state_dict(
+        torch.load(tmp_path / "t.pth", weights_only=True), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+
+
+def test_evaluate_accepts_an_exported_encoder_and_matches_the_checkpoint(run, tmp_path, capsys):
+    export_tool.main(["--checkpoint", str(run["dir"]), "--out", str(tmp_path / "enc.pth")])
+    settings = evaluate.EvalSettings(progress=False, num_workers=0, labeled_fraction=0.5)  # an export has no config
+    from_ckpt = evaluate.evaluate_checkpoint(run["dir"], run["data"], settings)
+    from_export = evaluate.evaluate_checkpoint(tmp_path / "enc.pth", run["data"], settings, arch="resnet18",
+                                               resolution=16)
+    assert (from_export["top1"], from_export["top5"]) == (from_ckpt["top1"], from_ckpt["top5"])
+    assert evaluate.main(["--checkpoint", str(tmp_path / "enc.pth"), "--data", str(run["data"]),
+                          "--arch", "resnet50", "--resolution", "16", "--no-progress"]) == 2
+    assert "pass the --arch it was trained with" in capsys.readouterr().err

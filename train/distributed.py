@@ -2,8 +2,10 @@
 SLURM variables, rank helpers, and a gradient-preserving all-gather."""
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +68,8 @@ def init_distributed(requested_device: str | None = None, timeout_s: int = 1800)
     NCCL on CUDA, gloo on CPU. Raises when the group cannot be formed, rather
     than silently training on one process.
     """
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: end with the agent
+        die_with_parent()
     rank = _env_int("RANK", "SLURM_PROCID")
     world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS")
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
@@ -81,13 +85,15 @@ def init_distributed(requested_device: str | None = None, timeout_s: int = 1800)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
         dist.init_process_group(
             backend=backend,
-            init_method="env://",
+            store=_elastic_store(rank, world_size, timeout),
+            init_method=None if "TORCHELASTIC_RESTART_COUNT" in os.environ else "env://",
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
     except Exception as exc:  # name what failed, then re-raise
@@ -96,6 +102,39 @@ def init_distributed(requested_device: str | None = None, timeout_s: int = 1800)
             f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} MASTER_PORT={os.environ.get('MASTER_PORT')}): {exc}"
         ) from exc
     return DistContext(rank, world_size, local_rank, device)
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    torchrun starts each worker in a session of its own, so a worker outlives a killed agent
+    (a preempted job step, ``kill -9`` of the launcher) and goes on training, holding the run
+    directory and the GPU, while a restarted run starts beside it. Tied to the agent, the
+    workers end with it. A no-op where ``prctl`` is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the agent died before the call
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _elastic_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, the rendezvous store with keys of this restart attempt only (None otherwise).
+
+    torchrun's agent keeps one store across the restarts of a group (``static`` and ``c10d``
+    rendezvous alike, torch 2.14), and ``env://`` no longer prefixes the keys per attempt. A
+    restarted worker could then read the gloo/NCCL addresses that the killed group published,
+    and fail with "Connection refused" or wait on a peer that is gone, depending on which
+    worker publishes first. Prefixing the keys with ``TORCHELASTIC_RESTART_COUNT`` gives each
+    attempt its own keys.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    return dist.PrefixStore(f"suncet/attempt_{attempt}", store)
 
 
 def shutdown_distributed() -> None:

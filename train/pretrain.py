@@ -7,6 +7,7 @@ torchvision's references: ``build_parser``, ``main`` (wiring only),
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -22,12 +23,13 @@ from model import TORCHVISION_ARCHS, build_model
 from pipelines.errors import DataError, LoaderFailure
 from train import checkpoint as ckpt
 from train import export
-from train.config import ConfigError, PretrainConfig, config_from_dict, config_to_dict, load_config
+from train.config import ConfigError, PretrainConfig, config_to_dict, load_config
 from train.data import Loaders, build_loaders
 from train.distributed import DistContext, all_reduce_sum, init_distributed, shutdown_distributed
 from train.knn import extract_features, knn_accuracy
 from train.lars import LARS, lars_param_groups
 from train.precision import resolve_precision
+from train.resume import resumed_config
 from train.run_lock import RunDirError, RunLock
 from train.run_logger import RunLogger
 from train.schedule import WarmupCosineSchedule
@@ -227,7 +229,8 @@ def build_trainer(cfg: PretrainConfig, ctx: DistContext, resume_step: int | None
 
 
 def run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none") -> dict:
-    cfg.validate(ctx.world_size)
+    if resume == "none":
+        cfg.validate(ctx.world_size)  # a resumed run is validated once its checkpoint has set the per-rank sizes
     run_dir = Path(cfg.run.output_dir)
     lock = RunLock(run_dir) if ctx.is_main else None  # one run per directory; dies with the process
     try:
@@ -237,25 +240,10 @@ def run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none") -> dict:
             lock.release()
 
 
-def check_resumable(saved: dict, cfg: PretrainConfig, ctx: DistContext) -> None:
-    """Refuse a checkpoint whose model differs from the config's (its weights would not load),
-    naming the keys; warn when data settings or the world size differ."""
-    saved_cfg = config_from_dict(saved["config"])
-    changed = [f"model.{k}: {v!r} in the checkpoint, {getattr(cfg.model, k)!r} now"
-               for k, v in config_to_dict(saved_cfg.model).items() if v != config_to_dict(cfg.model)[k]
-               and k not in ("sync_bn", "channels_last")]  # these two change no weight
-    if changed:
-        raise ConfigError("cannot resume: the model differs from the checkpoint's (" + "; ".join(changed) +
-                          "); resume with the checkpoint's model settings or start another run.output_dir")
-    if saved_cfg.data != cfg.data or saved["world_size"] != ctx.world_size:
-        print("warning: resuming with a different data config or world size than the checkpoint's",
-              file=sys.stderr)
-
-
 def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path) -> dict:
     loaded = resolve_resume(resume, run_dir)
-    if loaded is not None:
-        check_resumable(loaded[0], cfg, ctx)
+    cfg = resumed_config(loaded[0], cfg, ctx.world_size) if loaded is not None else cfg
+    cfg.validate(ctx.world_size)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     state = TrainState(**loaded[0]["train_state"]) if loaded else TrainState()
     tr = build_trainer(cfg, ctx, state.global_step if loaded else None)
@@ -314,8 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     ctx = init_distributed(args.device)
+    resume = args.resume
+    if resume == "none" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume = "auto"  # torchrun restarted the group: continue the run rather than refuse its checkpoints
+        if ctx.is_main:
+            print("note: torchrun restarted the workers; resuming from the newest checkpoint (--resume auto)")
     try:
-        summary = run(cfg, ctx, args.resume)
+        summary = run(cfg, ctx, resume)
     except (ConfigError, DataError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

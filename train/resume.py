@@ -1,0 +1,76 @@
+"""What a checkpoint allows a resumed run to change, and how a new world size is absorbed.
+
+Resuming on another number of ranks keeps the *global* batch: the checkpoint's
+``unlabeled_batch_size x world size`` images per step, and its support set
+(``support_images_per_class x world size`` images of each shared class per
+step, or ``support_classes x world size`` classes with ``unique_classes``), are
+split over the new ranks. The steps per epoch (``N // global batch``), hence the
+learning-rate schedule, stay the same, and since a global step holds the same
+images on any number of ranks (``pipelines.plan``), the epoch continues at the
+same image: none repeated or skipped across the change. A world size that does
+not divide the global batch is refused, naming the sizes that do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from train.config import ConfigError, PretrainConfig, config_from_dict, config_to_dict
+
+# Model settings that change no weight: a checkpoint resumes with any value of them.
+WEIGHTLESS_MODEL_KEYS = ("sync_bn", "channels_last")
+
+
+def check_model(saved_cfg: PretrainConfig, cfg: PretrainConfig) -> None:
+    """Refuse a checkpoint whose model differs from the config's (its weights would not load)."""
+    saved, now = config_to_dict(saved_cfg.model), config_to_dict(cfg.model)
+    changed = [f"model.{k}: {v!r} in the checkpoint, {now[k]!r} now" for k, v in saved.items()
+               if v != now[k] and k not in WEIGHTLESS_MODEL_KEYS]
+    if changed:
+        raise ConfigError("cannot resume: the model differs from the checkpoint's (" + "; ".join(changed) +
+                          "); resume with the checkpoint's model settings or start another run.output_dir")
+
+
+def _split(total: int, world_size: int, what: str, per_rank_key: str, saved: str) -> int:
+    if total % world_size:
+        fits = [w for w in range(1, total + 1) if total % w == 0]
+        raise ConfigError(f"cannot resume on {world_size} rank(s): the checkpoint's {what} of {total} ({saved}) "
+                          f"does not split evenly; resume on one of {fits} ranks (keeps {per_rank_key} x ranks)")
+    return total // world_size
+
+
+def per_rank_sizes(saved_cfg: PretrainConfig, saved_world: int, world_size: int) -> dict:
+    """The ``data`` fields that keep the checkpoint's global batch and support set on ``world_size`` ranks."""
+    d = saved_cfg.data
+    batch = _split(d.unlabeled_batch_size * saved_world, world_size, "global batch", "data.unlabeled_batch_size",
+                   f"{d.unlabeled_batch_size} x {saved_world}")
+    classes, images = d.support_classes, d.support_images_per_class
+    if d.unique_classes:
+        classes = _split(classes * saved_world, world_size, "support classes per step", "data.support_classes",
+                         f"{classes} x {saved_world}")
+    else:
+        images = _split(images * saved_world, world_size, "support images per class and step",
+                        "data.support_images_per_class", f"{images} x {saved_world}")
+    return {"unlabeled_batch_size": batch, "support_classes": classes, "support_images_per_class": images}
+
+
+def resumed_config(saved: dict, cfg: PretrainConfig, world_size: int) -> PretrainConfig:
+    """The config a run resumed from checkpoint contents ``saved`` trains with (see the module
+    docstring): a changed model is refused, a new world size absorbed, other data changes warned about."""
+    saved_cfg = config_from_dict(saved["config"])
+    check_model(saved_cfg, cfg)
+    saved_data, saved_world = saved_cfg.data, saved["world_size"]
+    if saved_world != world_size:
+        sizes = per_rank_sizes(saved_cfg, saved_world, world_size)
+        d = saved_cfg.data
+        print(f"note: resuming a {saved_world}-rank run on {world_size} rank(s): per rank "
+              f"{sizes['unlabeled_batch_size']} unlabeled images (was {d.unlabeled_batch_size}) and "
+              f"{sizes['support_classes']} x {sizes['support_images_per_class']} support images (was "
+              f"{d.support_classes} x {d.support_images_per_class}): the same global batch, schedule and image "
+              "stream", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **sizes))
+        saved_data = dataclasses.replace(saved_data, **sizes)
+    if cfg.data != saved_data:
+        print("warning: resuming with other data settings than the checkpoint's", file=sys.stderr)
+    cfg.validate(world_size)
+    return cfg

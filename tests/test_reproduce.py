@@ -1,30 +1,86 @@
-"""``tools.reproduce`` end to end on a tiny generated dataset, and its compute-saved arithmetic."""
+"""``tools.reproduce`` end to end on a tiny generated dataset, and its arithmetic (``tools.repro_report``)
+against numbers worked out by hand."""
 from __future__ import annotations
 
 import csv
 import json
+import math
 
+import pytest
 import yaml
 
 from tests.pretrain_helpers import make_split_tree, tiny_overrides
+from tools import repro_report as rep
 from tools import reproduce
 
-
-def test_compute_saved_reads_the_first_epoch_reaching_simclrs_best():
-    simclr = [(1, 20.0, 0), (2, 30.0, 0), (3, 40.0, 0), (4, 40.0, 0)]
-    suncet = [(1, 30.0, 0), (2, 41.0, 0), (3, 45.0, 0), (4, 46.0, 0)]
-    saved = reproduce.compute_saved(simclr, suncet)
-    assert saved["simclr_best_epoch"] == 3  # the first epoch at the best value
-    assert saved["suncet_epoch_to_match"] == 2
-    assert saved["fraction_of_simclr_epochs"] == 2 / 3
-    never = reproduce.compute_saved(simclr, [(e, 10.0, 0) for e in range(1, 5)])
-    assert never["suncet_epoch_to_match"] is None and never["compute_saved"] is None
+CFG = {"data": {"unlabeled_batch_size": 44, "support_classes": 20, "support_images_per_class": 2,
+                "support_views": 1}, "loss": {"suncet_weight": 1.0, "supervised_epochs": 2}}
 
 
-def test_mean_curves_average_over_seeds():
-    curves = {(0, "simclr"): [(1, 10.0, 50.0), (2, 20.0, 60.0)], (1, "simclr"): [(1, 30.0, 70.0)],
-              (0, "suncet"): []}
-    assert reproduce.mean_curves(curves) == {"simclr": [(1, 20.0, 60.0)]}
+def _curve(values: list[float], images_per_epoch: int = 100) -> list[rep.Point]:
+    return [rep.Point(e, 10 * e, images_per_epoch * e, v, 0.0) for e, v in enumerate(values, start=1)]
+
+
+def test_images_through_the_network_count_the_support_only_while_suncet_is_on():
+    assert rep.images_per_step(CFG, 0) == 88 + 40 and rep.images_per_step(CFG, 2) == 88
+    simclr = {**CFG, "loss": {"suncet_weight": 0.0}}
+    assert rep.images_per_step(simclr, 0) == 88
+    rows = [{"epoch": e, "global_step": 10 * (e + 1), "knn_top1": 1, "knn_top5": 2} for e in range(3)]
+    assert [p.images for p in rep.curve_points(CFG, rows)] == [1280, 2560, 3440]  # 10 steps x 128, 128, 88
+
+
+def test_band_is_the_mean_with_a_student_t_interval():
+    band = rep.Band.of([1.0, 2.0, 3.0])
+    assert band.mean == 2.0 and band.n == 3
+    assert band.high - band.mean == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    single = rep.Band.of([5.0])
+    assert (single.low, single.high) == (5.0, 5.0)
+    assert rep.Band.of([1.0, 2.0]).overlaps(rep.Band.of([1.5, 3.0]))
+    assert not rep.Band.of([1.0, 1.1]).overlaps(rep.Band.of([5.0, 5.1]))
+
+
+def test_compute_saved_counts_images_to_reach_the_baselines_best_mean():
+    baseline = {0: _curve([20, 30, 40, 40]), 1: _curve([22, 32, 38, 42])}  # mean best 41 at epoch 4
+    arm = {0: _curve([30, 41, 45, 46], 150), 1: _curve([30, 35, 42, 46], 150)}
+    saved = rep.compute_saved(baseline, arm)
+    assert saved["target_top1"] == 41.0 and saved["baseline_best_epoch"] == 4
+    # seed 0: baseline never reaches 41, so its best-mean epoch 4 (400 images); arm at epoch 2 (300).
+    # seed 1: baseline first at epoch 4 (400); arm at epoch 3 (450).
+    frac = saved["fraction_of_images"]
+    assert frac["mean"] == pytest.approx((300 / 400 + 450 / 400) / 2) and saved["reached"] == 2
+    assert saved["fraction_of_epochs"]["mean"] == pytest.approx((2 / 4 + 3 / 4) / 2)
+    never = rep.compute_saved(baseline, {0: _curve([10, 10, 10, 10]), 1: _curve([10, 10, 10, 10])})
+    assert never["reached"] == 0 and never["fraction_of_images"] is None
+
+
+def test_verdict_says_when_a_difference_is_noise():
+    baseline = [_curve([20, 30, 40]), _curve([22, 31, 39]), _curve([18, 29, 41])]
+    noisy = [_curve([19, 31, 38]), _curve([25, 33, 44]), _curve([17, 28, 39])]
+    saved = rep.compute_saved(dict(enumerate(baseline)), dict(enumerate(noisy)))
+    assert "not distinguishable from noise" in rep.verdict("x", "simclr", baseline, noisy, saved)
+    clear = [_curve([45, 50, 60]), _curve([46, 51, 61]), _curve([44, 49, 59])]  # each at epoch 1 of 3
+    line = rep.verdict("x", "simclr", baseline, clear, rep.compute_saved(dict(enumerate(baseline)),
+                                                                         dict(enumerate(clear))))
+    assert "better beyond the seed spread" in line and "at most half" in line
+
+
+def test_arms_are_parsed_in_order_and_bad_names_refused():
+    args = reproduce.build_parser().parse_args(["--data", "d", "--epochs", "1", "--arm", "simclr:loss.suncet_weight=0",
+                                                "--arm", "k6:data.support_images_per_class=6,loss.suncet_weight=1"])
+    assert reproduce.parse_arms(args) == {"simclr": ["loss.suncet_weight=0"],
+                                          "k6": ["data.support_images_per_class=6", "loss.suncet_weight=1"]}
+    args.arm.append("k6:x=1")
+    with pytest.raises(Exception, match="new name"):
+        reproduce.parse_arms(args)
+
+
+def test_holdout_is_disjoint_from_training_and_class_balanced(tmp_path):
+    data = make_split_tree(tmp_path / "data", classes=3, train_per_class=10, val_per_class=2, size=12)
+    root = reproduce.subset_root(data, "train", "val", 12, 6, seed=0, out=tmp_path / "out")
+    train = {p.name for p in (root / "train").rglob("*.JPEG")}
+    held = {p.name for p in (root / "val").rglob("*.JPEG")}
+    assert len(train) == 12 and len(held) == 6 and not train & held
+    assert sorted(p.parent.name for p in (root / "val").rglob("*.JPEG")).count("n00000000") == 2
 
 
 def test_reproduce_runs_end_to_end(tmp_path):
@@ -34,28 +90,36 @@ def test_reproduce_runs_end_to_end(tmp_path):
     sets = [o for o in tiny_overrides(data, tmp_path / "unused") if o.startswith(keep) and "epochs" not in o]
     out = tmp_path / "repro"
     argv = ["--data", str(data), "--labeled-fraction", "0.5", "--epochs", "2", "--resolution", "8",
-            "--seeds", "0", "--train-subset", "18", "--val-split", "val", "--out", str(out), "--no-progress",
+            "--seeds", "0", "1", "--train-subset", "18", "--val-split", "val", "--out", str(out), "--no-progress",
             "--set", "data.support_classes=3", "--set", "optim.warmup_epochs=0.5",
             "--set", "data.knn_max_samples=100", *[a for s in sets for a in ("--set", s)]]
     assert reproduce.main(argv) == 0
 
-    # Identical settings except the SuNCEt weight.
-    cfgs = {arm: yaml.safe_load((out / "seed0" / arm / "config.yaml").read_text()) for arm in reproduce.ARMS}
+    # Identical settings except the SuNCEt weight (and the seed).
+    cfgs = {arm: yaml.safe_load((out / "seed0" / arm / "config.yaml").read_text()) for arm in ("simclr", "suncet")}
     assert cfgs["simclr"]["loss"].pop("suncet_weight") == 0.0 and cfgs["suncet"]["loss"].pop("suncet_weight") == 1.0
     for cfg in cfgs.values():
         cfg["run"].pop("output_dir")
     assert cfgs["simclr"] == cfgs["suncet"]
-    assert len(list((out / "data-subset18-seed0" / "train").rglob("*.JPEG"))) == 18
+    assert len(list((out / "data-subset18-holdout0-seed0" / "train").rglob("*.JPEG"))) == 18
 
     with open(out / "curves.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {(r["seed"], r["arm"], r["epoch"]) for r in rows} == {
-        (s, a, e) for s in ("0", "mean") for a in ("simclr", "suncet") for e in ("1", "2")}
+        (s, a, e) for s in ("0", "1", "mean") for a in ("simclr", "suncet") for e in ("1", "2")}
+    by = {(r["seed"], r["arm"], r["epoch"]): r for r in rows}
+    # A SuNCEt step forwards 2 x 8 views + 3 x 2 support images, a SimCLR step 2 x 8.
+    steps = int(by["0", "simclr", "1"]["global_step"])
+    assert int(by["0", "simclr", "1"]["images"]) == steps * 16 and int(by["0", "suncet", "1"]["images"]) == steps * 22
+    mean = by["mean", "suncet", "2"]
+    assert float(mean["top1_low"]) <= float(mean["knn_top1"]) <= float(mean["top1_high"])
     saved = json.loads((out / "compute_saved.json").read_text())
-    assert saved["simclr_epochs"] == 2
-    assert (out / "curves.png").stat().st_size > 0 and (out / "compute_saved.png").stat().st_size > 0
+    assert saved["baseline"] == "simclr" and set(saved["arms"]) == {"suncet"}
+    assert (out / "verdict.txt").read_text().startswith("suncet vs simclr at epoch 2")
+    assert (out / "curves.png").stat().st_size > 0
     with open(out / "final_eval.csv", newline="") as f:
-        assert [(r["arm"], r["method"]) for r in csv.DictReader(f)] == [("simclr", "linear"), ("suncet", "linear")]
+        assert sorted((r["seed"], r["arm"]) for r in csv.DictReader(f)) == [
+            ("0", "simclr"), ("0", "suncet"), ("1", "simclr"), ("1", "suncet")]
 
     # A second call reuses the finished runs instead of training again.
     mtime = (out / "seed0" / "suncet" / "metrics.csv").stat().st_mtime

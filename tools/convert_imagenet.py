@@ -88,21 +88,22 @@ class ConvertOptions:
         self.splits = tuple(self.splits)
         self.formats = tuple(self.formats)
         if not self.splits or len(set(self.splits)) != len(self.splits):
-            raise ValueError(f"splits must be distinct and non-empty, got {self.splits}")
+            raise ValueError(f"--splits must name distinct splits, got {','.join(self.splits) or 'nothing'}")
         if not self.formats or not set(self.formats) <= set(FORMATS):
-            raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {self.formats}")
+            raise ValueError(f"--formats must be a non-empty subset of {','.join(FORMATS)}, got {','.join(self.formats) or 'nothing'}")
         if self.labeled_list is not None and self.labeled_fraction is not None:
-            raise ValueError("give labeled_list or labeled_fraction, not both")
+            raise ValueError("give --labeled-list or --labeled-fraction, not both")
         if self.labeled_fraction is not None and not 0 < self.labeled_fraction <= 1:
-            raise ValueError(f"labeled_fraction must be in (0, 1], got {self.labeled_fraction}")
+            raise ValueError(f"--labeled-fraction must be in (0, 1], got {self.labeled_fraction}")
         if self.max_resolution < 1:
-            raise ValueError(f"max_resolution must be >= 1, got {self.max_resolution}")
+            raise ValueError(f"--max-resolution must be >= 1, got {self.max_resolution}")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+            raise ValueError(f"--jpeg-quality must be in [1, 100], got {self.jpeg_quality}")
         if not 0 <= self.compress_probability <= 1:
-            raise ValueError(f"compress_probability must be in [0, 1], got {self.compress_probability}")
+            raise ValueError(f"--compress-probability must be in [0, 1], got {self.compress_probability}")
         if self.shard_size < 1 or self.shard_multiple < 1 or self.jobs < 1:
-            raise ValueError("shard_size, shard_multiple and jobs must be >= 1")
+            raise ValueError(f"--shard-size, --shard-multiple and --jobs must be >= 1, got {self.shard_size}, "
+                             f"{self.shard_multiple} and {self.jobs}")
 
     def settings(self, classes: list[str]) -> dict:
         """Everything the outputs depend on; a rerun in the same ``--out`` must match it."""

@@ -38,9 +38,9 @@ def write_digits(out: Path, size: int = 32, val_fraction: float = 0.2, seed: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="data/digits")
-    p.add_argument("--size", type=int, default=32)
+    p = argparse.ArgumentParser(prog="python -m tools.make_demo_data", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="data/digits", help="ImageFolder root to write (train/ and val/)")
+    p.add_argument("--size", type=int, default=32, help="side of the written JPEGs, in pixels")
     args = p.parse_args(argv)
     counts = write_digits(Path(args.out), args.size)
     print(f"wrote {counts['train']} train / {counts['val']} val digit images to {args.out}")

@@ -48,16 +48,21 @@ def _slurm_master_addr() -> str:
     return head
 
 
+class DeviceError(RuntimeError):
+    """The requested device does not exist here."""
+
+
 def choose_device(requested: str | None, local_rank: int) -> torch.device:
     """``cpu``/``cuda`` when requested, else CUDA when present."""
     if requested == "cpu":
         return torch.device("cpu")
     if requested not in (None, "auto", "cuda"):
-        raise ValueError(f"--device must be 'auto', 'cpu' or 'cuda', got {requested!r}")
+        raise DeviceError(f"--device must be 'auto', 'cpu' or 'cuda', got {requested!r}")
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if requested == "cuda":
-        raise RuntimeError("--device cuda requested but CUDA is not available")
+        raise DeviceError("--device cuda: CUDA is not available here (no GPU, or a CPU-only torch); "
+                          "use --device cpu or auto")
     return torch.device("cpu")
 
 

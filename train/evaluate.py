@@ -80,31 +80,34 @@ class EvalSettings:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True,
                    help="a ckpt-*.pt file, a run directory (newest checkpoint), or an encoder from tools.export")
     p.add_argument("--data", default=None, help="data root (default: the checkpoint's data.root)")
     p.add_argument("--arch", default=None, help="encoder architecture of an exported encoder (default resnet50)")
     p.add_argument("--resolution", type=int, default=None,
                    help="image side for an exported encoder (default 224; a training checkpoint knows its own)")
-    p.add_argument("--method", default="knn", choices=METHODS)
+    p.add_argument("--method", default="knn", choices=METHODS,
+                   help="knn: weighted kNN on frozen features; linear: logistic regression on them; "
+                        "finetune: encoder + linear layer trained on the labeled images")
     p.add_argument("--labeled-list", default=None, help="labeled subset file (SimCLR 10percent.txt format)")
     p.add_argument("--labeled-fraction", type=float, default=None,
                    help="stratified labeled draw (default: the run's labeled list or fraction)")
-    p.add_argument("--train-split", default=None)
+    p.add_argument("--train-split", default=None, help="split holding the labeled images (default: the run's)")
     p.add_argument("--val-split", default=None, help="held-out split, e.g. test for CIFAR (default: the run's)")
-    p.add_argument("--val-max-samples", type=int, default=None)
+    p.add_argument("--val-max-samples", type=int, default=None,
+                   help="score a seeded random draw of this many held-out images (default: all)")
     p.add_argument("--k", type=int, default=20, help="kNN neighbours")
-    p.add_argument("--knn-temperature", type=float, default=0.07)
-    p.add_argument("--linear-l2", type=float, default=1e-4)
+    p.add_argument("--knn-temperature", type=float, default=0.07, help="kNN vote weight exp(similarity / T)")
+    p.add_argument("--linear-l2", type=float, default=1e-4, help="L2 penalty of the linear probe")
     p.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs")
     p.add_argument("--lr", type=float, default=0.05, help="fine-tuning learning rate per 256 images")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch for features and scoring")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--seed", type=int, default=0, help="seed of draws (held-out cap, fine-tuning order)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
     p.add_argument("--output", default=None, help="also write the result as JSON here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

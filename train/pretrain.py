@@ -25,7 +25,7 @@ from train import checkpoint as ckpt
 from train import export
 from train.config import ConfigError, PretrainConfig, config_to_dict, load_config
 from train.data import Loaders, build_loaders
-from train.distributed import DistContext, all_reduce_sum, init_distributed, shutdown_distributed
+from train.distributed import DeviceError, DistContext, all_reduce_sum, init_distributed, shutdown_distributed
 from train.knn import extract_features, knn_accuracy
 from train.lars import LARS, lars_param_groups
 from train.precision import resolve_precision
@@ -37,11 +37,12 @@ from train.step import NonFiniteLossError, StepSettings, train_step
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="YAML config (see configs/)")
+    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML config (a path, or the name of a shipped one: see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=2.4 (repeatable)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA when present (the rank's GPU), else the CPU")
     p.add_argument("--resume", default="none",
                    help="'auto': continue from the newest checkpoint in run.output_dir if any; "
                         "'none': start fresh (refused if the directory holds checkpoints); or a checkpoint path")
@@ -301,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    ctx = init_distributed(args.device)
+    try:
+        ctx = init_distributed(args.device)
+    except DeviceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     resume = args.resume
     if resume == "none" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         resume = "auto"  # torchrun restarted the group: continue the run rather than refuse its checkpoints

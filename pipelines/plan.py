@@ -45,6 +45,24 @@ def sample_seed(seed: int, *keys: int) -> int:
     return int(state[0] >> np.uint64(1))
 
 
+@dataclass
+class Position:
+    """Where a loader's next pass starts: ``start_step`` of ``epoch`` (a resumed run's place)."""
+
+    steps_per_epoch: int
+    epoch: int = 0
+    start_step: int = 0
+
+    def set(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
+        self.epoch, self.start_step = epoch, start_step
+
+    @property
+    def steps_left(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+
 class UnlabeledPlan:
     """This rank's unlabeled images, ``[steps, batch_size]`` per epoch (see the module docstring)."""
 

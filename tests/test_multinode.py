@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.helpers.dist import free_port
+from tests.helpers.record_stream import read_records
 from tests.pretrain_helpers import make_split_tree, step_losses, tiny_overrides
 from train.config import load_config
 from train.data import build_loaders
@@ -218,17 +219,6 @@ def _cmdline(pid: str) -> str:
         return ""
 
 
-def _records(path: Path) -> list[dict]:
-    import json
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by the kill
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_resume_on_another_number_of_ranks_keeps_the_global_batch_and_the_stream(data_root, tmp_path, before,
@@ -248,7 +238,7 @@ def test_resume_on_another_number_of_ranks_keeps_the_global_batch_and_the_stream
     first.wait()
     _wait_for_no_worker(run_dir)  # torchrun's workers, in sessions of their own, die with their agent
     # The checkpoint is at global step 3; what ran after it is redone by the resumed run.
-    kept = [r for r in _records(record) if r["epoch"] * 5 + r["step"] < 3]
+    kept = [r for r in read_records(record) if r["epoch"] * 5 + r["step"] < 3]
     record.write_text("".join(__import__("json").dumps(r) + "\n" for r in kept))
     second = _recorded_run(data_root, run_dir, record, after, global_batch // before, per_class // before,
                            resume=True)  # the old per-rank sizes: the run rescales them itself
@@ -258,7 +248,7 @@ def test_resume_on_another_number_of_ranks_keeps_the_global_batch_and_the_stream
     losses = step_losses(run_dir)
     assert sorted(losses) == list(range(1, 11))  # 2 epochs of 40 // 8 steps, as uninterrupted
     for epoch in range(2):
-        ids = [i for r in _records(record) if r["epoch"] == epoch for i in r["ids"]]
+        ids = [i for r in read_records(record) if r["epoch"] == epoch for i in r["ids"]]
         assert len(ids) == len(set(ids)) == 40  # every image once: none repeated or skipped across the change
 
 

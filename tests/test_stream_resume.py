@@ -4,7 +4,6 @@ the killed run (up to its checkpoint) and the resumed one, holds each planned
 image once, in the order of an uninterrupted run (the shared plan)."""
 from __future__ import annotations
 
-import json
 import signal
 import time
 from pathlib import Path
@@ -12,22 +11,12 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.reference_plan import reference_unlabeled
+from tests.helpers.record_stream import read_records
 from tests.pretrain_helpers import make_split_tree, read_metrics, tiny_overrides
 from tests.test_pretrain import _cli, _set_args
 
 CLASSES, PER_CLASS, BATCH, EPOCHS = 4, 12, 8, 3
 STEPS = CLASSES * PER_CLASS // BATCH  # per epoch
-
-
-def _records(path: Path) -> list[dict]:
-    """The recorded steps; a line cut short by the kill is dropped."""
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
 
 
 def _data_root(backend: str, tmp_path: Path) -> Path:
@@ -68,8 +57,8 @@ def test_killed_run_resumes_the_same_sample_stream(backend, kill_after_step, tmp
     resumed = _cli(command + [str(tmp_path / "resumed.jsonl")] + args + ["--resume", "auto"], env_extra=env)
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
-    first = _records(tmp_path / "killed.jsonl")
-    second = _records(tmp_path / "resumed.jsonl")
+    first = read_records(tmp_path / "killed.jsonl")
+    second = read_records(tmp_path / "resumed.jsonl")
     resume_at = (second[0]["epoch"], second[0]["step"])
     assert resume_at == divmod(kill_after_step, STEPS)  # the checkpoint's position, even at an epoch end
     stream = [r for r in first if (r["epoch"], r["step"]) < resume_at] + second

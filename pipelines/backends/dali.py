@@ -41,7 +41,7 @@ from pipelines.bad_images import ReplacementPools, read_or_replace
 from pipelines.contract import PretrainBatch
 from pipelines.encoded_images import EncodedImages
 from pipelines.errors import BadImageError, DataError
-from pipelines.plan import SUPPORT_STREAM, UNLABELED_STREAM, SamplePlan
+from pipelines.plan import SUPPORT_STREAM, UNLABELED_STREAM, Position, SamplePlan
 from pipelines.spec import LoaderSpec
 
 # ---------------------------------------------------------------------------
@@ -190,7 +190,7 @@ class DaliPretrainLoader:
 
     def __init__(self, spec: LoaderSpec, images: EncodedImages, labeled: np.ndarray, plan: SamplePlan):
         self.spec, self.device, self.images, self.plan = spec, spec.device, images, plan
-        self.epoch, self.start_step = 0, 0
+        self.position = Position(plan.steps_per_epoch)
         pipe_seed = int(np.random.SeedSequence([spec.seed, spec.rank]).generate_state(1)[0] & 0x7FFFFFFF)
         self.unlabeled_steps = UnlabeledSteps(plan, spec.rank, spec.seed)
         feed = StreamFeed(images, self.unlabeled_steps, spec.recipe, 2, ReplacementPools.single(len(images)),
@@ -207,9 +207,7 @@ class DaliPretrainLoader:
         return self.plan.steps_per_epoch
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        if not 0 <= start_step <= len(self):
-            raise ValueError(f"start_step must be in [0, {len(self)}], got {start_step}")
-        self.epoch, self.start_step = epoch, start_step
+        self.position.set(epoch, start_step)
 
     def close(self) -> None:
         """Nothing to stop between passes: a new pass runs out what an abandoned one left in flight."""
@@ -230,8 +228,8 @@ class DaliPretrainLoader:
         return x if x.dtype == self.spec.dtype else x.to(self.spec.dtype)
 
     def __iter__(self) -> Iterator[PretrainBatch]:
-        epoch, steps = self.epoch, range(self.start_step, len(self))
-        self.start_step = 0
+        epoch, steps = self.position.epoch, range(self.position.start_step, len(self))
+        self.position.start_step = 0
         if not steps:
             return
         for steps_of in (self.unlabeled_steps, self.support_steps):

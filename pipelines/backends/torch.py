@@ -21,7 +21,8 @@ from pipelines.contract import PretrainBatch
 from pipelines.errors import LoaderFailure
 from pipelines.image_folder import ImageFolderIndex
 from pipelines.images import open_rgb
-from pipelines.plan import SUPPORT_STREAM, UNLABELED_STREAM, SamplePlan, SupportPlan, UnlabeledPlan, sample_seed
+from pipelines.plan import (SUPPORT_STREAM, UNLABELED_STREAM, Position, SamplePlan, SupportPlan, UnlabeledPlan,
+                            sample_seed)
 from pipelines.spec import LoaderSpec
 
 
@@ -77,19 +78,15 @@ class UnlabeledBatches:
 
     def __init__(self, plan: UnlabeledPlan):
         self.plan = plan
-        self.epoch, self.start_step = 0, 0
+        self.position = Position(plan.steps_per_epoch)
 
     def __len__(self) -> int:
-        return self.plan.steps_per_epoch - self.start_step
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        if not 0 <= start_step <= self.plan.steps_per_epoch:
-            raise ValueError(f"start_step must be in [0, {self.plan.steps_per_epoch}], got {start_step}")
-        self.epoch, self.start_step = epoch, start_step
+        return self.position.steps_left
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for batch in self.plan.batches(self.epoch)[self.start_step :]:
-            yield [(int(i), sample_seed(self.plan.seed, self.epoch, int(i), UNLABELED_STREAM)) for i in batch]
+        epoch = self.position.epoch
+        for batch in self.plan.batches(epoch)[self.position.start_step :]:
+            yield [(int(i), sample_seed(self.plan.seed, epoch, int(i), UNLABELED_STREAM)) for i in batch]
 
 
 class SupportBatches:
@@ -155,15 +152,14 @@ class TorchPretrainLoader:
             self.support = DataLoader(SupportDataset(index, spec.recipe, spec.support.views, labeled,
                                                      spec.on_bad_image),
                                       batch_sampler=self.support_batches, collate_fn=_collate_support, **workers)
-        self.epoch, self.start_step = 0, 0
+        self.position = self.unlabeled_batches.position  # the loader's one (epoch, start step)
         self._pass: Iterator[PretrainBatch] | None = None
 
     def __len__(self) -> int:
         return self.plan.steps_per_epoch
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-        self.unlabeled_batches.set_epoch(epoch, start_step)
+        self.position.set(epoch, start_step)
         if self.support_batches is not None:
             self.support_batches.set_range(self.plan.global_step(epoch, start_step), len(self) - start_step)
 
@@ -178,7 +174,8 @@ class TorchPretrainLoader:
     def _batches(self) -> Iterator[PretrainBatch]:
         unlabeled = iter(self.unlabeled)
         support = iter(self.support) if self.support is not None else None
-        for step in range(self.start_step, len(self)):
+        epoch = self.position.epoch
+        for step in range(self.position.start_step, len(self)):
             v1, v2, ids, bad = _next_batch(unlabeled, "unlabeled")
             if support is not None:
                 s_img, s_lab, s_bad = _next_batch(support, "support")
@@ -189,9 +186,9 @@ class TorchPretrainLoader:
                 view1=self._to_device(v1), view2=self._to_device(v2),
                 support_images=self._to_device(s_img),
                 support_labels=s_lab.to(self.device, non_blocking=True),
-                sample_ids=ids, epoch=self.epoch, step=step, bad_images=bad,
+                sample_ids=ids, epoch=epoch, step=step, bad_images=bad,
             )
-        self.start_step = 0
+        self.position.start_step = 0
 
     def close(self) -> None:
         """End a pass cut short (its DataLoader iterators shut their workers down)."""

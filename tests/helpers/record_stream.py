@@ -14,6 +14,17 @@ import time
 from train import pretrain
 
 
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The recorded steps, in order; a line cut short by a kill (the last one) is dropped."""
+    out = []
+    for line in open(path).read().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
 class RecordingLoader:
     """Wraps a ``PretrainLoader``; records each batch before handing it out."""
 

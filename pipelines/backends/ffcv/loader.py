@@ -175,26 +175,26 @@ class FFCVPretrainLoader:
         self.augment = (NormalizeOnly(recipe, spec.dtype) if colour
                         else BatchColorAugment(recipe, flip=False, dtype=spec.dtype))
         self.generator = torch.Generator(device=device)
-        self.epoch, self.start_step = 0, 0
+        self.position = self.unlabeled_schedule.position  # the loader's one (epoch, start step)
         self._passes: list = []
 
     def __len__(self) -> int:
         return len(self.unlabeled_schedule)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.unlabeled_schedule.set_epoch(epoch, start_step)
-        self.epoch, self.start_step = epoch, start_step
+        self.position.set(epoch, start_step)
         if self.support_schedule is not None:
             self.support_schedule.set_range(self.plan.global_step(epoch, start_step), len(self) - start_step)
 
     def __iter__(self) -> Iterator[PretrainBatch]:
-        epoch, first = self.epoch, self.start_step
+        epoch, first = self.position.epoch, self.position.start_step
         self.set_epoch(epoch, first)  # the support range follows a start_step reset by a previous pass
-        self.start_step = 0
         if first >= len(self):
+            self.position.start_step = 0
             return
         self.generator.manual_seed(sample_seed(self.spec.seed, epoch, self.rank, COLOUR_STREAM))
         passes = self._passes = [iter(self.unlabeled)] + ([iter(self.support)] if self.support is not None else [])
+        self.position.start_step = 0  # FFCV has read this pass's orders; a next pass starts the epoch over
         try:
             for step in range(first, len(self)):
                 try:

@@ -32,7 +32,7 @@ from typing import Protocol
 import numpy as np
 
 from pipelines.errors import LoaderFailure
-from pipelines.plan import SupportPlan, UnlabeledPlan
+from pipelines.plan import Position, SupportPlan, UnlabeledPlan
 from pipelines.torch_threads import keep_torch_threads
 
 
@@ -65,23 +65,21 @@ class UnlabeledSchedule:
     def __init__(self, plan: UnlabeledPlan):
         self.plan = plan
         self.batch_size = plan.batch_size
-        self.epoch, self.start_step = 0, 0
+        self.position = Position(plan.steps_per_epoch)
 
     def __len__(self) -> int:
         """Steps per epoch; the same on every rank."""
         return self.plan.steps_per_epoch
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        if not 0 <= start_step <= len(self):
-            raise ValueError(f"start_step must be in [0, {len(self)}], got {start_step}")
-        self.epoch, self.start_step = epoch, start_step
+        self.position.set(epoch, start_step)
 
     @property
     def num_batches(self) -> int:
-        return len(self) - self.start_step
+        return self.position.steps_left
 
     def order(self) -> np.ndarray:
-        return self.plan.batches(self.epoch)[self.start_step :].reshape(-1)
+        return self.plan.batches(self.position.epoch)[self.position.start_step :].reshape(-1)
 
 
 class SupportSchedule:

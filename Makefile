@@ -4,7 +4,8 @@
 #               install (torch backend: no DALI, no FFCV build, no system packages)
 # make wheelhouse PY=3.12 OUT=wheelhouse/  - on a connected machine: every wheel the project needs
 #               but torch/torchvision, for an offline install (README, "GPU nodes without internet")
-# make lock   - rewrite requirements/*.txt from the environment (after changing dependencies)
+# make lock   - rewrite requirements/*.txt from the environment (after changing dependencies);
+#               LOCK_REPORTS="a.json ..." adds what pip --report files resolved beyond it
 #
 # Variables:
 #   VENV=DIR        the environment to install into (default .venv, created when missing; an
@@ -69,7 +70,7 @@ wheelhouse:
 	bash tools/build_wheelhouse.sh --python $(PY) --out $(OUT)
 
 lock: setup
-	$(VENV_PY) -m tools.deps lock --out requirements
+	$(VENV_PY) -m tools.deps lock --out requirements $(addprefix --report ,$(LOCK_REPORTS))
 
 clean:
 	rm -rf runs/demo data/digits

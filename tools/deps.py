@@ -10,10 +10,11 @@ the constraints never ask pip to replace a cluster's torch or its CUDA libraries
       write torch.txt and constraints.txt from the running environment (the tested set); packages a
       pip ``--report`` resolved but this environment lacks (e.g. the dali-cu13 extra's) are added to
       the constraints, marked as resolved-only
-  python -m tools.deps select R.json
+  python -m tools.deps select R.json [--python-version 3.12] [--include-local] [--exclude-file F] [--paths]
       print ``name==version`` for every package of a ``pip install --dry-run --report`` resolution
       outside the torch stack, for ``pip download --no-deps -r``; packages that pip found as local
-      files (a ``--find-links`` folder) are left out, they are already there
+      files (a ``--find-links`` folder) are left out unless --include-local, they are already there;
+      --sdists lists only those pip would build from source (to build their wheels once)
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
@@ -153,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("report", help="JSON written by `pip install --dry-run --report`")
     select.add_argument("--python-version", help="evaluate markers for this Python (e.g. 3.12; pip's report "
                         "holds the running interpreter's environment even with --python-version)")
+    select.add_argument("--include-local", action="store_true",
+                        help="also list packages pip found as local files (a --find-links folder)")
+    select.add_argument("--exclude-file", help="leave out the package names listed in this file (whitespace-separated)")
+    select.add_argument("--sdists", action="store_true",
+                        help="only the packages that pip would build from a source distribution")
+    select.add_argument("--paths", action="store_true",
+                        help="print each package's file path (local files) or URL instead of name==version")
     return p
 
 
@@ -169,9 +178,19 @@ def main(argv: list[str] | None = None) -> int:
         env["python_full_version"] = args.python_version if args.python_version.count(".") == 2 \
             else args.python_version + ".0"
     packages = report_packages(report)
-    stack = torch_stack(packages, env)
-    for name in sorted(set(packages) - stack):
-        if not packages[name].local:
+    excluded = torch_stack(packages, env)
+    if args.exclude_file:
+        excluded |= {canonical(n) for n in Path(args.exclude_file).read_text().split()}
+    urls = {canonical(i["metadata"]["name"]): i.get("download_info", {}).get("url", "") for i in report["install"]}
+    for name in sorted(set(packages) - excluded):
+        if packages[name].local and not args.include_local:
+            continue
+        url = urls[name]
+        if args.sdists and urlparse(url).path.endswith(".whl"):
+            continue
+        if args.paths:
+            print(unquote(urlparse(url).path) if url.startswith("file:") else url)
+        else:
             print(f"{packages[name].name}=={packages[name].version}")
     return 0
 

@@ -22,7 +22,8 @@
 # script goes on without DALI/FFCV. With DALI and FFCV already importable, no parts are needed.
 # Knobs: GPU_PARTS (/tmp/gpu_parts), GPU_SITE (/tmp/site), GPU_DATA (/tmp/gpu_data), PYTHON,
 # GPU_STEPS (30), GPU_WINDOWS (3), GPU_WARMUP (10), GPU_DEVICE (cuda; cpu for a dry run without a GPU),
-# GPU_THROUGHPUT_ARGS (extra tools.throughput arguments, e.g. "--model resnet18-small" for that dry run).
+# GPU_THROUGHPUT_ARGS (extra tools.throughput arguments, e.g. "--model resnet18-small" for that dry run),
+# GPU_LIMIT_SCALE (1; multiplies the stage limits, for a dry run on a slow CPU).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -32,6 +33,7 @@ export PY=${PYTHON:-python3} PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 STEPS=${GPU_STEPS:-30} WINDOWS=${GPU_WINDOWS:-3} WARMUP=${GPU_WARMUP:-10}
 DEVICE=${GPU_DEVICE:-cuda}
 EXTRA_ARGS=${GPU_THROUGHPUT_ARGS:-}  # appended to each tools.throughput command (a dry run: a small model)
+SCALE=${GPU_LIMIT_SCALE:-1}  # multiplies every stage's time limit (a dry run on a slow CPU)
 START=$(date +%s.%N)
 SUMMARY=()
 
@@ -40,6 +42,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run under timeout, log it, print and
   local name=$1 limit=$2 t rc line
   shift 2
   t=$(date +%s.%N)
+  limit=$((limit * SCALE))
   echo "=== $name (limit ${limit} s)" | tee -a "$LOG"
   timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}

@@ -73,7 +73,20 @@ log() { echo "[gpu_parts] $*"; }
 #    and everything the image already has.
 PLATFORMS=()
 for minor in $(seq 39 -1 17); do PLATFORMS+=(--platform "manylinux_2_${minor}_x86_64"); done
-"$PY" -m pip install -q --dry-run --ignore-installed --no-index --find-links "$WHEELHOUSE" \
+# Wheelhouses hold no torch: empty stand-in wheels play the image's torch 2.11 / torchvision 0.26.
+mkdir -p "$WORK/image"
+"$PY" - "$WORK/image" <<'EOF'
+import sys, zipfile
+for name, version in [("torch", "2.11.0"), ("torchvision", "0.26.0")]:
+    info = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(f"{sys.argv[1]}/{name}-{version}-py3-none-any.whl", "w") as zf:
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: gpu_parts\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{info}/RECORD", "")
+EOF
+# (pip's own configuration is ignored here: the wheelhouse alone is the source)
+env -u PIP_FIND_LINKS -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
+  "$PY" -m pip install -q --dry-run --ignore-installed --no-index --find-links "$WHEELHOUSE" --find-links "$WORK/image" \
   --python-version "$PY_TARGET" --implementation cp "${PLATFORMS[@]}" --platform manylinux2014_x86_64 \
   --only-binary=:all: --target "$WORK/dry" --report "$WORK/report.json" 'suncet-pretrain[ffcv,dali-cu13]'
 tr -s ' \n' '\n\n' <<<"$IMAGE_PACKAGES" >"$WORK/image.txt"

@@ -179,3 +179,16 @@ def test_select_lists_the_wheels_to_download(tmp_path, capsys):
     assert listed == sorted(f"{n}==1.0" for n in
                             ["numpy", "pillow", "pytest", "fonttools", "optree", "typing-extensions",
                              "pytorch-pfn-extras", "triton", "nvidia-cufft"])
+
+
+def test_lock_pins_what_the_project_needs_not_everything_installed():
+    installed = dict(GRAPH)
+    installed["suncet-pretrain"] = deps.Package("suncet-pretrain", "0.1.0", GRAPH["suncet-pretrain"].requires,
+                                                extras=("dev",))
+    installed["safetensors"] = pkg("safetensors")  # installed by hand, needed by nothing here
+    installed["pip"] = pkg("pip")
+    torch_pins, project_pins = deps.split(installed)
+    names = {p.split("==")[0] for p in project_pins}
+    assert "pytest" in names and "numpy" in names  # an extra's requirement, a core one
+    assert not names & {"safetensors", "pip", "suncet-pretrain", "torch", "torchvision"}
+    assert {p.split("==")[0] for p in torch_pins} >= {"torch", "torchvision"}

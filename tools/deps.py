@@ -46,6 +46,7 @@ class Package:
     version: str
     requires: tuple[str, ...]  # Requires-Dist entries, as written
     local: bool = False  # found as a local file (resolution reports only)
+    extras: tuple[str, ...] = ()  # Provides-Extra
 
 
 def _edges(pkg: Package, extras: frozenset[str], env: dict[str, str]) -> list[tuple[str, frozenset[str]]]:
@@ -60,6 +61,21 @@ def _edges(pkg: Package, extras: frozenset[str], env: dict[str, str]) -> list[tu
     return edges
 
 
+def reach(packages: dict[str, Package], start: dict[str, frozenset[str]], env: dict[str, str],
+          blocked: frozenset[str] = frozenset()) -> set[str]:
+    """Names reachable from ``start`` (name -> extras asked for), not entering ``blocked``."""
+    extras_seen: dict[str, frozenset[str]] = {}
+    todo = [(n, x) for n, x in start.items() if n in packages]
+    while todo:
+        name, extras = todo.pop()
+        if name in extras_seen and extras <= extras_seen[name]:
+            continue
+        extras_seen[name] = extras_seen.get(name, frozenset()) | extras
+        todo.extend((r, x) for r, x in _edges(packages[name], extras_seen[name], env)
+                    if r in packages and r not in blocked)
+    return set(extras_seen)
+
+
 def torch_stack(packages: dict[str, Package], env: dict[str, str] | None = None,
                 roots: tuple[str, ...] = TORCH_ROOTS) -> set[str]:
     """Names reachable from ``roots`` that no other package needs except through the roots.
@@ -68,30 +84,18 @@ def torch_stack(packages: dict[str, Package], env: dict[str, str] | None = None,
     requirement asks for them (``cuda-toolkit[cublas]``). Every package the roots do not reach
     is a starting point of the other side, with no extras of its own."""
     env = dict(env) if env is not None else default_environment()
-
-    def reach(start: set[str], blocked: set[str]) -> set[str]:
-        extras_seen: dict[str, frozenset[str]] = {}
-        todo = [(n, frozenset()) for n in start if n in packages]
-        while todo:
-            name, extras = todo.pop()
-            if name in extras_seen and extras <= extras_seen[name]:
-                continue
-            extras_seen[name] = extras_seen.get(name, frozenset()) | extras
-            todo.extend((r, x) for r, x in _edges(packages[name], extras_seen[name], env)
-                        if r in packages and r not in blocked)
-        return set(extras_seen)
-
-    root_set = {canonical(r) for r in roots if canonical(r) in packages}
-    from_torch = reach(root_set, blocked=set())
-    from_others = reach(set(packages) - from_torch, blocked=root_set)
-    return from_torch - from_others
+    root_set = frozenset(canonical(r) for r in roots if canonical(r) in packages)
+    from_torch = reach(packages, dict.fromkeys(root_set, frozenset()), env)
+    others = dict.fromkeys(set(packages) - from_torch, frozenset())
+    return from_torch - reach(packages, others, env, blocked=root_set)
 
 
 def installed_packages() -> dict[str, Package]:
     found: dict[str, Package] = {}
     for dist in metadata.distributions():
         name = canonical(dist.metadata["Name"])
-        found.setdefault(name, Package(name, dist.version, tuple(dist.requires or [])))
+        extras = tuple(canonical(e) for e in dist.metadata.get_all("Provides-Extra") or [])
+        found.setdefault(name, Package(name, dist.version, tuple(dist.requires or []), extras=extras))
     return found
 
 
@@ -112,8 +116,13 @@ def pins(packages: dict[str, Package], names: set[str]) -> list[str]:
 
 
 def split(packages: dict[str, Package]) -> tuple[list[str], list[str]]:
-    """(torch stack pins, project pins) of an environment, the project and installers left out."""
-    keep = {n for n in packages if n not in UNPINNED and n != PROJECT}
+    """(torch stack pins, project pins) of an environment: what the installed project needs with
+    all its extras (everything installed, if the project is not), the project and installers left out."""
+    if PROJECT in packages:
+        needed = reach(packages, {PROJECT: frozenset(packages[PROJECT].extras)}, default_environment())
+    else:
+        needed = set(packages)
+    keep = {n for n in needed if n not in UNPINNED and n != PROJECT}
     stack = torch_stack(packages) & keep
     return pins(packages, stack), pins(packages, keep - stack)
 
@@ -136,8 +145,9 @@ def write_lock(out: Path, packages: dict[str, Package], resolved: list[dict[str,
         "# an installed torch within setup.cfg's range is kept.\n" + "\n".join(stack) + "\n")
     body = "\n".join(project)
     if extra:
-        body += ("\n# resolved for extras that the tested environment does not install "
-                 "(same constraints, not run here):\n" + "\n".join(pins(extra_pkgs, extra)))
+        body += ("\n# resolved by pip with these constraints for extras that the environment above does\n"
+                 "# not have installed (e.g. dali-cu13; the wheelhouse's FFCV needs opencv-python-headless):\n"
+                 + "\n".join(pins(extra_pkgs, extra)))
     (out / "constraints.txt").write_text(
         "# Exact versions the test suite ran with (Python " + python + "), written by\n"
         "# `python -m tools.deps lock`. Used as pip constraints by `make setup`, CI and\n"

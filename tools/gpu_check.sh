@@ -23,7 +23,8 @@
 # Knobs: GPU_PARTS (/tmp/gpu_parts), GPU_SITE (/tmp/site), GPU_DATA (/tmp/gpu_data), PYTHON,
 # GPU_STEPS (30), GPU_WINDOWS (3), GPU_WARMUP (10), GPU_DEVICE (cuda; cpu for a dry run without a GPU),
 # GPU_THROUGHPUT_ARGS (extra tools.throughput arguments, e.g. "--model resnet18-small" for that dry run),
-# GPU_LIMIT_SCALE (1; multiplies the stage limits, for a dry run on a slow CPU).
+# GPU_LIMIT_SCALE (1; multiplies the stage limits, for a dry run on a slow CPU), GPU_CHECK_VARIANTS=1
+# (also the compute step without channels-last and in bf16: about 100 s more).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -123,6 +124,13 @@ else  # a backend is missing: the compute step once, then each backend that impo
     [ -f "${JSON%.json}-$b.json" ] && cp "${JSON%.json}-$b.json" "$OUT/"
     modes=loader,e2e
   done
+fi
+
+# Optional (GPU_CHECK_VARIANTS=1, beyond the 8 minutes): what channels-last and fp16 buy.
+if [ "${GPU_CHECK_VARIANTS:-0}" = 1 ]; then
+  stage compute-nchw 50 "$PY" "${THROUGHPUT[@]}" --mode compute --set model.channels_last=false \
+    --json "$OUT/compute_nchw.json" $EXTRA_ARGS
+  stage compute-bf16 50 "$PY" "${THROUGHPUT[@]}" --mode compute --precision bf16 --json "$OUT/compute_bf16.json" $EXTRA_ARGS
 fi
 
 {

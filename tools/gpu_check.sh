@@ -71,7 +71,7 @@ install_parts() {  # DALI + FFCV from the carried parts, into $SITE, when they d
     [ -e "$first" ] && cat "${first%.part00}".part[0-9][0-9] >"${first%.part00}"
   done
   (cd "$PARTS" && sha256sum -c --quiet SHA256SUMS) || { echo "checksum mismatch in $PARTS"; return 1; }
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$PARTS"/*.whl || return 1
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$PARTS"/*.whl || return 1
   # nvimgcodec & co ship nvidia/__init__.py; where the image's own nvidia/ is a namespace package,
   # drop ours so that both folders make one namespace (else ours would hide the image's).
   local purelib

@@ -55,7 +55,9 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run under timeout, log it, print and
 
 info() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-  "$PY" -c "import sys, torch, torchvision; print('python', sys.version.split()[0], 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+  "$PY" -c "import sys, torch, torchvision
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'torchvision', torchvision.__version__,
+      'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
   echo "cores $(nproc), $(ldd --version | head -1)"
 }
 
@@ -92,7 +94,8 @@ export -f install_parts prepare_data
 
 stage info 30 bash -c "$(declare -f info); info"
 stage install 75 bash -c install_parts && export PYTHONPATH=$SITE:$PWD
-stage imports 30 "$PY" -c "import torch, nvidia.dali, ffcv; print('torch', torch.__version__, 'dali', nvidia.dali.__version__, 'ffcv', ffcv.__version__)"
+stage imports 30 "$PY" -c "import torch, nvidia.dali, ffcv, importlib.metadata as m
+print('torch', torch.__version__, 'dali', nvidia.dali.__version__, 'ffcv', m.version('ffcv'), ffcv.__file__)"
 
 BACKENDS=(torch)
 "$PY" -c "import nvidia.dali" 2>/dev/null && BACKENDS+=(dali)

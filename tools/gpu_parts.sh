@@ -61,7 +61,8 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option: $1" >&2; usage ;;
   esac
 done
-[ -n "$WHEELHOUSE" ] && [ -d "$WHEELHOUSE" ] || { echo "--wheelhouse DIR (made by make wheelhouse PY=3.12) is required" >&2; exit 2; }
+[ -n "$WHEELHOUSE" ] && [ -d "$WHEELHOUSE" ] ||
+  { echo "--wheelhouse DIR (made by make wheelhouse PY=3.12) is required" >&2; exit 2; }
 [ -f "$DATA" ] || { echo "no Imagenette tar at $DATA (--data)" >&2; exit 2; }
 PY=${PYTHON:-python3}
 OUT=${OUT%/}

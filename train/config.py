@@ -141,6 +141,13 @@ class PretrainConfig:
             raise ConfigError("data.support_classes and data.num_workers must be >= 0")
         if l.suncet_weight > 0 and d.support_classes < 2:
             raise ConfigError("data.support_classes must be >= 2 when loss.suncet_weight > 0 (SuNCEt needs negatives)")
+        # Rows of one class in a step's gathered support set: K x V per rank, from every rank unless unique_classes.
+        rows_per_class = d.support_images_per_class * d.support_views * (1 if d.unique_classes else world_size)
+        if l.suncet_weight > 0 and rows_per_class < 2:
+            raise ConfigError(
+                "data.support_images_per_class x data.support_views must be >= 2 when loss.suncet_weight > 0"
+                + ("" if d.unique_classes else f" and the world size is {world_size}")
+                + ": SuNCEt needs a second row of each class (a same-class partner) in every step")
         if not 0 < d.labeled_fraction <= 1:
             raise ConfigError(f"data.labeled_fraction must be in (0, 1], got {d.labeled_fraction}")
         for key in ("start_lr", "lr", "final_lr", "weight_decay", "momentum", "trust_coefficient", "warmup_epochs"):

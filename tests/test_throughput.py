@@ -7,8 +7,10 @@ import json
 import pytest
 
 from tests.helpers.imagefolder import make_image_folder
-from tools import throughput, throughput_report as rep
-from tools.throughput_report import Spread, verdict
+from tools import throughput
+from tools.bench import cli, measure
+from tools.bench import report as rep
+from tools.bench.report import Spread, verdict
 
 # --------------------------------------------------------------------------- figures and verdict
 
@@ -158,14 +160,14 @@ def test_compute_mode_needs_no_data(tmp_path, capsys):
 
 
 def test_every_mode_on_generated_data(tmp_path, capsys, monkeypatch, tiny_data):
-    real_build = throughput.build_loaders
+    real_build = cli.build_loaders
 
     def build(cfg, *args):  # other backends "missing", deterministically
         if cfg.data.backend != "torch":
             raise ImportError(f"No module named 'pipelines.{cfg.data.backend}_backend'")
         return real_build(cfg, *args)
 
-    monkeypatch.setattr(throughput, "build_loaders", build)
+    monkeypatch.setattr(cli, "build_loaders", build)
     png = tmp_path / "chart.png"
     argv = ["--backend", "all", "--mode", "all", "--data", str(tiny_data), "--workers", "1",
             "--decode-workers", "1", "--plot", str(png)] + TINY
@@ -196,19 +198,19 @@ def test_data_modes_refuse_to_run_without_data(capsys):
 
 
 def test_mode_list_and_bad_mode():
-    assert throughput.parse_modes("e2e,decode") == ("decode", "e2e")
-    assert throughput.parse_modes("all") == throughput.MODES
+    assert cli.parse_modes("e2e,decode") == ("decode", "e2e")
+    assert cli.parse_modes("all") == cli.MODES
     with pytest.raises(ValueError, match="unknown mode"):
-        throughput.parse_modes("loader,gpu")
+        cli.parse_modes("loader,gpu")
 
 
 def test_step_shape_follows_the_config():
     from train.config import load_config
 
     cfg = load_config("configs/imagenet_10pct_suncet.yaml")
-    s = throughput.step_shape(cfg)
+    s = measure.step_shape(cfg)
     assert (s.unlabeled, s.support_images, s.views, s.decodes, s.resolution) == (44, 40, 128, 84, 224)
-    simclr = throughput.step_shape(load_config("configs/imagenet_simclr.yaml"))
+    simclr = measure.step_shape(load_config("configs/imagenet_simclr.yaml"))
     assert (simclr.support_images, simclr.views) == (0, 88)
 
 

@@ -158,19 +158,21 @@ class LARS(torch.optim.Optimizer):
         one vectorised computation over the stacked norms; only multiplying each
         gradient by its own ratio is one op per tensor (the shapes differ, so
         ``_foreach_mul`` with a list of 0-d tensors runs tensor by tensor).
+        The gradients are overwritten with the step (as ``GradScaler.unscale_``
+        overwrites them), so no gradient-sized temporaries are allocated.
         Assumes the parameters of a group share dtype and device, as in
         ``lars_param_groups`` of one model."""
         lr, momentum = group["lr"], group["momentum"]
         bufs = self._buffers(params)
-        grads = [p.grad for p in params]
+        g = [p.grad for p in params]
         keep = m = None
         if skip is not None:  # NaN/inf gradients of a skipped step must not reach the state
-            _zero_if(skip, grads)
+            _zero_if(skip, g)
             keep, m = _mask_factors(skip, momentum, params[0])
-        if inv_scale is not None:  # in place, as GradScaler.unscale_ does
-            torch._foreach_mul_(grads, inv_scale)
+        if inv_scale is not None:  # as GradScaler.unscale_
+            torch._foreach_mul_(g, inv_scale)
         if group["lars_adapt"]:
-            g = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            torch._foreach_add_(g, params, alpha=group["weight_decay"])  # g = grad + weight_decay * p
             p_norm = torch.stack(torch._foreach_norm(params))
             g_norm = torch.stack(torch._foreach_norm(g))
             ok = (p_norm > 0) & (g_norm > 0)
@@ -178,14 +180,14 @@ class LARS(torch.optim.Optimizer):
             scale = lr * trust
             if keep is not None:
                 scale = scale * keep
-            step_g = torch._foreach_mul(g, list(scale.unbind(0)))
+            torch._foreach_mul_(g, list(scale.unbind(0)))  # g = lr * trust * g
         else:
-            step_g = torch._foreach_mul(grads, lr if keep is None else lr * keep)
+            torch._foreach_mul_(g, lr if keep is None else lr * keep)
         torch._foreach_mul_(bufs, momentum if m is None else m)
-        torch._foreach_add_(bufs, step_g)
+        torch._foreach_add_(bufs, g)
         if group["nesterov"]:
             update = torch._foreach_mul(bufs, momentum)
-            torch._foreach_add_(update, step_g)
+            torch._foreach_add_(update, g)
         else:
             update = bufs
         if keep is not None:

@@ -320,3 +320,70 @@ def test_config_refuses_support_sets_without_partners(k, v, unique, world, ok):
             cfg.validate(world)
     cfg.loss.suncet_weight = 0.0  # SimCLR alone needs no support set
     cfg.validate(world)
+
+
+# --------------------------------------------------------------------------- CUDA (skipped on CPU machines)
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@CUDA
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
+def test_cuda_unsynced_step_never_waits_for_the_device(precision):
+    """torch.cuda.set_sync_debug_mode('error') around steps 2-3 of the
+    host_sync=log step (foreach LARS; fp16 with GradScaler): nothing in the
+    step may block on the device."""
+    cfg = _cfg(lars_foreach=True, host_sync="log")
+    cfg.run.precision = precision
+    ctx = DistContext(0, 1, 0, torch.device("cuda"))
+    prec = resolve_precision(precision, ctx.device)
+    torch.manual_seed(0)
+    kit = build_step_kit(cfg, ctx, prec)
+    kit.model.train()
+    batch = synthetic_batch(SHAPE, ctx.device, prec.input_dtype, channels_last=True)
+    step, records = kit.step_for_epoch(0), StepRecords(skip_nonfinite=True)
+    records.add(step(batch))  # first step: buffers, cuDNN autotuning
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            records.add(step(batch))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    out = records.check()
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in out.items() if k != "skipped")
+
+
+@CUDA
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_cuda_graphs_step_stays_as_close_to_exact_as_the_eager_step():
+    """compile + CUDA graphs + foreach + no host sync on CUDA in float32,
+    against the eager float32 and float64 steps on the same device (as the
+    CPU test of all switches)."""
+    ctx = DistContext(0, 1, 0, torch.device("cuda"))
+
+    def run(dtype, **switches):
+        cfg = _cfg(**switches)
+        torch.manual_seed(0)
+        kit = build_step_kit(cfg, ctx, resolve_precision("fp32", ctx.device))
+        kit.core.to(dtype)
+        kit.model.train()
+        step = kit.step_for_epoch(0)
+        records = StepRecords(skip_nonfinite=False)
+        for i, (batch, lr) in enumerate(zip(_batches(3, dtype), LRS)):
+            for group in kit.optimizer.param_groups:
+                group["lr"] = lr
+            batch = dataclasses.replace(batch, view1=batch.view1.cuda(), view2=batch.view2.cuda(),
+                                        support_images=batch.support_images.cuda(),
+                                        support_labels=batch.support_labels.cuda(), step=i)
+            records.add(step(batch))
+        records.check()
+        return {k: v.cpu() for k, v in _state(kit).items()}
+
+    exact, eager = run(torch.float64), run(torch.float32)
+    fast = run(torch.float32, compile=True, cuda_graphs=True, lars_foreach=True, host_sync="log")
+    for key, want in exact.items():
+        want = want.double()
+        eager_err, fast_err = (eager[key].double() - want).norm(), (fast[key].double() - want).norm()
+        assert fast_err <= 1.5 * eager_err + 1e-6, (key, fast_err.item(), eager_err.item())

@@ -387,3 +387,16 @@ def test_cuda_graphs_step_stays_as_close_to_exact_as_the_eager_step():
         want = want.double()
         eager_err, fast_err = (eager[key].double() - want).norm(), (fast[key].double() - want).norm()
         assert fast_err <= 1.5 * eager_err + 1e-6, (key, fast_err.item(), eager_err.item())
+
+
+@pytest.mark.parametrize("benchmark, deterministic, expected", [(True, False, True), (False, False, False),
+                                                                (True, True, False)])
+def test_cudnn_autotuning_follows_the_config(monkeypatch, benchmark, deterministic, expected):
+    from train.wiring import configure_backends
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not expected)  # restored after the test
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: None)  # process-wide: not here
+    cfg = _cfg(cudnn_benchmark=benchmark)
+    cfg.run.deterministic = deterministic
+    configure_backends(cfg, torch.device("cuda"))  # only sets flags: runs without a GPU
+    assert torch.backends.cudnn.benchmark is expected

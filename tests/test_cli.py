@@ -14,7 +14,7 @@ from tools import convert_imagenet
 from train import evaluate, pretrain
 
 PROGRAMS = ["train.pretrain", "train.evaluate", "tools.convert_imagenet", "tools.verify_converted", "tools.export",
-            "tools.reproduce", "tools.make_demo_data"]
+            "tools.reproduce", "tools.make_demo_data", "tools.throughput"]
 
 
 def _parser(module: str) -> argparse.ArgumentParser:

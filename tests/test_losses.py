@@ -198,6 +198,20 @@ def test_suncet_without_any_partner_raises():
         suncet(torch.randn(4, 3), torch.tensor([0, 1, 2, 3]), 0.1)
 
 
+def test_suncet_closure_needs_no_host_check():
+    """The factory's closure masks anchors without a partner on the device (no
+    boolean indexing, no sync): the same value and gradient as the one-call
+    version, and NaN (not an exception) when no anchor has a partner."""
+    loss = init_suncet_loss(6, 0.2)
+    z = torch.randn(6, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 2, 2, 3])  # classes 1 and 3 alone
+    value, grad = _grad(lambda x: loss(x, labels), z)
+    ref_value, ref_grad = _grad(lambda x: naive_suncet(x, labels.tolist(), 0.2), z)
+    torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    assert torch.isnan(loss(z, torch.arange(6)))
+
+
 def test_suncet_float32_matches_naive():
     labels = [0, 1, 0, 1, 2, 2]
     z = torch.randn(6, 5, generator=torch.Generator().manual_seed(4))

@@ -78,19 +78,29 @@ def test_loss_decreases_on_learnable_toy_set(tmp_path):
     assert last < first - 0.1, (first, last)
 
 
-def test_nonfinite_loss_stops_and_keeps_last_checkpoint(data_root, tmp_path, monkeypatch):
+def _poison_nt_xent(monkeypatch, factor):
+    """Multiply the NT-Xent loss of the n-th call (1-based) by ``factor(n)``."""
     import train.step as step_module
 
-    real = step_module.nt_xent
+    real = step_module.init_nt_xent_loss
     calls = {"n": 0}
 
-    def poisoned(z, temperature):
-        calls["n"] += 1
-        loss = real(z, temperature)
-        return loss * float("nan") if calls["n"] == 5 else loss
+    def init_poisoned(*args, **kwargs):
+        loss = real(*args, **kwargs)
 
-    monkeypatch.setattr(step_module, "nt_xent", poisoned)
-    cfg = tiny_config(data_root, tmp_path / "run", **{"run.knn_every_epochs": 0})
+        def poisoned(z):
+            calls["n"] += 1
+            return loss(z) * factor(calls["n"])
+
+        return poisoned
+
+    monkeypatch.setattr(step_module, "init_nt_xent_loss", init_poisoned)
+
+
+@pytest.mark.parametrize("host_sync", ["step", "log"])
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(data_root, tmp_path, monkeypatch, host_sync):
+    _poison_nt_xent(monkeypatch, lambda call: float("nan") if call == 5 else 1.0)
+    cfg = tiny_config(data_root, tmp_path / "run", **{"run.knn_every_epochs": 0, "compute.host_sync": host_sync})
     with pytest.raises(NonFiniteLossError, match="non-finite loss.*Last good checkpoint"):
         pretrain.run(cfg, CPU)
     state, path = ckpt.load_latest(tmp_path / "run")
@@ -98,20 +108,50 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(data_root, tmp_path, mon
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_nonfinite_loss_skipped_when_configured(data_root, tmp_path, monkeypatch):
-    import train.step as step_module
-
-    real = step_module.nt_xent
-    calls = {"n": 0}
-
-    def poisoned(z, temperature):
-        calls["n"] += 1
-        return real(z, temperature) * (float("inf") if calls["n"] == 2 else 1.0)
-
-    monkeypatch.setattr(step_module, "nt_xent", poisoned)
-    cfg = tiny_config(data_root, tmp_path / "run", **{"run.knn_every_epochs": 0, "loss.on_nonfinite": "skip"})
+@pytest.mark.parametrize("host_sync", ["step", "log"])
+def test_nonfinite_loss_skipped_when_configured(data_root, tmp_path, monkeypatch, host_sync):
+    _poison_nt_xent(monkeypatch, lambda call: float("inf") if call == 2 else 1.0)
+    cfg = tiny_config(data_root, tmp_path / "run", **{"run.knn_every_epochs": 0, "loss.on_nonfinite": "skip",
+                                                      "compute.host_sync": host_sync, "run.log_every_steps": 3})
     summary = pretrain.run(cfg, CPU)
     assert summary["skipped_steps"] == 1
+    state, _ = ckpt.load_latest(tmp_path / "run")
+    assert state["train_state"]["skipped_steps"] == 1
+    assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
+
+
+def test_unsynced_nonfinite_step_stops_at_the_next_check_without_a_checkpoint(data_root, tmp_path, monkeypatch):
+    # NaN at global step 3; nothing is read back before the checkpoint step 4, which must not be written.
+    _poison_nt_xent(monkeypatch, lambda call: float("nan") if call == 3 else 1.0)
+    cfg = tiny_config(data_root, tmp_path / "run", **{"run.knn_every_epochs": 0, "compute.host_sync": "log",
+                                                      "run.log_every_steps": 5, "run.checkpoint_every_steps": 4})
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch 0 step 2: loss_ntxent=nan, "
+                                                 r"loss_suncet=[\d.]+, loss=nan.*Last good checkpoint"):
+        pretrain.run(cfg, CPU)
+    assert ckpt.list_checkpoints(tmp_path / "run") == []
+
+
+def test_unsynced_run_logs_the_same_losses_as_the_eager_run(data_root, tmp_path):
+    common = {"run.knn_every_epochs": 0, "optim.epochs": 1, "optim.warmup_epochs": 0.5, "run.log_every_steps": 2}
+    pretrain.run(tiny_config(data_root, tmp_path / "eager", **common), CPU)
+    pretrain.run(tiny_config(data_root, tmp_path / "fast", **common, **{"compute.host_sync": "log",
+                                                                        "compute.lars_foreach": True}), CPU)
+    eager, fast = step_losses(tmp_path / "eager"), step_losses(tmp_path / "fast")
+    assert sorted(eager) == sorted(fast) == [2, 4, 5]  # log steps and the epoch's end
+    for step, loss in eager.items():
+        assert fast[step] == pytest.approx(loss, rel=1e-4), step
+
+
+def test_precision_is_resolved_once_per_run(data_root, tmp_path, monkeypatch):
+    import train.precision as precision_module
+
+    calls = []
+    real = precision_module.cpu_has_native_bf16
+    monkeypatch.setattr(precision_module, "cpu_has_native_bf16", lambda: calls.append(1) or real())
+    cfg = tiny_config(data_root, tmp_path / "run", **{"run.knn_every_epochs": 0, "run.precision": "auto",
+                                                      "optim.epochs": 3, "loss.supervised_epochs": 1})
+    pretrain.run(cfg, CPU)
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize(
@@ -128,6 +168,9 @@ def test_nonfinite_loss_skipped_when_configured(data_root, tmp_path, monkeypatch
         (["data.on_bad_image=ignore"], "data.on_bad_image must be 'error' or 'skip'"),
         (["data.on_bad_image=skip", "data.backend=ffcv"],
          "data.on_bad_image=skip is not supported with data.backend=ffcv"),
+        (["compute.host_sync=never"], "compute.host_sync must be one of"),
+        (["compute.cuda_graphs=true"], "compute.cuda_graphs needs compute.compile=true"),
+        (["compute.compile=true", "compute.cuda_graphs=true"], "compute.cuda_graphs needs a CUDA device"),
     ],
 )
 def test_bad_configs_fail_naming_the_key(data_root, tmp_path, capsys, overrides, message):

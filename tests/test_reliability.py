@@ -206,8 +206,11 @@ def test_skip_mode_gives_up_when_every_image_is_bad(tmp_path):
         next(iter(loader))
 
 
-def test_nonfinite_gradients_stop_the_run(data_root, tmp_path, monkeypatch):
-    real_build = pretrain.build_model
+@pytest.mark.parametrize("host_sync", ["step", "log"])
+def test_nonfinite_gradients_stop_the_run(data_root, tmp_path, monkeypatch, host_sync):
+    from train import wiring
+
+    real_build = wiring.build_model
     seen = {"n": 0}
 
     def build_with_poisoned_grad(*args, **kwargs):
@@ -221,8 +224,8 @@ def test_nonfinite_gradients_stop_the_run(data_root, tmp_path, monkeypatch):
         weight.register_hook(hook)
         return model
 
-    monkeypatch.setattr(pretrain, "build_model", build_with_poisoned_grad)
-    cfg = tiny_config(data_root, tmp_path / "run", **{"run.knn_every_epochs": 0})
+    monkeypatch.setattr(wiring, "build_model", build_with_poisoned_grad)
+    cfg = tiny_config(data_root, tmp_path / "run", **{"run.knn_every_epochs": 0, "compute.host_sync": host_sync})
     with pytest.raises(NonFiniteLossError, match="non-finite gradients at epoch 0 step 2"):
         pretrain.run(cfg, CPU)
     state, _ = ckpt.load_latest(tmp_path / "run")

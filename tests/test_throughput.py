@@ -7,8 +7,10 @@ import json
 import pytest
 
 from tests.helpers.imagefolder import make_image_folder
-from tools import throughput, throughput_report as rep
-from tools.throughput_report import Spread, verdict
+from tools import throughput
+from tools.bench import cli, measure
+from tools.bench import report as rep
+from tools.bench.report import Spread, verdict
 
 # --------------------------------------------------------------------------- figures and verdict
 
@@ -158,14 +160,14 @@ def test_compute_mode_needs_no_data(tmp_path, capsys):
 
 
 def test_every_mode_on_generated_data(tmp_path, capsys, monkeypatch, tiny_data):
-    real_build = throughput.build_loaders
+    real_build = cli.build_loaders
 
     def build(cfg, *args):  # other backends "missing", deterministically
         if cfg.data.backend != "torch":
             raise ImportError(f"No module named 'pipelines.{cfg.data.backend}_backend'")
         return real_build(cfg, *args)
 
-    monkeypatch.setattr(throughput, "build_loaders", build)
+    monkeypatch.setattr(cli, "build_loaders", build)
     png = tmp_path / "chart.png"
     argv = ["--backend", "all", "--mode", "all", "--data", str(tiny_data), "--workers", "1",
             "--decode-workers", "1", "--plot", str(png)] + TINY
@@ -196,19 +198,19 @@ def test_data_modes_refuse_to_run_without_data(capsys):
 
 
 def test_mode_list_and_bad_mode():
-    assert throughput.parse_modes("e2e,decode") == ("decode", "e2e")
-    assert throughput.parse_modes("all") == throughput.MODES
+    assert cli.parse_modes("e2e,decode") == ("decode", "e2e")
+    assert cli.parse_modes("all") == cli.MODES
     with pytest.raises(ValueError, match="unknown mode"):
-        throughput.parse_modes("loader,gpu")
+        cli.parse_modes("loader,gpu")
 
 
 def test_step_shape_follows_the_config():
     from train.config import load_config
 
     cfg = load_config("configs/imagenet_10pct_suncet.yaml")
-    s = throughput.step_shape(cfg)
+    s = measure.step_shape(cfg)
     assert (s.unlabeled, s.support_images, s.views, s.decodes, s.resolution) == (44, 40, 128, 84, 224)
-    simclr = throughput.step_shape(load_config("configs/imagenet_simclr.yaml"))
+    simclr = measure.step_shape(load_config("configs/imagenet_simclr.yaml"))
     assert (simclr.support_images, simclr.views) == (0, 88)
 
 
@@ -220,3 +222,72 @@ def test_missing_augment_module_is_reported_unavailable(tmp_path, capsys, monkey
     (row,) = report["results"]
     assert code == 0 and row["status"] == "unavailable" and "pipelines.augment.batched" in row["reason"]
     assert "| augment | - | unavailable: " in stdout
+
+
+# --------------------------------------------------------------------------- step variants, exit status, imports
+
+
+def test_step_variants_are_timed_in_one_run_against_eager(tmp_path, capsys):
+    variants = ["eager", "foreach", "nosync", "foreach+nosync"]
+    code, report, stdout = _run(["--mode", "compute", "--step-variants", ",".join(variants)] + TINY, tmp_path, capsys)
+    assert code == 0
+    rows = report["results"]
+    assert [r["variant"] for r in rows] == variants and all(r["status"] == "ok" for r in rows)
+    settings = {r["variant"]: r["settings"] for r in rows}
+    assert settings["eager"] == {"lars_foreach": False, "host_sync": "step", "compile": False, "cuda_graphs": False,
+                                 "precision": "fp32"}
+    assert settings["foreach+nosync"]["lars_foreach"] and settings["foreach+nosync"]["host_sync"] == "log"
+    for row in rows:  # window by window against eager's windows
+        ips, ref = row["figures"]["images_per_s"]["windows"], rows[0]["figures"]["images_per_s"]["windows"]
+        assert row["vs_eager"]["windows"] == pytest.approx([a / b for a, b in zip(ips, ref)])
+    assert rows[0]["vs_eager"]["median"] == 1.0
+    assert "| compute: foreach+nosync | - |" in stdout and "step variants" in stdout
+    assert "  nosync: " in stdout
+
+
+def test_variant_the_device_cannot_run_is_an_error_row_and_exit_1(tmp_path, capsys):
+    code, report, stdout = _run(["--mode", "compute", "--step-variants", "eager,cudagraphs"] + TINY, tmp_path, capsys)
+    eager, graphs = report["results"]
+    assert code == 1 and eager["status"] == "ok"
+    assert graphs["status"] == "error" and "compute.cuda_graphs needs a CUDA device" in graphs["reason"]
+
+
+def test_unknown_step_variant_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        throughput.main(["--mode", "compute", "--step-variants", "eager,turbo"] + TINY)
+    assert exc.value.code == 2 and "unknown token(s) turbo" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["loader", "decode", "e2e"])
+def test_missing_data_root_exits_non_zero(tmp_path, capsys, mode):
+    missing = tmp_path / "no_such_root"
+    argv = ["--mode", mode, "--backend", "torch", "--data", str(missing), "--workers", "0", "--decode-workers", "1"]
+    code, report, stdout = _run(argv + TINY, tmp_path, capsys)
+    (row,) = report["results"]
+    assert code == 1 and row["status"] == "error" and str(missing) in row["reason"]
+    assert f"| {mode} | " in stdout and "error: " in stdout
+
+
+def test_bench_imports_point_down():
+    """tools.throughput imports train/pipelines helpers, never the training program; nothing imports tools."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def imports(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+        return names
+
+    bench = [repo / "tools" / "throughput.py", *sorted((repo / "tools" / "bench").glob("*.py"))]
+    for path in bench:
+        assert not {n for n in imports(path) if n == "train.pretrain"}, path
+    mine = ["step", "lars", "losses", "precision", "wiring", "pretrain", "config"]
+    for name in mine:
+        path = repo / "train" / f"{name}.py"
+        assert not {n for n in imports(path) if n == "tools" or n.startswith("tools.")}, path

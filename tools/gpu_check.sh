@@ -108,7 +108,7 @@ stage data 40 bash -c "prepare_data '$FORMATS'"
 
 # CUDA tests: fp16 losses vs float64, BatchColorAugment CUDA vs CPU, a tiny fp16 AMP training run,
 # DALI mixed decode vs CPU (whatever exists: selected by name).
-stage cuda-tests 100 "$PY" -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/
+stage cuda-tests 100 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" -k "cuda or gpu" tests/
 
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z ' 'a-z-')
 JSON=benchmarks/${CARD:-cpu}-$(date -u +%Y-%m-%d).json

@@ -22,6 +22,7 @@ from model import ENCODERS
 from pipelines.augment.recipe import SimCLRRecipe
 from pipelines.bad_images import POLICIES as BAD_IMAGE_POLICIES
 from pipelines.spec import BACKENDS
+from train.step import HOST_SYNCS
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -94,6 +95,26 @@ class RunConfig:
 
 
 @dataclass
+class ComputeConfig:
+    """How the training step runs on the device. None of these switches changes
+    the maths: each is tested against the eager step (per-parameter LARS, a
+    host sync every step, no compilation). Measure them with
+    ``python -m tools.throughput --mode compute --step-variants ...``."""
+
+    lars_foreach: bool = False  # LARS as multi-tensor (torch._foreach_*) ops instead of a per-parameter loop
+    # "step": the host waits for the device every step (.item() checks of the loss, the gradients and
+    # GradScaler's inf check). "log": only at log steps, checkpoint steps and epoch ends; a non-finite
+    # step is masked on the device and loss.on_nonfinite acts at the next of those steps.
+    host_sync: str = "step"
+    # host_sync=log on CUDA: the host may run at most this many steps ahead of the device.
+    # With data.backend=ffcv on CUDA it is 0 whatever is set (FFCV's pinned buffers need the sync).
+    max_host_lead_steps: int = 2
+    compile: bool = False  # torch.compile of the model's forward and the losses
+    cuda_graphs: bool = False  # with compile: torch.compile mode "reduce-overhead" (CUDA graphs); CUDA only
+    cudnn_benchmark: bool = True  # CUDA; off anyway with run.deterministic
+
+
+@dataclass
 class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     augment: SimCLRRecipe = field(default_factory=SimCLRRecipe)
@@ -101,6 +122,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     @property
     def support_batch_size(self) -> int:
@@ -152,6 +174,14 @@ class PretrainConfig:
                 f"data.support_images_per_class=1 with data.support_views=1 {where} gives SuNCEt no positive pair "
                 "(each class appears once in a step's support set): set data.support_images_per_class >= 2 or "
                 "data.support_views >= 2" + ("" if world_size == 1 else ", or data.unique_classes=false"))
+        c = self.compute
+        if c.host_sync not in HOST_SYNCS:
+            raise ConfigError(f"compute.host_sync must be one of {HOST_SYNCS}, got {c.host_sync!r}")
+        if c.max_host_lead_steps < 0:
+            raise ConfigError(f"compute.max_host_lead_steps must be >= 0, got {c.max_host_lead_steps}")
+        if c.cuda_graphs and not c.compile:
+            raise ConfigError("compute.cuda_graphs needs compute.compile=true (the graphs come from torch.compile's "
+                              "reduce-overhead mode)")
         if not 0 < d.labeled_fraction <= 1:
             raise ConfigError(f"data.labeled_fraction must be in (0, 1], got {d.labeled_fraction}")
         for key in ("start_lr", "lr", "final_lr", "weight_decay", "momentum", "trust_coefficient", "warmup_epochs"):

@@ -175,9 +175,14 @@ def init_suncet_loss(
     masks. An anchor whose class has no other row in the gathered batch has an
     empty numerator (``l_i = inf``); such anchors are left out of the mean
     (they still act as negatives for the others). The result is the mean of
-    ``l_i`` over the remaining anchors, identical on every rank; if no anchor
-    has a partner, ``ValueError`` is raised (on every rank, as the check uses
-    the gathered labels).
+    ``l_i`` over the remaining anchors, identical on every rank.
+
+    The closure never waits for the device: anchors are weighted 1/0 in a
+    masked mean (no boolean indexing, no host check). A batch where no anchor
+    has a partner gives NaN (0/0), which the training step treats as a
+    non-finite loss; ``PretrainConfig.validate`` refuses the shapes that
+    allow it (fewer than two rows per class and step), and the one-call
+    ``suncet`` raises ``ValueError`` for it.
     """
     if isinstance(local_size, bool) or not isinstance(local_size, int) or local_size < 1:
         raise ValueError(f"local_size must be an integer >= 1, got {local_size!r}")
@@ -204,18 +209,15 @@ def init_suncet_loss(
         # 2. same-class partners of each anchor, the anchor itself excluded
         same = (yg[:, None] == yg[None, :]) & ~self_mask
         has_partner = same.any(dim=1)
-        if not bool(has_partner.any()):
-            raise ValueError(
-                "suncet: no row has a same-class partner in the gathered batch "
-                "(every class appears once); sample at least two rows per class"
-            )
-        # 3. keep anchors with a partner (an empty numerator would give inf, and NaN gradients)
-        logits = (zg[has_partner] @ zg.T) * inv_t
-        same, self_rows = same[has_partner], self_mask[has_partner]
-        log_den = torch.logsumexp(logits.masked_fill(self_rows, float("-inf")), dim=1)
-        log_num = torch.logsumexp(logits.masked_fill(~same, float("-inf")), dim=1)
-        # 4. mean over the kept global anchors
-        return (log_den - log_num).mean()
+        # 3. per-anchor loss; an anchor without a partner gets a dummy finite
+        #    numerator (all rows), so that its zero weight gives zero gradients, not NaN
+        logits = (zg @ zg.T) * inv_t
+        numerator = same | ~has_partner[:, None]
+        log_den = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1)
+        log_num = torch.logsumexp(logits.masked_fill(~numerator, float("-inf")), dim=1)
+        # 4. mean over the anchors with a partner (device-side count: no host sync)
+        weight = has_partner.to(logits.dtype)
+        return ((log_den - log_num) * weight).sum() / weight.sum()
 
     return loss
 
@@ -223,6 +225,14 @@ def init_suncet_loss(
 def suncet(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """SuNCEt of ``z`` (``[M, D]``) with class ids ``labels`` (``[M]``); see
     ``init_suncet_loss``. Returns a float32 (or float64) scalar, the same on
-    every rank."""
+    every rank. Raises ``ValueError`` when no row has a same-class partner
+    (this one-call version checks on the host; the closure does not)."""
     _check_embeddings(z, "suncet")
-    return init_suncet_loss(z.shape[0], temperature, device=z.device)(z, labels)
+    value = init_suncet_loss(z.shape[0], temperature, device=z.device)(z, labels)
+    gathered = all_gather_no_grad(labels.to(z.device))
+    if gathered.unique().numel() == gathered.numel():
+        raise ValueError(
+            "suncet: no row has a same-class partner in the gathered batch "
+            "(every class appears once); sample at least two rows per class"
+        )
+    return value

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from model import TORCHVISION_ARCHS, build_model
+from model import TORCHVISION_ARCHS
 from pipelines.errors import DataError, LoaderFailure
 from train import checkpoint as ckpt
 from train import export
@@ -27,13 +26,14 @@ from train.config import ConfigError, PretrainConfig, config_to_dict, load_confi
 from train.data import Loaders, build_loaders
 from train.distributed import DeviceError, DistContext, all_reduce_sum, init_distributed, shutdown_distributed
 from train.knn import extract_features, knn_accuracy
-from train.lars import LARS, lars_param_groups
+from train.lars import LARS
 from train.precision import resolve_precision
 from train.resume import resumed_config
 from train.run_lock import RunDirError, RunLock
 from train.run_logger import RunLogger
 from train.schedule import WarmupCosineSchedule
-from train.step import NonFiniteLossError, StepSettings, train_step
+from train.step import NonFiniteLossError, StepRecords
+from train.wiring import StepKit, build_step_kit, configure_backends
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,21 +66,27 @@ class Trainer:
 
     cfg: PretrainConfig
     ctx: DistContext
-    model: torch.nn.Module  # DDP-wrapped when distributed
-    core: torch.nn.Module  # the bare model (checkpoints, kNN, export)
-    optimizer: LARS
-    scaler: torch.amp.GradScaler
+    kit: StepKit  # model, optimizer, scaler, precision and the training steps
     schedule: WarmupCosineSchedule
     loaders: Loaders
     steps_per_epoch: int
     logger: RunLogger | None
 
-    def step_settings(self, epoch: int) -> StepSettings:
-        loss = self.cfg.loss
-        supervised = loss.supervised_epochs is None or epoch < loss.supervised_epochs
-        return StepSettings(loss.temperature, loss.suncet_weight if supervised else 0.0,
-                            resolve_precision(self.cfg.run.precision, self.ctx.device),
-                            skip_nonfinite=loss.on_nonfinite == "skip")
+    @property
+    def model(self) -> torch.nn.Module:  # DDP-wrapped when distributed
+        return self.kit.model
+
+    @property
+    def core(self) -> torch.nn.Module:  # the bare model (checkpoints, kNN, export)
+        return self.kit.core
+
+    @property
+    def optimizer(self) -> LARS:
+        return self.kit.optimizer
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        return self.kit.scaler
 
     def checkpoint_state(self, state: TrainState) -> dict:
         return {
@@ -104,9 +110,16 @@ class Trainer:
 
 def train_one_epoch(tr: Trainer, state: TrainState) -> None:
     """Train from ``state.step`` to the end of ``state.epoch``; checkpoints every
-    ``run.checkpoint_every_steps`` global steps."""
+    ``run.checkpoint_every_steps`` global steps.
+
+    The host reads the step results back (and acts on a non-finite loss) at
+    every step with ``compute.host_sync=step``, otherwise only at log steps,
+    checkpoint steps and the epoch's end; ``images_per_s`` and
+    ``data_wait_frac`` are over the steps since the previous read-back."""
     cfg, ctx = tr.cfg, tr.ctx
-    settings = tr.step_settings(state.epoch)
+    train_step = tr.kit.step_for_epoch(state.epoch)
+    records = StepRecords(skip_nonfinite=cfg.loss.on_nonfinite == "skip")
+    lead = tr.kit.host_lead()
     loader = tr.loaders.train
     loader.set_epoch(state.epoch, state.step)
     bar = tqdm(total=tr.steps_per_epoch, initial=state.step, desc=f"epoch {state.epoch}",
@@ -114,30 +127,35 @@ def train_one_epoch(tr: Trainer, state: TrainState) -> None:
     tr.model.train()
     batches = iter(loader)
     bad_here = 0  # this rank's bad images not yet added to state.bad_images
-    t_prev = time.perf_counter()
+    t_check, waited, images = time.perf_counter(), 0.0, 0  # since the last read-back
     while state.step < tr.steps_per_epoch:
+        lead.wait()  # host_sync=log on CUDA: at most compute.max_host_lead_steps steps ahead of the device
+        t0 = time.perf_counter()
         batch = next(batches)
-        t_data = time.perf_counter()
+        waited += time.perf_counter() - t0
         for name in batch.bad_images:
             print(f"warning: rank {ctx.rank} epoch {state.epoch} step {state.step}: skipped unreadable image "
                   f"(data.on_bad_image=skip): {name}", file=sys.stderr)
         bad_here += len(batch.bad_images)
         lr = tr.schedule.apply(tr.optimizer, state.global_step)
-        out = train_step(tr.model, batch, tr.optimizer, tr.scaler, settings)  # .item() syncs the device
-        t_done = time.perf_counter()
-        step_time = t_done - t_prev
-        wait = (t_data - t_prev) / step_time if step_time > 0 else 0.0
-        t_prev = t_done
-        state.skipped_steps += int(out.pop("skipped"))
+        records.add(train_step(batch))
+        lead.record()
+        images += batch.unlabeled_batch_size
         state.step += 1
         state.global_step += 1
-        images_per_s = batch.unlabeled_batch_size / step_time
         if ctx.is_main:
             bar.update(1)
-            bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.1f}",
-                            wait=f"{100 * wait:.0f}%")
         log_now = state.global_step % cfg.run.log_every_steps == 0 or state.step == tr.steps_per_epoch
         save_now = state.global_step % cfg.run.checkpoint_every_steps == 0 and state.step < tr.steps_per_epoch
+        if log_now or save_now or train_step.syncs_every_step:
+            out = records.check()  # waits for the device; raises NonFiniteLossError (loss.on_nonfinite=stop)
+            state.skipped_steps += int(out.pop("skipped"))
+            t_now = time.perf_counter()
+            images_per_s, wait = images / (t_now - t_check), waited / (t_now - t_check)
+            t_check, waited, images = t_now, 0.0, 0
+            if ctx.is_main:
+                bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.1f}",
+                                wait=f"{100 * wait:.0f}%")
         if log_now or save_now:  # the same steps on every rank: a collective is safe here
             state.bad_images += all_reduce_sum(bad_here, ctx.device)
             bad_here = 0
@@ -169,15 +187,10 @@ def evaluate_knn(tr: Trainer) -> dict[str, float] | None:
     return knn_accuracy(train_f, train_y, test_f, test_y, loaders.num_classes, k=tr.cfg.run.knn_k)
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
 
 
 def resolve_resume(resume: str, run_dir: Path) -> tuple[dict, Path] | None:
@@ -195,27 +208,10 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[dict, Path] | None:
     return ckpt.load(path), path
 
 
-def build_model_and_optimizer(cfg: PretrainConfig, ctx: DistContext):
-    """(bare model, DDP-wrapped or bare model, LARS, GradScaler) on ``ctx.device``.
-    SyncBN only where it works: several ranks on CUDA."""
-    m, o = cfg.model, cfg.optim
-    precision = resolve_precision(cfg.run.precision, ctx.device)
-    sync_bn = m.sync_bn and ctx.distributed and ctx.device.type == "cuda"
-    core = build_model(m.arch, m.head_hidden_dim, m.head_out_dim, channels_last=m.channels_last, sync_bn=sync_bn)
-    core.to(ctx.device)
-    model = core
-    if ctx.distributed:
-        model = DistributedDataParallel(core, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-    optimizer = LARS(lars_param_groups(core, o.weight_decay), lr=o.start_lr, momentum=o.momentum,
-                     trust_coefficient=o.trust_coefficient, nesterov=o.nesterov)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision.use_grad_scaler)
-    return core, model, optimizer, scaler
-
-
 def build_trainer(cfg: PretrainConfig, ctx: DistContext, resume_step: int | None) -> Trainer:
-    precision = resolve_precision(cfg.run.precision, ctx.device)
+    precision = resolve_precision(cfg.run.precision, ctx.device)  # once per run
     loaders = build_loaders(cfg, ctx.rank, ctx.world_size, ctx.device, precision.input_dtype)
-    core, model, optimizer, scaler = build_model_and_optimizer(cfg, ctx)
+    kit = build_step_kit(cfg, ctx, precision)
     o = cfg.optim
     steps = len(loaders.train)
     if cfg.run.max_steps_per_epoch is not None:
@@ -226,7 +222,7 @@ def build_trainer(cfg: PretrainConfig, ctx: DistContext, resume_step: int | None
     except ValueError as exc:
         raise ConfigError(f"optim (epochs/warmup_epochs): {exc}") from exc
     logger = RunLogger(Path(cfg.run.output_dir), cfg, resume_step) if ctx.is_main else None
-    return Trainer(cfg, ctx, model, core, optimizer, scaler, schedule, loaders, steps, logger)
+    return Trainer(cfg, ctx, kit, schedule, loaders, steps, logger)
 
 
 def run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none") -> dict:
@@ -245,7 +241,8 @@ def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path) -> d
     loaded = resolve_resume(resume, run_dir)
     cfg = resumed_config(loaded[0], cfg, ctx.world_size) if loaded is not None else cfg
     cfg.validate(ctx.world_size)
-    seed_everything(cfg.run.seed, cfg.run.deterministic)
+    seed_everything(cfg.run.seed)
+    configure_backends(cfg, ctx.device)
     state = TrainState(**loaded[0]["train_state"]) if loaded else TrainState()
     tr = build_trainer(cfg, ctx, state.global_step if loaded else None)
     if loaded:

@@ -1,4 +1,4 @@
-"""Figures, verdict and output formats of ``tools.throughput``.
+"""Result rows, figures, verdict and output formats of ``tools.throughput``.
 
 Pure functions of measured timings: no torch, no device, so the verdict and
 the report layout can be tested on synthetic numbers.
@@ -17,7 +17,11 @@ report::
      "vs_decode": float | None}        # loader decodes_per_s / the decode ceiling
 
 where ``SPREAD`` is ``{"median", "min", "max", "windows": [...]}`` over the
-timed windows (see ``Spread``).
+timed windows (see ``Spread``). A ``compute`` row also names its step
+``variant`` (``config`` unless ``--step-variants`` says otherwise) and the
+``settings`` it ran with, and, with several variants, ``vs_eager``: the SPREAD
+of its images/s over the eager variant's, window by window (the variants are
+timed in turns, so window i of each saw the same moment of the machine).
 """
 from __future__ import annotations
 
@@ -143,6 +147,21 @@ def verdict(wait_frac: float | None = None, e2e_ips: float | None = None, loader
 # --------------------------------------------------------------------------- rows
 
 
+def ok_row(mode: str, backend: str, figures: dict, **extra) -> dict:
+    return {"mode": mode, "backend": backend, "status": "ok", "reason": None, "figures": figures, **extra}
+
+
+def short_reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def failure_row(mode: str, backend: str, exc: BaseException, **extra) -> dict:
+    """``unavailable`` for a missing optional module (ImportError), ``error`` for anything else."""
+    status = "unavailable" if isinstance(exc, ImportError) else "error"
+    return {"mode": mode, "backend": backend, "status": status, "reason": short_reason(exc), **extra}
+
+
 def combine_ranks(per_rank: Sequence[dict]) -> tuple[dict, dict]:
     """Per-GPU figures (mean over ranks) and the aggregate (sum over ranks of
     medians and resources) of one row's per-rank figures."""
@@ -173,8 +192,21 @@ def median(row: dict, key: str = "images_per_s") -> float | None:
     return value["median"] if isinstance(value, dict) else value
 
 
+def compute_reference(rows: Sequence[dict]) -> dict | None:
+    """The compute row that stands for the training run: variant ``config``, else the first."""
+    compute = [r for r in rows if r["mode"] == "compute"]
+    return next((r for r in compute if r.get("variant", "config") == "config"), compute[0] if compute else None)
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """Fill ``vs_torch`` (same mode) and ``vs_decode`` (loader decodes vs the decode ceiling)."""
+    """Fill ``vs_torch`` (same mode), ``vs_decode`` (loader decodes vs the
+    decode ceiling) and, with several compute variants, ``vs_eager``."""
+    eager = next((r for r in rows if r["mode"] == "compute" and r.get("variant") == "eager"), None)
+    variants = [r for r in rows if r["mode"] == "compute"]
+    for row in variants:
+        if len(variants) > 1 and eager is not None and row["status"] == eager["status"] == "ok":
+            mine, ref = row["figures"]["images_per_s"]["windows"], eager["figures"]["images_per_s"]["windows"]
+            row["vs_eager"] = Spread.of(a / b for a, b in zip(mine, ref)).as_dict()
     torch_rows = {r["mode"]: r for r in rows if r["backend"] == "torch"}
     decode = next((r for r in rows if r["mode"] == "decode"), None)
     ceiling = median(decode) if decode is not None else None
@@ -188,7 +220,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 def verdicts(rows: list[dict]) -> list[dict]:
     """One verdict per backend with a loader or e2e figure in ``rows``."""
-    compute = next((r for r in rows if r["mode"] == "compute"), None)
+    compute = compute_reference(rows)
     compute_ips = median(compute) if compute is not None else None
     out = []
     for backend in dict.fromkeys(r["backend"] for r in rows if r["mode"] in ("loader", "e2e")):
@@ -216,6 +248,11 @@ def _ratio(x: float | None) -> str:
     return f"{x:.2f}x" if x >= 0.01 else f"{x:.2g}x"
 
 
+def _mode_cell(row: dict) -> str:
+    variant = row.get("variant", "config")
+    return row["mode"] if variant == "config" else f"{row['mode']}: {variant}"
+
+
 def _spread_cell(spread: dict | None) -> tuple[str, str]:
     if spread is None:
         return "", ""
@@ -233,14 +270,14 @@ def markdown_table(rows: Sequence[dict], unit: str) -> str:
             label = "error" if row["status"] == "error" else "unavailable"
             if row["status"] == "unavailable" and row["backend"] in BACKEND_NAMES:
                 label = "backend unavailable"
-            cells = [row["mode"], row["backend"], f"{label}: {row['reason']}"] + [""] * 9
+            cells = [_mode_cell(row), row["backend"], f"{label}: {row['reason']}"] + [""] * 9
             lines.append("| " + " | ".join(cells) + " |")
             continue
         f = row["figures"]
         ips, ips_range = _spread_cell(f.get("images_per_s"))
         wait = f.get("data_wait_frac")
         cells = [
-            row["mode"], row["backend"], ips, ips_range,
+            _mode_cell(row), row["backend"], ips, ips_range,
             _spread_cell(f.get("views_per_s"))[0], _spread_cell(f.get("decodes_per_s"))[0],
             _num(f.get("images_per_s_per_core")), _num(f.get("cpu_cores_used"), 2), _num(f.get("peak_rss_mb"), 0),
             "" if wait is None else f"{100 * wait['median']:.0f}%",
@@ -248,6 +285,23 @@ def markdown_table(rows: Sequence[dict], unit: str) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def variant_lines(rows: Sequence[dict]) -> list[str]:
+    """With several compute variants: each one's images/s relative to eager,
+    window by window, its settings and its warm-up time (compilation included)."""
+    variants = [r for r in rows if r["mode"] == "compute" and r["status"] == "ok"]
+    if len(variants) < 2:
+        return []
+    lines = ["", "step variants (compute img/s over eager's, window by window: median (min–max); warm-up includes "
+                 "compilation):"]
+    for row in variants:
+        ratio = row.get("vs_eager")
+        rel = "" if ratio is None else f"{ratio['median']:.2f}x ({ratio['min']:.2f}–{ratio['max']:.2f}x)"
+        settings = ", ".join(f"{k}={v}" for k, v in row.get("settings", {}).items())
+        lines.append(f"  {row['variant']}: {rel or 'no eager row to compare with'}; {settings}; "
+                     f"warm-up {row['figures'].get('warmup_seconds', 0.0):.1f} s")
+    return lines
 
 
 def markdown_report(report: dict) -> str:
@@ -275,7 +329,8 @@ def markdown_report(report: dict) -> str:
             if row["status"] == "ok" and "images_per_s" in row.get("aggregate", {}):
                 lines.append(f"aggregate {row['mode']}/{row['backend']}: "
                              f"{row['aggregate']['images_per_s']:,.1f} img/s over {env['world_size']} ranks")
-    notes = [f"{r['mode']}/{r['backend']}: {r['figures']['skipped_steps']} steps skipped on a non-finite loss"
+    lines += variant_lines(report["results"])
+    notes = [f"{_mode_cell(r)}/{r['backend']}: {r['figures']['skipped_steps']} steps skipped on a non-finite loss"
              for r in report["results"] if r["status"] == "ok" and r["figures"].get("skipped_steps")]
     lines += [""] + [f"verdict {v['backend']}: {v['text']}" for v in report["verdicts"]] + notes
     return "\n".join(lines).rstrip() + "\n"
@@ -292,7 +347,7 @@ def save_plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["results"] if r["status"] == "ok"]
-    labels = [f"{r['mode']} / {r['backend']}" + PLOT_SUFFIX.get(r["mode"], "") for r in rows]
+    labels = [f"{_mode_cell(r)} / {r['backend']}" + PLOT_SUFFIX.get(r["mode"], "") for r in rows]
     spreads = [r["figures"]["images_per_s"] for r in rows]
     med = [s["median"] for s in spreads]
     err = [[m - s["min"] for m, s in zip(med, spreads)], [s["max"] - m for m, s in zip(med, spreads)]]

@@ -1,0 +1,290 @@
+"""Images/s per GPU: how fast each loader backend feeds, how fast this device trains, and which is the bottleneck.
+
+    python -m tools.throughput [--backend {torch,dali,ffcv,all}] --data DIR --mode {decode,loader,compute,augment,e2e,all}
+        [--config configs/X.yaml] [--set key=value ...] [--steps N] [--warmup N] [--windows N]
+        [--step-variants eager,foreach,nosync,compile,...] [--json out.json] [--plot out.png]
+
+Runs alone or under ``torchrun`` (each rank measures; rank 0 reports per-GPU
+figures, the mean over ranks, and aggregates, the sum). ``--mode`` takes one
+mode, a comma-separated list, or ``all``:
+
+- ``decode``: the pure-decode ceiling: the training split's JPEGs decoded to
+  RGB with PIL (libjpeg-turbo) by ``--decode-workers`` processes, no
+  augmentation; figure = decoded images/s.
+- ``loader``: the backend's ``PretrainBatch`` stream (two views + support),
+  consumed as fast as possible; figures = unlabeled images/s, views/s and
+  decodes/s (one decode per unlabeled and per support image).
+- ``compute``: the training step (``train.step.TrainStep``: model, NT-Xent +
+  SuNCEt, LARS, AMP, channels-last) on synthetic device-resident batches of
+  the config's shape: the ceiling of this device. Needs no data and neither
+  DALI nor FFCV. ``--step-variants`` times several versions of the step in
+  turns, window by window, in one run (see ``tools.bench.variants``), and
+  reports each one's images/s relative to ``eager``.
+- ``augment``: ``pipelines.batch_augment.BatchColorAugment`` on synthetic
+  uint8 batches of all the step's views; figure = views/s.
+- ``e2e``: the config's training step fed by the loader: unlabeled images/s
+  and the fraction of step time spent waiting in ``next(loader)``.
+
+Every figure is the median, min and max over ``--windows`` timed windows of
+``--steps / --windows`` steps each, after ``--warmup`` steps; device work is
+synchronised at the end of each window. CPU cores used = CPU seconds of this
+process and its worker processes / wall seconds; peak RSS = the largest
+resident memory of this process plus the unique memory (USS) of its workers,
+sampled at window ends.
+
+Exit status: 0 when every requested measurement ran (a backend or module that
+is not installed is reported ``unavailable``), 1 when one failed (an ``error``
+row, e.g. a data root that does not exist), 2 for bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from train.config import BACKENDS, ConfigError, PretrainConfig, load_config
+from train.data import build_loaders
+from train.distributed import DistContext, init_distributed, shutdown_distributed
+from train.precision import Precision, resolve_precision
+from train.wiring import build_step_kit, configure_backends
+from tools.bench import measure
+from tools.bench import report as report_lib
+from tools.bench.env import environment, usable_cores
+from tools.bench.variants import CONFIG, parse_variants
+
+MODES = ("decode", "loader", "compute", "augment", "e2e")
+DATA_MODES = ("decode", "loader", "e2e")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.throughput", description=__doc__.splitlines()[0])
+    p.add_argument("--backend", choices=[*BACKENDS, "all"], help="loader backend(s) to measure (default: the config's)")
+    p.add_argument("--mode", default="all", help=f"one of {', '.join(MODES)}, a comma-separated list, or all")
+    p.add_argument("--data", help="ImageFolder root holding the train split (data.root); needed by decode/loader/e2e")
+    p.add_argument("--data-for", action="append", default=[], metavar="BACKEND=DIR",
+                   help="data.root for one backend (e.g. ffcv=/data/converted), repeatable")
+    p.add_argument("--config", help="YAML config (see configs/); defaults to PretrainConfig's (ResNet-50, 224 px)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--model", help="shortcut for --set model.arch=...")
+    p.add_argument("--batch-size", type=int, help="shortcut for --set data.unlabeled_batch_size=...")
+    p.add_argument("--resolution", type=int, help="shortcut for --set augment.resolution=...")
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="shortcut for --set run.precision=...")
+    p.add_argument("--workers", type=int, help="shortcut for --set data.num_workers=...")
+    p.add_argument("--step-variants", default=CONFIG,
+                   help="--mode compute: comma-separated training-step variants timed in turns, e.g. "
+                        "eager,foreach,nosync,compile,foreach+nosync (default: config, the config's step)")
+    p.add_argument("--decode-workers", type=int,
+                   help="processes for --mode decode (default: usable cores / local ranks)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA when present (the rank's GPU), else the CPU")
+    p.add_argument("--threads", type=int, help="torch intra-op threads of this process (default: torch's choice)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per mode, split into --windows windows")
+    p.add_argument("--windows", type=int, default=5, help="timed windows; figures are their median, min and max")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before the first window")
+    p.add_argument("--json", help="write the full report (every figure and window) here")
+    p.add_argument("--plot", help="write a PNG bar chart here")
+    return p
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` items for the shortcut flags, after the user's own ``--set``."""
+    shortcuts = {"model.arch": args.model, "data.unlabeled_batch_size": args.batch_size,
+                 "augment.resolution": args.resolution, "run.precision": args.precision,
+                 "data.num_workers": args.workers, "data.root": args.data}
+    return list(args.set) + [f"{k}={v}" for k, v in shortcuts.items() if v is not None] + ["run.knn_every_epochs=0"]
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    names = MODES if text == "all" else tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in names if m not in MODES]
+    if unknown or not names:
+        raise ValueError(f"--mode: unknown mode(s) {', '.join(unknown) or '(none)'}; "
+                         f"choose from {', '.join(MODES)} or all")
+    return tuple(m for m in MODES if m in names)  # fixed order: decode first, before any worker pool exists
+
+
+def parse_data_for(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        backend, sep, root = item.partition("=")
+        if not sep or backend not in BACKENDS:
+            raise ValueError(f"--data-for expects BACKEND=DIR with BACKEND in {BACKENDS}, got {item!r}")
+        out[backend] = root
+    return out
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def result_row(mode: str, backend: str, run: Callable[[], dict], distributed: bool) -> dict:
+    """Run one measurement; a missing module makes an ``unavailable`` row, any
+    other exception an ``error`` row (traceback on stderr), so that one failing
+    backend does not hide the others' figures.
+    Under torchrun it is re-raised: ranks could not agree on what to run next."""
+    try:
+        figures = run()
+    except Exception as exc:
+        return measure.failure_row(mode, exc, distributed, backend=backend)
+    return report_lib.ok_row(mode, backend, figures)
+
+
+def with_backend(cfg: PretrainConfig, backend: str, data_for: dict[str, str]) -> PretrainConfig:
+    root = data_for.get(backend, cfg.data.root)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backend=backend, root=root))
+
+
+def run_modes(cfg: PretrainConfig, ctx: DistContext, modes: tuple[str, ...], backends: tuple[str, ...],
+              data_for: dict[str, str], timing: measure.Timing, args: argparse.Namespace) -> list[dict]:
+    """Every requested measurement on this rank, in a fixed order, as result rows."""
+    # Random inputs can overflow: skip such a step (counted) rather than end the benchmark.
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, on_nonfinite="skip"))
+    precision = resolve_precision(cfg.run.precision, ctx.device)
+    shape = measure.step_shape(cfg)
+    dist = ctx.distributed
+    rows = []
+    if "decode" in modes:
+        workers = args.decode_workers or max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        root = Path(cfg.data.root) / cfg.data.train_split
+        rows.append(result_row("decode", "-", lambda: measure.measure_decode(root, shape, timing, workers,
+                                                                             cfg.run.seed), dist))
+    if "compute" in modes:
+        rows += measure.compute_rows(cfg, ctx, shape, timing, parse_variants(args.step_variants))
+    if "augment" in modes:
+        rows.append(result_row("augment", "-", lambda: measure.measure_augment(cfg, shape, timing, ctx.device), dist))
+    fed = [m for m in ("loader", "e2e") if m in modes]
+    kit = None
+    for backend in backends if fed else ():
+        try:
+            loaders = build_loaders(with_backend(cfg, backend, data_for), ctx.rank, ctx.world_size, ctx.device,
+                                    precision.input_dtype)
+            batches = measure.endless(loaders.train)
+        except Exception as exc:  # ImportError: backend not installed (unavailable); else an error (missing data, ...)
+            rows += [measure.failure_row(m, exc, dist, backend=backend) for m in fed]
+            continue
+        if "loader" in modes:
+            buffered = cfg.data.num_workers * cfg.data.prefetch_factor
+            rows.append(result_row("loader", backend,
+                                   lambda: measure.measure_loader(batches, shape, timing, ctx.device, buffered), dist))
+        if "e2e" in modes:
+            if kit is None:
+                torch.manual_seed(cfg.run.seed + ctx.rank)
+                kit = build_step_kit(cfg, ctx, precision)
+                kit.model.train()
+            # Alone, e2e would time the workers' prefetched batches first: drain them in the warm-up.
+            e2e_timing = timing if "loader" in modes else dataclasses.replace(
+                timing, warmup=timing.warmup + cfg.data.num_workers * cfg.data.prefetch_factor)
+            rows.append(result_row("e2e", backend,
+                                   lambda: measure.measure_e2e(kit, batches, shape, e2e_timing, ctx.device), dist))
+        batches.close()
+        del loaders, batches
+        gc.collect()  # stop this backend's workers before measuring the next
+    return rows
+
+
+def merge_ranks(rows_by_rank: list[list[dict]]) -> list[dict]:
+    """One row per measurement: per-GPU figures (mean over ranks), aggregate
+    (sum) and each rank's figures; the first failure when any rank failed."""
+    merged = []
+    for rank_rows in zip(*rows_by_rank):
+        failed = next((r for r in rank_rows if r["status"] != "ok"), None)
+        if failed is not None:
+            merged.append(dict(failed))
+            continue
+        per_rank = [r["figures"] for r in rank_rows]
+        figures, aggregate = report_lib.combine_ranks(per_rank)
+        row = {**rank_rows[0], "figures": figures, "aggregate": aggregate}
+        if len(per_rank) > 1:
+            row["ranks"] = per_rank
+        merged.append(row)
+    return merged
+
+
+# --------------------------------------------------------------------------- report
+
+
+def shape_summary(cfg: PretrainConfig, precision: Precision, args: argparse.Namespace) -> dict:
+    s = measure.step_shape(cfg)
+    return {"config": args.config, "data_root": cfg.data.root or None, "arch": cfg.model.arch,
+            "resolution": s.resolution, "unlabeled_batch_size": s.unlabeled, "support_classes": s.support_classes,
+            "support_images_per_class": s.support_per_class, "support_views": s.support_views,
+            "support_images": s.support_images, "views_per_step": s.views, "decodes_per_step": s.decodes,
+            "precision": precision.name, "channels_last": cfg.model.channels_last,
+            "num_workers": cfg.data.num_workers}
+
+
+def build_report(rows: list[dict], cfg: PretrainConfig, ctx: DistContext, timing: measure.Timing,
+                 args: argparse.Namespace, argv: list[str]) -> dict:
+    report_lib.add_ratios(rows)
+    launcher = f"torchrun --nproc_per_node={ctx.world_size} -m" if ctx.distributed else "python -m"
+    return {
+        "schema": "tools.throughput/1",
+        "command": f"{launcher} tools.throughput {shlex.join(argv)}",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "unit": "img/s/GPU" if ctx.device.type == "cuda" else "img/s/process",
+        "environment": environment(ctx),
+        "shape": shape_summary(cfg, resolve_precision(cfg.run.precision, ctx.device), args),
+        "timing": {"warmup_steps": timing.warmup, "windows": timing.windows,
+                   "steps_per_window": timing.steps_per_window},
+        "results": rows,
+        "verdicts": report_lib.verdicts(rows),
+    }
+
+
+def write_outputs(report: dict, args: argparse.Namespace) -> None:
+    print(report_lib.markdown_report(report), end="")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        report_lib.save_plot(report, args.plot)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        modes = parse_modes(args.mode)
+        parse_variants(args.step_variants)
+        timing = measure.Timing.from_args(args)
+        data_for = parse_data_for(args.data_for)
+        cfg = load_config(args.config, config_overrides(args))
+        cfg.validate()
+    except (ConfigError, ValueError) as exc:
+        parser.error(str(exc))
+    if not args.data and any(m in DATA_MODES for m in modes):
+        parser.error(f"--mode {','.join(m for m in modes if m in DATA_MODES)} needs --data DIR "
+                     "(compute and augment need none)")
+    backends = BACKENDS if args.backend == "all" else (args.backend or cfg.data.backend,)
+    ctx = init_distributed(args.device)
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        torch.manual_seed(cfg.run.seed + ctx.rank)
+        configure_backends(cfg, ctx.device)  # as the trainer does (cuDNN autotuning)
+        try:
+            rows = run_modes(cfg, ctx, modes, backends, data_for, timing, args)
+        except ValueError as exc:  # e.g. fp16 requested on CPU
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        rows_by_rank = [rows]
+        if ctx.distributed:
+            rows_by_rank = [None] * ctx.world_size
+            torch.distributed.all_gather_object(rows_by_rank, rows)
+        if ctx.is_main:
+            write_outputs(build_report(merge_ranks(rows_by_rank), cfg, ctx, timing, args, argv), args)
+    finally:
+        torch.set_num_threads(threads)  # process-wide: leave it as found when called in-process
+        shutdown_distributed()
+    return 1 if any(r["status"] == "error" for r in rows) else 0

@@ -1,0 +1,97 @@
+"""What a training step needs, wired once from the config.
+
+Shared by the training program (``train.pretrain``) and the benchmark
+(``tools.throughput``), so that both measure and run the same step: the model
+(bare and DDP-wrapped), LARS, the GradScaler, the precision (resolved once)
+and the ``TrainStep`` of each phase of the run (with and without SuNCEt).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from model import build_model
+from train.config import ConfigError, LossConfig, PretrainConfig
+from train.distributed import DistContext
+from train.lars import LARS, lars_param_groups
+from train.precision import Precision
+from train.step import HostLead, StepSettings, TrainStep
+
+
+def suncet_active(loss: LossConfig, epoch: int) -> bool:
+    """SuNCEt is on when it has a weight, until ``loss.supervised_epochs`` (from that epoch on it is off)."""
+    return loss.suncet_weight > 0 and (loss.supervised_epochs is None or epoch < loss.supervised_epochs)
+
+
+def configure_backends(cfg: PretrainConfig, device: torch.device) -> None:
+    """Process-wide kernel choices: cuDNN autotuning (``compute.cudnn_benchmark``) unless ``run.deterministic``."""
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.compute.cudnn_benchmark
+
+
+def build_model_and_optimizer(cfg: PretrainConfig, ctx: DistContext, precision: Precision):
+    """(bare model, DDP-wrapped or bare model, LARS, GradScaler) on ``ctx.device``.
+    SyncBN only where it works: several ranks on CUDA."""
+    m, o = cfg.model, cfg.optim
+    sync_bn = m.sync_bn and ctx.distributed and ctx.device.type == "cuda"
+    core = build_model(m.arch, m.head_hidden_dim, m.head_out_dim, channels_last=m.channels_last, sync_bn=sync_bn)
+    core.to(ctx.device)
+    model = core
+    if ctx.distributed:
+        model = DistributedDataParallel(core, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    optimizer = LARS(lars_param_groups(core, o.weight_decay), lr=o.start_lr, momentum=o.momentum,
+                     trust_coefficient=o.trust_coefficient, nesterov=o.nesterov, foreach=cfg.compute.lars_foreach)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision.use_grad_scaler)
+    return core, model, optimizer, scaler
+
+
+@dataclass
+class StepKit:
+    """The objects of the training step, built once; ``step_for_epoch`` builds
+    each phase's ``TrainStep`` (loss closures, compiled forward) on first use."""
+
+    cfg: PretrainConfig
+    ctx: DistContext
+    precision: Precision
+    core: torch.nn.Module  # the bare model (checkpoints, kNN, export)
+    model: torch.nn.Module  # DDP-wrapped when distributed
+    optimizer: LARS
+    scaler: torch.amp.GradScaler
+    host_lead_steps: int  # see compute.max_host_lead_steps
+    _steps: dict[bool, TrainStep] = field(default_factory=dict, repr=False)
+
+    def step_settings(self, epoch: int) -> StepSettings:
+        loss, c = self.cfg.loss, self.cfg.compute
+        return StepSettings(loss.temperature, loss.suncet_weight if suncet_active(loss, epoch) else 0.0,
+                            self.precision, skip_nonfinite=loss.on_nonfinite == "skip", host_sync=c.host_sync,
+                            compile=c.compile, cuda_graphs=c.cuda_graphs)
+
+    def step_for_epoch(self, epoch: int) -> TrainStep:
+        supervised = suncet_active(self.cfg.loss, epoch)
+        if supervised not in self._steps:
+            self._steps[supervised] = TrainStep(
+                self.model, self.optimizer, self.scaler, self.step_settings(epoch),
+                unlabeled=self.cfg.data.unlabeled_batch_size, support=self.cfg.support_batch_size,
+                world_size=self.ctx.world_size, device=self.ctx.device, channels_last=self.cfg.model.channels_last)
+        return self._steps[supervised]
+
+    def host_lead(self) -> HostLead:
+        return HostLead(self.host_lead_steps, self.ctx.device)
+
+
+def build_step_kit(cfg: PretrainConfig, ctx: DistContext, precision: Precision) -> StepKit:
+    """Model, optimizer and scaler for ``precision`` (resolve it once with
+    ``train.precision.resolve_precision``). Refuses switches the device cannot run."""
+    if cfg.compute.cuda_graphs and ctx.device.type != "cuda":
+        raise ConfigError(f"compute.cuda_graphs needs a CUDA device; this run is on {ctx.device.type} "
+                          "(set compute.cuda_graphs=false)")
+    core, model, optimizer, scaler = build_model_and_optimizer(cfg, ctx, precision)
+    # FFCV copies each batch from a pinned host buffer that its threads refill once the consumer has moved
+    # on; only a device that has finished the previous step makes that safe (GPU preflight, item 3).
+    lead = 0 if cfg.data.backend == "ffcv" and ctx.device.type == "cuda" else cfg.compute.max_host_lead_steps
+    return StepKit(cfg, ctx, precision, core, model, optimizer, scaler, lead)

@@ -66,7 +66,7 @@ DATA_MODES = ("decode", "loader", "e2e")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tools.throughput", description=__doc__.splitlines()[0])
     p.add_argument("--backend", choices=[*BACKENDS, "all"], help="loader backend(s) to measure (default: the config's)")
     p.add_argument("--mode", default="all", help=f"one of {', '.join(MODES)}, a comma-separated list, or all")
     p.add_argument("--data", help="ImageFolder root holding the train split (data.root); needed by decode/loader/e2e")
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "eager,foreach,nosync,compile,foreach+nosync (default: config, the config's step)")
     p.add_argument("--decode-workers", type=int,
                    help="processes for --mode decode (default: usable cores / local ranks)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA when present (the rank's GPU), else the CPU")
     p.add_argument("--threads", type=int, help="torch intra-op threads of this process (default: torch's choice)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per mode, split into --windows windows")
     p.add_argument("--windows", type=int, default=5, help="timed windows; figures are their median, min and max")

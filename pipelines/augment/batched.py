@@ -22,6 +22,7 @@ path does not). The output is cast to the requested dtype only at the end.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -211,11 +212,16 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int, mask: Tensor | Non
     return y.view(bsz, c, h, w)
 
 
+@functools.lru_cache(maxsize=16)
+def _per_channel(values: tuple[float, ...], device: torch.device) -> Tensor:
+    """``values`` as a [1, 3, 1, 1] float32 tensor on ``device``, made once: building it from a
+    list every call is a blocking host-to-device copy, twice per step on a GPU."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+
 def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype) -> Tensor:
     """(x - mean) / std per channel, cast to ``dtype``, channels-last."""
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    y = (x - m) / s
+    y = (x - _per_channel(tuple(mean), x.device)) / _per_channel(tuple(std), x.device)
     return y.to(dtype).contiguous(memory_format=torch.channels_last)
 
 

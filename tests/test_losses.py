@@ -319,6 +319,65 @@ def test_two_ranks_match_one_process_on_concatenated_batch(tmp_path):
         torch.testing.assert_close(got["sc_grad"] / WORLD, sz.grad[rank * m : (rank + 1) * m], rtol=1e-10, atol=1e-12)
 
 
+def _detached_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        b = _fixed_batch()
+        n = N_GLOBAL // WORLD
+        z = torch.cat([b["v1"][rank * n : (rank + 1) * n], b["v2"][rank * n : (rank + 1) * n]]).requires_grad_(True)
+        loss = init_nt_xent_loss(n, T, WORLD, gather="detached")(z)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grad": z.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _naive_local_nt_xent(z_all: torch.Tensor, anchors: list[int], positive: dict[int, int]) -> torch.Tensor:
+    """Mean over ``anchors`` of -log softmax of the positive, written as a loop (the reference)."""
+    zn = torch.nn.functional.normalize(z_all, dim=1)
+    terms = []
+    for i in anchors:
+        sims = torch.stack([zn[i] @ zn[k] / T for k in range(len(zn)) if k != i])
+        others = [k for k in range(len(zn)) if k != i]
+        terms.append(-(sims[others.index(positive[i])] - torch.logsumexp(sims, dim=0)))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_detached_gather_differentiates_each_ranks_own_anchors_only(tmp_path):
+    mp.spawn(_detached_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    b = _fixed_batch()
+    n = N_GLOBAL // WORLD
+    blocks = [torch.cat([b["v1"][r * n : (r + 1) * n], b["v2"][r * n : (r + 1) * n]]) for r in range(WORLD)]
+    positive = {r * 2 * n + j: r * 2 * n + (j + n) % (2 * n) for r in range(WORLD) for j in range(2 * n)}
+    everything = torch.cat(blocks)
+    global_mean = _naive_local_nt_xent(everything, list(range(len(everything))), positive)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got["loss"], global_mean, rtol=1e-12, atol=1e-12)  # the value: the global mean
+        # The gradient: this rank's anchors' mean loss, every other rank's rows held constant.
+        mine = blocks[rank].clone().requires_grad_(True)
+        rows = torch.cat([blocks[r] if r != rank else mine for r in range(WORLD)])
+        _naive_local_nt_xent(rows, list(range(rank * 2 * n, (rank + 1) * 2 * n)), positive).backward()
+        torch.testing.assert_close(got["grad"], mine.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_detached_gather_is_the_plain_loss_on_one_process():
+    z = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    a = init_nt_xent_loss(4, T, 1, gather="detached")(z)
+    (ga,) = torch.autograd.grad(a, z)
+    b = init_nt_xent_loss(4, T, 1)(z)
+    (gb,) = torch.autograd.grad(b, z)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ga, gb)
+    with pytest.raises(ValueError, match="ntxent_gather"):
+        init_nt_xent_loss(4, T, 1, gather="sometimes")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fp16_losses_match_cpu_float64():
     g = torch.Generator().manual_seed(7)

@@ -24,6 +24,7 @@ from pipelines.bad_images import POLICIES as BAD_IMAGE_POLICIES
 from pipelines.spec import BACKENDS
 from train.step import HOST_SYNCS
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+SUNCET_WEIGHT_RULES = ("fixed", "paper_ratio")
 
 
 class ConfigError(ValueError):
@@ -75,7 +76,12 @@ class OptimConfig:
 class LossConfig:
     temperature: float = 0.1
     suncet_weight: float = 1.0  # 0 gives SimCLR alone
+    # "fixed": the loss is NT-Xent + suncet_weight x SuNCEt. "paper_ratio": suncet_weight is scaled so that
+    # one support anchor weighs as much against one view anchor as at the paper's per-GPU shapes (2.2x:
+    # 88 views, 40 support images); x1 at those shapes (train.wiring.effective_suncet_weight)
+    suncet_weight_rule: str = "fixed"
     supervised_epochs: int | None = None  # SuNCEt switched off from this epoch on (None: never)
+    ntxent_gather: str = "grad"  # "grad": SimCLR's gradient through the gather; "detached": the official code's
     on_nonfinite: str = "stop"  # "stop" the run, or "skip" the step and count it
 
 
@@ -147,6 +153,11 @@ class PretrainConfig:
                               "at conversion (python -m tools.verify_converted checks the file)")
         if l.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"loss.on_nonfinite must be 'stop' or 'skip', got {l.on_nonfinite!r}")
+        if l.ntxent_gather not in ("grad", "detached"):
+            raise ConfigError(f"loss.ntxent_gather must be 'grad' or 'detached', got {l.ntxent_gather!r}")
+        if l.suncet_weight_rule not in SUNCET_WEIGHT_RULES:
+            raise ConfigError(f"loss.suncet_weight_rule must be one of {SUNCET_WEIGHT_RULES}, "
+                              f"got {l.suncet_weight_rule!r}")
         positive_ints = {
             "data.unlabeled_batch_size": d.unlabeled_batch_size,
             "data.support_images_per_class": d.support_images_per_class,

@@ -196,6 +196,15 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def all_reduce_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over the ranks, outside autograd (``x`` itself without a group of several)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x
+
+
 def all_reduce_sum(value: int, device: torch.device) -> int:
     """``value`` summed over the ranks (itself without a group of several)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from train.distributed import all_gather_no_grad, all_gather_with_grad, get_rank_and_world
+from train.distributed import all_gather_no_grad, all_gather_with_grad, all_reduce_no_grad, get_rank_and_world
 
 NTXentFn = Callable[[torch.Tensor], torch.Tensor]
 SuNCEtFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -95,11 +95,15 @@ def nt_xent_positives(local_pairs: int, world_size: int, device: torch.device | 
     return block * (2 * n) + (j + n) % (2 * n)
 
 
+GATHERS = ("grad", "detached")
+
+
 def init_nt_xent_loss(
     local_pairs: int,
     temperature: float,
     world_size: int | None = None,
     device: torch.device | str | None = None,
+    gather: str = "grad",
 ) -> NTXentFn:
     """Build the NT-Xent loss for ``local_pairs`` images (``2*local_pairs`` rows) per rank.
 
@@ -117,14 +121,26 @@ def init_nt_xent_loss(
     in the denominator, the other ``2NW-2`` rows are negatives); the result
     is the mean of ``l_i`` over all global anchors, identical on every rank.
     ``world_size`` defaults to the current process group's.
+
+    ``gather`` (``loss.ntxent_gather``): ``"grad"`` (default) passes gradients
+    through the gather, so a W-rank step equals one process on the whole batch
+    (SimCLR's formula). ``"detached"`` is what the official SuNCEt code did:
+    each rank differentiates only the terms of its own anchors, the other
+    ranks' rows acting as constants (the value returned is still the global
+    mean, identical on every rank, so decisions on it agree). With one
+    process the two are the same.
     """
     if isinstance(local_pairs, bool) or not isinstance(local_pairs, int) or local_pairs < 1:
         raise ValueError(f"local_pairs must be an integer >= 1, got {local_pairs!r}")
+    if gather not in GATHERS:
+        raise ValueError(f"gather (loss.ntxent_gather) must be one of {GATHERS}, got {gather!r}")
     inv_t = 1.0 / _check_temperature(temperature)
     world = _world_size(world_size)
     rows = 2 * local_pairs * world
     positives = nt_xent_positives(local_pairs, world, device)
     self_mask = torch.eye(rows, dtype=torch.bool, device=device)
+    if gather == "detached" and world > 1:
+        return _detached_nt_xent(local_pairs, inv_t, world, positives, self_mask)
 
     def loss(z: torch.Tensor) -> torch.Tensor:
         _check_embeddings(z, "nt_xent")
@@ -139,6 +155,31 @@ def init_nt_xent_loss(
         logits = (zg @ zg.T * inv_t).masked_fill(self_mask, float("-inf"))
         # 3. cross-entropy against the positive, mean over all global anchors
         return F.cross_entropy(logits, positives)
+
+    return loss
+
+
+def _detached_nt_xent(local_pairs: int, inv_t: float, world: int, positives: torch.Tensor,
+                      self_mask: torch.Tensor) -> NTXentFn:
+    """NT-Xent whose gradient flows through this rank's rows only (see ``init_nt_xent_loss``)."""
+    rank = get_rank_and_world()[0]
+    mine = slice(rank * 2 * local_pairs, (rank + 1) * 2 * local_pairs)
+
+    def loss(z: torch.Tensor) -> torch.Tensor:
+        _check_embeddings(z, "nt_xent")
+        if z.shape[0] != 2 * local_pairs:
+            raise ValueError(f"nt_xent: expected {2 * local_pairs} rows ([view1; view2]), got {z.shape[0]}")
+        # 1. normalise; gather every rank's rows as constants, then put this rank's own back with gradient
+        zn = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
+        keys = all_gather_no_grad(zn.detach())
+        _check_gathered("nt_xent", keys.shape[0], self_mask.shape[0], world)
+        keys = torch.cat([keys[: mine.start], zn, keys[mine.stop :]])
+        # 2. this rank's anchors against every row, itself removed from the softmax
+        logits = (zn @ keys.T * inv_t).masked_fill(self_mask[mine], float("-inf"))
+        local = F.cross_entropy(logits, positives[mine])
+        # 3. the value of the global mean, the gradient of this rank's mean
+        total = all_reduce_no_grad(local.detach()) / world
+        return local + (total - local.detach())
 
     return loss
 

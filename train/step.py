@@ -45,6 +45,7 @@ class StepSettings:
     host_sync: str = "step"  # see the module docstring
     compile: bool = False  # torch.compile of the forward pass (model + losses)
     cuda_graphs: bool = False  # with compile: mode "reduce-overhead"
+    ntxent_gather: str = "grad"  # see train.losses.init_nt_xent_loss
 
     def __post_init__(self) -> None:
         if self.host_sync not in HOST_SYNCS:
@@ -77,7 +78,8 @@ class TrainStep:
         self.unlabeled = unlabeled
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.use_support = settings.suncet_weight > 0 and support > 0
-        self.nt_xent = init_nt_xent_loss(unlabeled, settings.temperature, world_size, device)
+        self.nt_xent = init_nt_xent_loss(unlabeled, settings.temperature, world_size, device,
+                                         gather=settings.ntxent_gather)
         self.suncet = init_suncet_loss(support, settings.temperature, world_size, device) if self.use_support else None
         self.names = ("loss_ntxent", "loss_suncet", "loss") if self.use_support else ("loss_ntxent", "loss")
         # (loss non-finite, gradients non-finite) as device tensors, for the host-synced path

@@ -25,6 +25,24 @@ def suncet_active(loss: LossConfig, epoch: int) -> bool:
     return loss.suncet_weight > 0 and (loss.supervised_epochs is None or epoch < loss.supervised_epochs)
 
 
+# The paper's per-GPU shapes: 44 unlabeled images x 2 views against 20 classes x 2 support images.
+PAPER_VIEWS, PAPER_SUPPORT = 88, 40
+
+
+def effective_suncet_weight(cfg: PretrainConfig) -> float:
+    """The SuNCEt weight of the loss (``loss.suncet_weight_rule``).
+
+    NT-Xent is a mean over the step's ``2 B`` view anchors and SuNCEt a mean over its ``S``
+    support images, so one support anchor weighs ``w 2B / S`` view anchors: 2.2 at the paper's
+    shapes, 6.4 with 64 x 2 views and 10 x 2 support images. ``paper_ratio`` scales ``w`` by
+    ``(88 / 40) / (2B / S)`` to keep the paper's 2.2 at any shapes (x1 at the paper's)."""
+    loss, d = cfg.loss, cfg.data
+    if loss.suncet_weight_rule == "fixed":
+        return loss.suncet_weight
+    views, support = 2 * d.unlabeled_batch_size, cfg.support_batch_size
+    return loss.suncet_weight * (PAPER_VIEWS / PAPER_SUPPORT) * support / views
+
+
 def configure_backends(cfg: PretrainConfig, device: torch.device) -> None:
     """Process-wide kernel choices: cuDNN autotuning (``compute.cudnn_benchmark``) unless ``run.deterministic``."""
     if cfg.run.deterministic:
@@ -67,9 +85,10 @@ class StepKit:
 
     def step_settings(self, epoch: int) -> StepSettings:
         loss, c = self.cfg.loss, self.cfg.compute
-        return StepSettings(loss.temperature, loss.suncet_weight if suncet_active(loss, epoch) else 0.0,
-                            self.precision, skip_nonfinite=loss.on_nonfinite == "skip", host_sync=c.host_sync,
-                            compile=c.compile, cuda_graphs=c.cuda_graphs)
+        weight = effective_suncet_weight(self.cfg) if suncet_active(loss, epoch) else 0.0
+        return StepSettings(loss.temperature, weight, self.precision, skip_nonfinite=loss.on_nonfinite == "skip",
+                            host_sync=c.host_sync, compile=c.compile, cuda_graphs=c.cuda_graphs,
+                            ntxent_gather=loss.ntxent_gather)
 
     def step_for_epoch(self, epoch: int) -> TrainStep:
         supervised = suncet_active(self.cfg.loss, epoch)

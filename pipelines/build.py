@@ -13,6 +13,7 @@ import numpy as np
 
 from pipelines.contract import PretrainLoader
 from pipelines.encoded_images import FileImages, shard_images
+from pipelines.format import layout
 from pipelines.image_folder import ImageFolderIndex
 from pipelines.plan import build_plan
 from pipelines.spec import LoaderSpec
@@ -26,6 +27,7 @@ class TrainData:
     loader: PretrainLoader
     index: ImageFolderIndex  # the training split's samples
     labeled: np.ndarray  # sample indices of the labeled subset
+    source: str  # what is read, for the console: "ImageFolder tree /data/train", "FFCV .beton ..."
 
     @property
     def num_classes(self) -> int:
@@ -41,13 +43,17 @@ def build_train_loader(spec: LoaderSpec, split: TrainSplit | None = None) -> Tra
         from pipelines.backends import torch as backend
 
         loader = backend.build(spec, split.index, split.labeled, plan)
+        source = f"ImageFolder tree {split.index.root}"
     elif spec.backend == "dali":
         from pipelines.backends import dali as backend  # optional dependency
 
         images = shard_images(split.converted) if split.converted is not None else FileImages(split.index)
         loader = backend.build(spec, images, split.labeled, plan)
+        source = (f"DALI shards {layout.shard_dir(split.converted.root, split.converted.split)}"
+                  if split.converted is not None else f"ImageFolder tree {split.index.root}")
     else:
         from pipelines.backends.ffcv import loader as backend  # optional dependency
 
         loader = backend.build(spec, split.converted, plan)
-    return TrainData(loader, split.index, split.labeled)
+        source = f"FFCV .beton {layout.beton_path(split.converted.root, split.converted.split)}"
+    return TrainData(loader, split.index, split.labeled, source)

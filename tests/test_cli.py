@@ -112,3 +112,69 @@ def test_converter_messages_use_flag_names(tree, tmp_path, capsys):
     with pytest.raises(SystemExit):
         convert_imagenet.main(["--src", str(tree), "--out", str(tmp_path / "o"), "--labeled-fraction", "2"])
     assert "--labeled-fraction must be in (0, 1], got 2.0" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- a console that says what it does
+
+
+def test_print_config_prints_the_resolved_yaml(capsys):
+    import yaml
+    assert pretrain.main(["--config", "configs/imagenet_simclr.yaml", "--set", "optim.epochs=7",
+                          "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["loss"]["suncet_weight"] == 0.0 and printed["optim"]["epochs"] == 7  # overlay and --set
+    assert printed["data"]["unlabeled_batch_size"] == 44  # from the _base_ file
+
+
+def test_dry_run_trains_one_step_and_writes_nothing(tree, tmp_path, capsys):
+    assert _train(tree, tmp_path / "run", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "dry run: one step trained, loss" in out and "nothing written" in out
+    assert "data: torch backend reading ImageFolder tree" in out and "16 images in 4 classes" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_logs_plain_lines_when_stdout_is_no_terminal(tree, tmp_path, capsys):
+    assert _train(tree, tmp_path / "run", "--set", "run.knn_every_epochs=0", "--set", "run.log_every_steps=1",
+                  "--set", "run.progress_bar=true") == 0
+    out = capsys.readouterr().out
+    assert "\r" not in out  # no redrawn bars in a log file
+    step_lines = [line for line in out.splitlines() if line.startswith("epoch 0 step ")]
+    assert step_lines and "loss" in step_lines[0] and "img/s" in step_lines[0]
+    assert out.splitlines()[0].startswith("device cpu")  # the banner first
+    assert "encoder " in out.splitlines()[-1]  # the final line names the exported encoder
+
+
+def test_wandb_logger_sends_every_metrics_row_and_resumes_the_same_run(tree, tmp_path, monkeypatch):
+    import sys
+    import types
+    calls = []
+
+    class FakeRun:
+        def log(self, row, step):
+            calls.append(("log", step, row))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or FakeRun())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    args = ("--set", "run.logger=wandb", "--set", "run.knn_every_epochs=0", "--set", "run.log_every_steps=1")
+    assert _train(tree, tmp_path / "run", *args, "--set", "optim.epochs=2", "--set", "run.max_steps_per_epoch=1") == 0
+    inits = [c for c in calls if c[0] == "init"]
+    assert len(inits) == 1 and inits[0][1]["resume"] == "allow"
+    from tests.pretrain_helpers import read_metrics
+    rows = read_metrics(tmp_path / "run")
+    assert [c[1] for c in calls if c[0] == "log"] == [int(r["global_step"]) for r in rows]
+    run_id = inits[0][1]["id"]
+    calls.clear()
+    assert _train(tree, tmp_path / "run", *args, "--set", "optim.epochs=3", "--set", "run.max_steps_per_epoch=1",
+                  "--resume", "auto") == 0
+    assert [c[1]["id"] for c in calls if c[0] == "init"] == [run_id]
+
+
+def test_wandb_logger_without_the_package_is_a_one_line_error(tree, tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    assert _train(tree, tmp_path / "run", "--set", "run.logger=wandb") == 2
+    assert "run.logger=wandb needs the wandb package" in _one_line(capsys)

@@ -97,7 +97,8 @@ class RunConfig:
     knn_every_epochs: int = 1  # 0 disables the kNN monitor
     knn_k: int = 20
     max_steps_per_epoch: int | None = None  # truncate epochs (smoke tests, profiling)
-    progress_bar: bool = True
+    progress_bar: bool = True  # a bar on a terminal, one line per log step elsewhere
+    logger: str = "none"  # "wandb": also send metrics to Weights & Biases (metrics.csv and TensorBoard always)
 
 
 @dataclass
@@ -153,6 +154,8 @@ class PretrainConfig:
                               "at conversion (python -m tools.verify_converted checks the file)")
         if l.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"loss.on_nonfinite must be 'stop' or 'skip', got {l.on_nonfinite!r}")
+        if r.logger not in ("none", "wandb"):
+            raise ConfigError(f"run.logger must be 'none' or 'wandb', got {r.logger!r}")
         if l.ntxent_gather not in ("grad", "detached"):
             raise ConfigError(f"loss.ntxent_gather must be 'grad' or 'detached', got {l.ntxent_gather!r}")
         if l.suncet_weight_rule not in SUNCET_WEIGHT_RULES:

@@ -54,6 +54,8 @@ class Loaders:
     knn_train: DataLoader | None  # labeled subset, eval transform
     knn_test: DataLoader | None  # held-out split, eval transform
     knn_off: str | None = None  # why there is no kNN monitor although run.knn_every_epochs asks for one
+    num_images: int = 0  # in the training split
+    source: str = ""  # what the training stream reads
 
 
 def build_loaders(cfg, rank: int, world_size: int, device: torch.device,
@@ -74,4 +76,5 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device,
             workers = min(d.num_workers, 4)
             knn_train = DataLoader(knn.labeled, batch_size=256, shuffle=False, num_workers=workers)
             knn_test = DataLoader(knn.val, batch_size=256, shuffle=False, num_workers=workers)
-    return Loaders(data.loader, data.num_classes, len(data.labeled), knn_train, knn_test, knn_off)
+    return Loaders(data.loader, data.num_classes, len(data.labeled), knn_train, knn_test, knn_off, len(data.index),
+                   data.source)

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+import yaml
 
 from model import TORCHVISION_ARCHS
 from pipelines.errors import DataError, LoaderFailure
 from train import checkpoint as ckpt
 from train import export
 from train.config import ConfigError, PretrainConfig, config_to_dict, load_config
+from train.console import Progress, banner
 from train.data import Loaders, build_loaders
 from train.distributed import DeviceError, DistContext, all_reduce_sum, init_distributed, shutdown_distributed
 from train.knn import extract_features, knn_accuracy
@@ -46,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default="none",
                    help="'auto': continue from the newest checkpoint in run.output_dir if any; "
                         "'none': start fresh (refused if the directory holds checkpoints); or a checkpoint path")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (the file, its _base_ files and every --set) as YAML and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the data, model and step, train one step, print what a run would do, and exit "
+                        "without writing anything")
     return p
 
 
@@ -122,8 +128,7 @@ def train_one_epoch(tr: Trainer, state: TrainState) -> None:
     lead = tr.kit.host_lead()
     loader = tr.loaders.train
     loader.set_epoch(state.epoch, state.step)
-    bar = tqdm(total=tr.steps_per_epoch, initial=state.step, desc=f"epoch {state.epoch}",
-               disable=not (ctx.is_main and cfg.run.progress_bar), dynamic_ncols=True)
+    bar = Progress(tr.steps_per_epoch, state.step, f"epoch {state.epoch}", ctx.is_main and cfg.run.progress_bar)
     tr.model.train()
     batches = iter(loader)
     bad_here = 0  # this rank's bad images not yet added to state.bad_images
@@ -154,8 +159,8 @@ def train_one_epoch(tr: Trainer, state: TrainState) -> None:
             images_per_s, wait = images / (t_now - t_check), waited / (t_now - t_check)
             t_check, waited, images = t_now, 0.0, 0
             if ctx.is_main:
-                bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.1f}",
-                                wait=f"{100 * wait:.0f}%")
+                bar.show({"loss": f"{out['loss']:.4f}", "lr": f"{lr:.3g}", "img/s": f"{images_per_s:.1f}",
+                          "data wait": f"{100 * wait:.0f}%"}, log_step=log_now)
         if log_now or save_now:  # the same steps on every rank: a collective is safe here
             state.bad_images += all_reduce_sum(bad_here, ctx.device)
             bad_here = 0
@@ -180,7 +185,7 @@ def evaluate_knn(tr: Trainer) -> dict[str, float] | None:
     was_training = tr.core.training
     tr.core.eval()
     cl = tr.cfg.model.channels_last
-    progress = tr.cfg.run.progress_bar
+    progress = tr.cfg.run.progress_bar and sys.stdout.isatty()  # no redrawn bars in a log file
     train_f, train_y = extract_features(tr.core.features, loaders.knn_train, tr.ctx.device, cl, progress, "knn labeled")
     test_f, test_y = extract_features(tr.core.features, loaders.knn_test, tr.ctx.device, cl, progress, "knn held-out")
     tr.core.train(was_training)
@@ -208,7 +213,7 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[dict, Path] | None:
     return ckpt.load(path), path
 
 
-def build_trainer(cfg: PretrainConfig, ctx: DistContext, resume_step: int | None) -> Trainer:
+def build_trainer(cfg: PretrainConfig, ctx: DistContext, resume_step: int | None, write: bool = True) -> Trainer:
     precision = resolve_precision(cfg.run.precision, ctx.device)  # once per run
     loaders = build_loaders(cfg, ctx.rank, ctx.world_size, ctx.device, precision.input_dtype)
     kit = build_step_kit(cfg, ctx, precision)
@@ -221,7 +226,7 @@ def build_trainer(cfg: PretrainConfig, ctx: DistContext, resume_step: int | None
                                         start_lr=o.start_lr, peak_lr=o.lr, final_lr=o.final_lr)
     except ValueError as exc:
         raise ConfigError(f"optim (epochs/warmup_epochs): {exc}") from exc
-    logger = RunLogger(Path(cfg.run.output_dir), cfg, resume_step) if ctx.is_main else None
+    logger = RunLogger(Path(cfg.run.output_dir), cfg, resume_step) if ctx.is_main and write else None
     return Trainer(cfg, ctx, kit, schedule, loaders, steps, logger)
 
 
@@ -245,6 +250,7 @@ def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path) -> d
     configure_backends(cfg, ctx.device)
     state = TrainState(**loaded[0]["train_state"]) if loaded else TrainState()
     tr = build_trainer(cfg, ctx, state.global_step if loaded else None)
+    resumed = None
     if loaded:
         saved, path = loaded
         tr.core.load_state_dict(saved["model"])
@@ -253,8 +259,10 @@ def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path) -> d
         ckpt.set_rng_state(saved["rng"])
         if saved.get("loader") is not None:
             tr.loaders.train.load_state_dict(saved["loader"])
-        if ctx.is_main:
-            print(f"resumed from {path} at epoch {state.epoch} step {state.step} (global step {state.global_step})")
+        resumed = f"resumed from {path.name} at epoch {state.epoch} step {state.step}, global step {state.global_step}"
+    if ctx.is_main:
+        print(banner(cfg, ctx.world_size, ctx.device, tr.kit.precision.name, tr.loaders, tr.steps_per_epoch,
+                     resumed), flush=True)
     if tr.loaders.knn_off and ctx.is_main:
         print(f"note: kNN monitor off (run.knn_every_epochs={cfg.run.knn_every_epochs}): {tr.loaders.knn_off}")
     knn = None
@@ -292,6 +300,25 @@ def export_encoder(tr: Trainer, run_dir: Path) -> Path:
     return path
 
 
+def dry_run(cfg: PretrainConfig, ctx: DistContext) -> dict:
+    """Build everything a run builds and train one step, writing nothing: a config that passes
+    here will not fail at start (data, model, step), whatever it does later."""
+    cfg.validate(ctx.world_size)
+    seed_everything(cfg.run.seed)
+    configure_backends(cfg, ctx.device)
+    tr = build_trainer(cfg, ctx, None, write=False)
+    if ctx.is_main:
+        print(banner(cfg, ctx.world_size, ctx.device, tr.kit.precision.name, tr.loaders, tr.steps_per_epoch, None))
+    loader = tr.loaders.train
+    loader.set_epoch(0)
+    batch = next(iter(loader))
+    tr.model.train()
+    tr.schedule.apply(tr.optimizer, 0)
+    out = StepRecords(skip_nonfinite=False).add(tr.kit.step_for_epoch(0)(batch)).check()
+    loader.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -299,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
     try:
         ctx = init_distributed(args.device)
     except DeviceError as exc:
@@ -310,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             print("note: torchrun restarted the workers; resuming from the newest checkpoint (--resume auto)")
     try:
+        if args.dry_run:
+            out = dry_run(cfg, ctx)
+            if ctx.is_main:
+                print(f"dry run: one step trained, loss {out['loss']:.4f}; nothing written")
+            return 0
         summary = run(cfg, ctx, resume)
     except (ConfigError, DataError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)

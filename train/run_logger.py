@@ -1,13 +1,21 @@
-"""Rank-0 run outputs: resolved config, metrics.csv, TensorBoard events."""
+"""Rank-0 run outputs: resolved config, metrics.csv, TensorBoard events, and optionally Weights & Biases.
+
+``run.logger: wandb`` also sends every metrics row to W&B (the ``wandb`` package must be
+installed; it is not a dependency). The W&B run id is kept in ``<run dir>/wandb_run_id`` so that
+a resumed run continues the same W&B run; ``WANDB_PROJECT`` names the project
+(default ``suncet-pretrain``), and ``WANDB_MODE=offline`` works without a network.
+"""
 from __future__ import annotations
 
 import csv
 import json
+import os
+import uuid
 from pathlib import Path
 
 import yaml
 
-from train.config import config_to_dict
+from train.config import ConfigError, config_to_dict
 
 METRIC_FIELDS = ("global_step", "epoch", "step", "lr", "loss", "loss_ntxent", "loss_suncet", "images_per_s",
                  "data_wait_frac", "skipped", "bad_images", "knn_top1", "knn_top5")
@@ -34,6 +42,7 @@ class RunLogger:
                 print(f"warning: TensorBoard logging off ({exc})")
             else:
                 self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step)
+        self._wandb = _start_wandb(self.run_dir, cfg) if cfg.run.logger == "wandb" else None
 
     def _truncate_after(self, resume_step: int | None) -> None:
         """On resume from global step S, keep rows of steps <= S (done before the
@@ -59,6 +68,9 @@ class RunLogger:
                 if key not in ("global_step", "epoch", "step") and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"train/{key}" if not key.startswith("knn") else f"eval/{key}",
                                         value, row["global_step"])
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "global_step" and isinstance(v, (int, float))},
+                            step=row["global_step"])
 
     def write_summary(self, summary: dict) -> None:
         with open(self.run_dir / "summary.json", "w") as f:
@@ -68,3 +80,19 @@ class RunLogger:
         self._csv_file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _start_wandb(run_dir: Path, cfg):
+    """A W&B run for ``run_dir``, the same one again when the run is resumed."""
+    try:
+        import wandb
+    except ImportError as exc:
+        raise ConfigError("run.logger=wandb needs the wandb package (pip install wandb), "
+                          "or set run.logger=none") from exc
+    id_file = run_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id + "\n")
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "suncet-pretrain"), name=run_dir.name, id=run_id,
+                      resume="allow", dir=str(run_dir), config=config_to_dict(cfg))

@@ -2,6 +2,7 @@
 against one process on the concatenated batch."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -270,12 +271,21 @@ def _fixed_batch() -> dict[str, torch.Tensor]:
     }
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+@contextlib.contextmanager
+def _gloo_group(rank: int, port: int):
+    """This spawned process as rank ``rank`` of a WORLD-process gloo group on 127.0.0.1:``port``."""
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    with _gloo_group(rank, port):
         b = _fixed_batch()
         n, m = N_GLOBAL // WORLD, M_GLOBAL // WORLD
         z = torch.cat([b["v1"][rank * n : (rank + 1) * n], b["v2"][rank * n : (rank + 1) * n]]).requires_grad_(True)
@@ -288,8 +298,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             {"nt_loss": nt_loss.detach(), "nt_grad": z.grad, "sc_loss": sc_loss.detach(), "sc_grad": sz.grad},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
-    finally:
-        dist.destroy_process_group()
 
 
 
@@ -320,19 +328,13 @@ def test_two_ranks_match_one_process_on_concatenated_batch(tmp_path):
 
 
 def _detached_worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    try:
+    with _gloo_group(rank, port):
         b = _fixed_batch()
         n = N_GLOBAL // WORLD
         z = torch.cat([b["v1"][rank * n : (rank + 1) * n], b["v2"][rank * n : (rank + 1) * n]]).requires_grad_(True)
         loss = init_nt_xent_loss(n, T, WORLD, gather="detached")(z)
         loss.backward()
         torch.save({"loss": loss.detach(), "grad": z.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _naive_local_nt_xent(z_all: torch.Tensor, anchors: list[int], positive: dict[int, int]) -> torch.Tensor:

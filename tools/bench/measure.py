@@ -76,7 +76,8 @@ class Timing:
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.windows < 1 or self.steps_per_window < 1:
-            raise ValueError(f"need --warmup >= 0, --windows >= 1 and --steps >= --windows, got {self}")
+            raise ValueError(f"need --warmup >= 0, --windows >= 1 and --steps >= --windows, got --warmup "
+                             f"{self.warmup}, --windows {self.windows} and {self.steps_per_window} step(s) per window")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Timing:

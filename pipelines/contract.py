@@ -63,7 +63,8 @@ class PretrainLoader(Protocol):
         ...
 
     def close(self) -> None:
-        """Stop worker processes/threads; the loader is not used afterwards."""
+        """End the current pass (a pass cut short stops its workers or threads); ``set_epoch``
+        and ``iter`` start another one afterwards."""
         ...
 
     def state_dict(self) -> dict:

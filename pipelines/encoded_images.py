@@ -146,6 +146,8 @@ class ShardImages(EncodedImages):
     ``samples/<split>.jsonl``. Members are read with ``os.pread`` rather than
     through memory maps: a shard truncated while the run reads it then gives a
     short read, named as a bad image, instead of a SIGBUS that kills the process.
+    A shard is opened on its first read (ImageNet has thousands; an evaluation set or a
+    rank may read few of them).
     """
 
     def __init__(self, index: ImageFolderIndex, tars: list[Path], idx_files: list[Path]):
@@ -155,7 +157,7 @@ class ShardImages(EncodedImages):
         self._offset = np.zeros(n, dtype=np.int64)
         self._length = np.zeros(n, dtype=np.int64)
         self.tars = list(tars)
-        self._fds: list[int] = []
+        self._fds: dict[int, int] = {}  # shard -> open descriptor
         for shard, (tar, idx) in enumerate(zip(tars, idx_files)):
             data_end = 0  # where the last member listed by the index ends
             for key, offset, length in _jpeg_members(idx):
@@ -163,8 +165,7 @@ class ShardImages(EncodedImages):
                     raise DataError(f"{idx}: sample key {key} is out of range or repeated (dataset of {n} samples)")
                 self._shard[key], self._offset[key], self._length[key] = shard, offset, length
                 data_end = max(data_end, offset + length)
-            self._fds.append(os.open(tar, os.O_RDONLY))
-            size = os.fstat(self._fds[-1]).st_size
+            size = os.stat(tar).st_size
             if data_end > size:
                 raise DataError(f"shard {tar} is truncated: {size} bytes, but its index {idx.name} "
                                 f"lists data up to byte {data_end}; reconvert the dataset")
@@ -174,9 +175,12 @@ class ShardImages(EncodedImages):
                             f"{int(missing[0])}; reconvert the dataset")
 
     def read(self, i: int) -> memoryview:
-        offset, length = int(self._offset[i]), int(self._length[i])
+        offset, length, shard = int(self._offset[i]), int(self._length[i]), int(self._shard[i])
         try:
-            data = os.pread(self._fds[int(self._shard[i])], length, offset)
+            fd = self._fds.get(shard)
+            if fd is None:
+                fd = self._fds[shard] = os.open(self.tars[shard], os.O_RDONLY)
+            data = os.pread(fd, length, offset)
         except OSError as exc:
             raise BadImageError(f"cannot read image {self.describe(i)}: {exc}") from exc
         if len(data) != length:
@@ -188,17 +192,13 @@ class ShardImages(EncodedImages):
         return f"{self.index.paths[i]} (sample {i} in shard {self.tars[int(self._shard[i])]})"
 
     def __getstate__(self) -> dict:
-        """Pickled (spawned DataLoader workers) without file descriptors; reopened by path."""
+        """Pickled (spawned DataLoader workers) without file descriptors; reopened by path on use."""
         state = dict(self.__dict__)
-        state["_fds"] = []
+        state["_fds"] = {}
         return state
 
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._fds = [os.open(tar, os.O_RDONLY) for tar in self.tars]
-
     def __del__(self) -> None:
-        for fd in getattr(self, "_fds", ()):
+        for fd in getattr(self, "_fds", {}).values():
             try:
                 os.close(fd)
             except OSError:

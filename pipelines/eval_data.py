@@ -70,9 +70,11 @@ class KnnData:
 
 
 def knn_data(root: str | Path, train_split: str, val_split: str, labeled: np.ndarray, max_samples: int,
-             transform: Callable, seed: int) -> KnnData:
+             transform: Callable, seed: int, on_bad_image: str = "error") -> KnnData:
     """The kNN monitor's data. ``NoEvalSplit`` says why there is none (no val split, a
-    conversion without shards); other ``DataError``s are data problems (class folders differ)."""
+    conversion without shards); other ``DataError``s are data problems (class folders differ,
+    links to nothing in an ImageFolder tree: refused by name, or left out with ``on_bad_image``
+    ``skip``, as the training loaders do)."""
     root = Path(root)
     if not is_converted(root) and not (root / val_split).is_dir():
         raise NoEvalSplit(f"there is no {val_split}/ split in {root}")
@@ -82,6 +84,20 @@ def knn_data(root: str | Path, train_split: str, val_split: str, labeled: np.nda
     val = open_split_images(root, val_split)
     if val.index.classes != train.index.classes:
         raise DataError(f"class folders of {val.index.root} differ from those of {train.index.root}")
-    return KnnData(EvalImages(train, labeled, transform),
-                   EvalImages(val, capped_ids(len(val), max_samples, seed), transform),
+    readable = [_without_broken(images, ids, on_bad_image)
+                for images, ids in ((train, labeled), (val, np.arange(len(val))))]
+    val_ids = readable[1][capped_ids(len(readable[1]), max_samples, seed)]
+    return KnnData(EvalImages(train, readable[0], transform), EvalImages(val, val_ids, transform),
                    len(train.index.classes))
+
+
+def _without_broken(images: EncodedImages, ids: np.ndarray, on_bad_image: str) -> np.ndarray:
+    """``ids`` without the links to nothing of an ImageFolder split, or a ``DataError`` naming them."""
+    broken = set(images.index.broken)
+    if not broken:
+        return np.asarray(ids, dtype=np.int64)
+    if on_bad_image != "skip":
+        shown = ", ".join(str(images.index.root / p) for p in sorted(broken)[:3])
+        raise DataError(f"{len(broken)} image(s) in {images.index.root} are symbolic links to nothing, e.g. "
+                        f"{shown}; remove or fix them (or set data.on_bad_image=skip to leave them out)")
+    return np.asarray([i for i in ids if images.index.paths[i] not in broken], dtype=np.int64)

@@ -178,3 +178,14 @@ def test_wandb_logger_without_the_package_is_a_one_line_error(tree, tmp_path, ca
     monkeypatch.setitem(sys.modules, "wandb", None)
     assert _train(tree, tmp_path / "run", "--set", "run.logger=wandb") == 2
     assert "run.logger=wandb needs the wandb package" in _one_line(capsys)
+
+
+def test_dry_run_refuses_what_the_run_would_refuse(tree, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert _train(tree, tmp_path / "file", "--dry-run") == 2
+    assert "is a file" in _one_line(capsys)
+    assert _train(tree, tmp_path / "run", "--set", "run.max_steps_per_epoch=1", "--set", "optim.epochs=2",
+                  "--set", "run.knn_every_epochs=0") == 0
+    capsys.readouterr()
+    assert _train(tree, tmp_path / "run", "--dry-run") == 2  # holds checkpoints, and no --resume
+    assert "already holds checkpoints" in _one_line(capsys)

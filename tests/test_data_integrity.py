@@ -154,31 +154,45 @@ def test_4_a_rerun_after_the_source_changed_is_refused_naming_the_change(tmp_pat
 
 def test_5_a_second_run_on_a_directory_in_use_is_refused_naming_the_holder(tmp_path, capsys):
     root = make_split_tree(tmp_path / "src", classes=2, train_per_class=4)
-    held = RunLock(tmp_path / "run")
-    try:
-        assert pretrain.main(["--device", "cpu", *sum((["--set", o] for o in _overrides(root, tmp_path / "run")),
-                                                      [])]) == 2
-        err = _one_line_error(capsys)
-        assert "in use by another run" in err and f"pid {os.getpid()}" in err
-        assert not (tmp_path / "run" / "metrics.csv").exists()
-    finally:
-        held.release()
-
-
-def test_5_the_lock_of_a_killed_run_does_not_block_resuming(tmp_path):
     code = f"from train.run_lock import RunLock; lock = RunLock({str(tmp_path / 'run')!r}); print('held', flush=True); " \
            "import time; time.sleep(60)"
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, PYTHONPATH=str(REPO)))
     try:
         assert holder.stdout.readline().strip() == "held"
+        assert pretrain.main(["--device", "cpu", *sum((["--set", o] for o in _overrides(root, tmp_path / "run")),
+                                                      [])]) == 2
+        err = _one_line_error(capsys)
+        assert "in use by another run" in err and f"pid {holder.pid}" in err
+        assert not (tmp_path / "run" / "metrics.csv").exists()
+    finally:
+        holder.kill()
+
+
+def test_5_the_lock_of_a_killed_run_does_not_block_resuming(tmp_path):
+    """The holder forks a child, as DataLoader workers are forked, and is killed; the child lives on."""
+    code = (f"import os, time\nfrom train.run_lock import RunLock\nlock = RunLock({str(tmp_path / 'run')!r})\n"
+            "child = os.fork()\nif child == 0:\n    time.sleep(60)\n    os._exit(0)\n"
+            "print('held', child, flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    child = None
+    try:
+        word, child = holder.stdout.readline().split()
+        assert word == "held"
         with pytest.raises(RuntimeError, match="in use by another run"):
             RunLock(tmp_path / "run")
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
-        RunLock(tmp_path / "run").release()  # the kernel dropped the dead holder's lock
+        assert os.path.exists(f"/proc/{child}")  # the forked child still runs
+        RunLock(tmp_path / "run").release()  # the kernel dropped the dead holder's lock all the same
     finally:
         holder.kill()
+        if child is not None:
+            try:
+                os.kill(int(child), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 # --------------------------------------------------------------------------- 7: kNN on converted data

@@ -156,14 +156,36 @@ def _has(module: str) -> bool:
 
 
 def test_support_labels_match_the_images_on_every_rank(data_root):
-    """The support labels a rank receives are those of the images the plan gave it."""
+    """The labels a rank's loader yields are those of the images the plan gave it, class-major."""
     for world in (2, 3):
         for rank in range(world):
             loader = build_loaders(_cfg(data_root, "torch", world), rank, world, torch.device("cpu")).train
             index_labels = loader.support.dataset.labels
-            for g in range(3):
-                ids = loader.plan.support.batch(g)
-                assert np.all(index_labels[ids].reshape(2, 2) == index_labels[ids].reshape(2, 2)[:, :1])
+            loader.set_epoch(1)
+            for step, batch in enumerate(loader):
+                ids = loader.plan.support.batch(loader.plan.global_step(1, step))
+                assert batch.support_labels.tolist() == index_labels[ids].tolist()  # one view per image
+                blocks = batch.support_labels.view(2, 2)
+                assert (blocks == blocks[:, :1]).all()
+            loader.close()
+
+
+def test_no_two_ranks_produce_identical_support_views(tmp_path):
+    """Each class has exactly K labeled images, so both ranks draw the same images: their views must differ."""
+    root = make_split_tree(tmp_path / "tree", classes=4, train_per_class=4)
+    cfg = load_config(None, tiny_overrides(root, tmp_path / "unused", **{
+        "data.unlabeled_batch_size": 4, "data.support_classes": 2, "data.support_images_per_class": 2,
+        "data.labeled_fraction": 0.5, "data.num_workers": 0, "run.knn_every_epochs": 0}))
+    loaders = [build_loaders(cfg, rank, 2, torch.device("cpu")).train for rank in range(2)]
+    ids = [loader.plan.support.batch(0) for loader in loaders]
+    assert sorted(ids[0].tolist()) == sorted(ids[1].tolist())  # the same images on both ranks
+    views = []
+    for loader in loaders:
+        loader.set_epoch(0)
+        views.append(next(iter(loader)).support_images)
+        loader.close()
+    for a in views[0]:
+        assert not any(torch.equal(a, b) for b in views[1])
 
 
 # --------------------------------------------------------------------------- another number of ranks

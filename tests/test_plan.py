@@ -44,13 +44,14 @@ def test_unlabeled_plan_refuses_data_that_cannot_fill_a_batch():
 
 def test_support_plan_follows_the_class_balanced_sampler_across_its_epochs():
     labels = np.repeat(np.arange(6), [5, 4, 7, 3, 6, 5])
-    labeled = np.arange(len(labels))[::1]
+    labeled = np.flatnonzero(np.arange(len(labels)) % 5 != 0)  # a real subset: positions != dataset indices
     for rank in range(2):
         plan = build_plan(len(labels), labels, labeled, 4, SupportSpec(3, 2), rank, 2, seed=11)
         sampler = plan.support.sampler
         first, count = 3, 4 * len(sampler) + 1  # crosses several sampler epochs
         got = plan.support.batches(first, count).tolist()
         assert got == reference_support(sampler, labeled, first, count)
+        assert set(np.ravel(got)) <= set(labeled.tolist())
         assert [plan.support.batch(g).tolist() for g in range(first, first + 3)] == got[:3]
 
 

@@ -27,6 +27,8 @@ def test_images_through_the_network_count_the_support_only_while_suncet_is_on():
     assert rep.images_per_step(simclr, 0) == 88
     rows = [{"epoch": e, "global_step": 10 * (e + 1), "knn_top1": 1, "knn_top5": 2} for e in range(3)]
     assert [p.images for p in rep.curve_points(CFG, rows)] == [1280, 2560, 3440]  # 10 steps x 128, 128, 88
+    every_other = [rows[0], rows[2]]  # kNN every 2nd epoch: the epochs in between still cost what they cost
+    assert [p.images for p in rep.curve_points(CFG, every_other)] == [1280, 3440]
 
 
 def test_band_is_the_mean_with_a_student_t_interval():

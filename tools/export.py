@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipelines.errors import DataError
 from train import checkpoint as ckpt
+from train.config import ConfigError
 from train.export import FORMATS, ExportError, export_encoder, load_pretrained
 
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg, path, state = load_pretrained(args.checkpoint)
         step = state.get("train_state", {}).get("global_step")
         export_encoder(model, out, args.format, {"checkpoint": path, "global_step": step})
-    except (DataError, ExportError, ckpt.CheckpointError) as exc:
+    except (ConfigError, DataError, ExportError, ckpt.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote the {model.arch} encoder of {path} (global step {step}) as {args.format}: {out}")

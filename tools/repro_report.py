@@ -72,12 +72,13 @@ def images_per_step(cfg: dict, epoch: int) -> int:
 
 def curve_points(cfg: dict, knn_rows: Sequence[dict]) -> list[Point]:
     """Points of one run from its config dict and its kNN rows (``epoch``, ``global_step``,
-    ``knn_top1``, ``knn_top5`` as logged in metrics.csv; ``epoch`` 0-based)."""
-    points, images, last_step = [], 0, 0
+    ``knn_top1``, ``knn_top5`` as logged in metrics.csv; ``epoch`` 0-based, the row written at the
+    end of that epoch, so ``global_step = (epoch + 1) x steps per epoch``)."""
+    points = []
     for row in sorted(knn_rows, key=lambda r: int(r["global_step"])):
         epoch, step = int(row["epoch"]), int(row["global_step"])
-        images += (step - last_step) * images_per_step(cfg, epoch)
-        last_step = step
+        per_epoch = step // (epoch + 1)  # each epoch's images counted at its own per-step cost
+        images = sum(per_epoch * images_per_step(cfg, e) for e in range(epoch + 1))
         points.append(Point(epoch + 1, step, images, float(row["knn_top1"]), float(row["knn_top5"])))
     return points
 

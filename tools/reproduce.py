@@ -37,7 +37,9 @@ from pipelines.errors import DataError
 from pipelines.image_folder import index_image_folder
 from pipelines.labeled import stratified
 from tools import repro_report as report
+from train.checkpoint import CheckpointError
 from train.config import ConfigError, load_config
+from train.run_lock import RunDirError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "repro_cifar10.yaml"
 LABELS = {"simclr": "SimCLR", "suncet": "SimCLR+SuNCEt"}
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"=== seed {seed}: {arm} ({', '.join(arms[arm]) or 'no overrides'}) -> {run_dirs[arm, seed]}",
                       flush=True)
                 run_arm(cfg, run_dirs[arm, seed])
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, RunDirError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

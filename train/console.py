@@ -21,9 +21,12 @@ def banner(cfg, world_size: int, device, precision_name: str, loaders, steps_per
         threads = torch.get_num_threads()
     where = f"{device}" + (f" ({threads} threads)" if threads else "")
     support = cfg.support_batch_size if cfg.loss.suncet_weight > 0 else 0
+    # ranks share the step's classes (each drawing other images of them), or with unique_classes draw their own
+    classes, per_class = ((d.support_classes * world_size, d.support_images_per_class) if d.unique_classes
+                          else (d.support_classes, d.support_images_per_class * world_size))
     step = (f"{d.unlabeled_batch_size * world_size} images x 2 views"
-            + (f" + {d.support_classes} classes x {d.support_images_per_class * world_size} images x "
-               f"{d.support_views} view(s) support" if support else " (SimCLR alone)"))
+            + (f" + {classes} classes x {per_class} images x {d.support_views} view(s) support" if support
+               else " (SimCLR alone)"))
     lines = [
         f"device {where}, precision {precision_name}, world size {world_size}",
         f"data: {d.backend} backend reading {loaders.source}: {loaders.num_images} images in "

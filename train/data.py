@@ -60,16 +60,16 @@ class Loaders:
 
 def build_loaders(cfg, rank: int, world_size: int, device: torch.device,
                   dtype: torch.dtype = torch.float32) -> Loaders:
-    """The training stream of ``cfg.data.backend`` and, when ``run.knn_every_epochs`` asks
-    for it, the kNN monitor's loaders (or the reason there are none)."""
+    """The training stream of ``cfg.data.backend`` and, on rank 0 when ``run.knn_every_epochs``
+    asks for it, the kNN monitor's loaders (or the reason there are none)."""
     d = cfg.data
     check_root(d.root, d.train_split, d.val_split)
     data = build_train_loader(loader_spec(cfg, rank, world_size, device, dtype))
     knn_train = knn_test = knn_off = None
-    if cfg.run.knn_every_epochs > 0:
+    if cfg.run.knn_every_epochs > 0 and rank == 0:  # only the main rank evaluates
         try:
             knn = knn_data(d.root, d.train_split, d.val_split, data.labeled, d.knn_max_samples,
-                           eval_transform(cfg.augment), cfg.run.seed)
+                           eval_transform(cfg.augment), cfg.run.seed, d.on_bad_image)
         except NoEvalSplit as exc:
             knn_off = str(exc)
         else:

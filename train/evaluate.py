@@ -41,6 +41,7 @@ from pipelines.labeled import LabeledSpec, choose_labeled
 from train import checkpoint as ckpt
 from train.config import ConfigError, PretrainConfig
 from train.data import labeled_spec
+from train.distributed import DeviceError, choose_device
 from train.export import ExportError, load_encoder, load_pretrained
 from train.knn import extract_features, knn_accuracy
 
@@ -268,10 +269,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None, s: Eval
     if data is None and not cfg.data.root:
         raise ConfigError("--data is needed: an exported encoder does not record its data root")
     root = Path(data if data is not None else cfg.data.root)
-    if s.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(s.device)
+    device = choose_device(s.device, 0)
     model.to(device)
     ev = build_eval_data(cfg, root, s)
     cl = cfg.model.channels_last
@@ -292,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                          linear_l2=a.linear_l2, finetune_epochs=a.epochs, finetune_lr=a.lr, batch_size=a.batch_size,
                          num_workers=a.num_workers, seed=a.seed, device=a.device, progress=not a.no_progress)
         result = evaluate_checkpoint(a.checkpoint, a.data, s, a.arch, a.resolution)
-    except (ConfigError, DataError, ckpt.CheckpointError, ExportError) as exc:
+    except (ConfigError, DataError, ckpt.CheckpointError, ExportError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{result['method']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "

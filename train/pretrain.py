@@ -7,6 +7,7 @@ torchvision's references: ``build_parser``, ``main`` (wiring only),
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import random
 import sys
@@ -186,9 +187,17 @@ def evaluate_knn(tr: Trainer) -> dict[str, float] | None:
     tr.core.eval()
     cl = tr.cfg.model.channels_last
     progress = tr.cfg.run.progress_bar and sys.stdout.isatty()  # no redrawn bars in a log file
-    train_f, train_y = extract_features(tr.core.features, loaders.knn_train, tr.ctx.device, cl, progress, "knn labeled")
-    test_f, test_y = extract_features(tr.core.features, loaders.knn_test, tr.ctx.device, cl, progress, "knn held-out")
-    tr.core.train(was_training)
+    try:
+        train_f, train_y = extract_features(tr.core.features, loaders.knn_train, tr.ctx.device, cl, progress,
+                                            "knn labeled")
+        test_f, test_y = extract_features(tr.core.features, loaders.knn_test, tr.ctx.device, cl, progress,
+                                          "knn held-out")
+    except DataError as exc:  # an image unreadable since the start: the monitor stops, training goes on
+        print(f"warning: kNN monitor off for the rest of the run: {exc}", file=sys.stderr)
+        loaders.knn_train = loaders.knn_test = None
+        return None
+    finally:
+        tr.core.train(was_training)
     return knn_accuracy(train_f, train_y, test_f, test_y, loaders.num_classes, k=tr.cfg.run.knn_k)
 
 
@@ -300,10 +309,13 @@ def export_encoder(tr: Trainer, run_dir: Path) -> Path:
     return path
 
 
-def dry_run(cfg: PretrainConfig, ctx: DistContext) -> dict:
+def dry_run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none") -> dict:
     """Build everything a run builds and train one step, writing nothing: a config that passes
-    here will not fail at start (data, model, step), whatever it does later."""
+    here will not fail at start (run directory, data, model, step), whatever it does later."""
     cfg.validate(ctx.world_size)
+    if ctx.is_main:  # what the run itself would refuse at start
+        RunLock.check(cfg.run.output_dir)
+        resolve_resume(resume, Path(cfg.run.output_dir))
     seed_everything(cfg.run.seed)
     configure_backends(cfg, ctx.device)
     tr = build_trainer(cfg, ctx, None, write=False)
@@ -319,6 +331,12 @@ def dry_run(cfg: PretrainConfig, ctx: DistContext) -> dict:
     return out
 
 
+def _importable(name: str) -> bool:
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -329,19 +347,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
+    if cfg.run.logger == "wandb" and not _importable("wandb"):  # before anything is built
+        print("error: run.logger=wandb needs the wandb package (pip install wandb), or set run.logger=none",
+              file=sys.stderr)
+        return 2
     try:
         ctx = init_distributed(args.device)
     except DeviceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     resume = args.resume
-    if resume == "none" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        resume = "auto"  # torchrun restarted the group: continue the run rather than refuse its checkpoints
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if restarted and resume != "auto" and (resume == "none" or ckpt.list_checkpoints(Path(cfg.run.output_dir))):
+        # torchrun restarted the group: continue from where it got, not from --resume's starting point
+        resume = "auto"
         if ctx.is_main:
             print("note: torchrun restarted the workers; resuming from the newest checkpoint (--resume auto)")
     try:
         if args.dry_run:
-            out = dry_run(cfg, ctx)
+            out = dry_run(cfg, ctx, resume)
             if ctx.is_main:
                 print(f"dry run: one step trained, loss {out['loss']:.4f}; nothing written")
             return 0

@@ -16,6 +16,7 @@ import dataclasses
 import sys
 
 from train.config import ConfigError, PretrainConfig, config_from_dict, config_to_dict
+from train.data import support_spec
 
 # Model settings that change no weight: a checkpoint resumes with any value of them.
 WEIGHTLESS_MODEL_KEYS = ("sync_bn", "channels_last")
@@ -45,7 +46,9 @@ def per_rank_sizes(saved_cfg: PretrainConfig, saved_world: int, world_size: int)
     batch = _split(d.unlabeled_batch_size * saved_world, world_size, "global batch", "data.unlabeled_batch_size",
                    f"{d.unlabeled_batch_size} x {saved_world}")
     classes, images = d.support_classes, d.support_images_per_class
-    if d.unique_classes:
+    if support_spec(saved_cfg) is None:  # SimCLR alone: no support set to split
+        pass
+    elif d.unique_classes:
         classes = _split(classes * saved_world, world_size, "support classes per step", "data.support_classes",
                          f"{classes} x {saved_world}")
     else:

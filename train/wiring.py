@@ -110,7 +110,13 @@ def build_step_kit(cfg: PretrainConfig, ctx: DistContext, precision: Precision) 
         raise ConfigError(f"compute.cuda_graphs needs a CUDA device; this run is on {ctx.device.type} "
                           "(set compute.cuda_graphs=false)")
     core, model, optimizer, scaler = build_model_and_optimizer(cfg, ctx, precision)
-    # FFCV copies each batch from a pinned host buffer that its threads refill once the consumer has moved
-    # on; only a device that has finished the previous step makes that safe (GPU preflight, item 3).
-    lead = 0 if cfg.data.backend == "ffcv" and ctx.device.type == "cuda" else cfg.compute.max_host_lead_steps
-    return StepKit(cfg, ctx, precision, core, model, optimizer, scaler, lead)
+    return StepKit(cfg, ctx, precision, core, model, optimizer, scaler, host_lead_steps(cfg, ctx.device))
+
+
+def host_lead_steps(cfg: PretrainConfig, device: torch.device) -> int:
+    """How many steps the host may run ahead of the device with ``compute.host_sync=log``.
+
+    FFCV copies each batch from a pinned host buffer that its threads refill once the consumer
+    has moved on; only a device that has finished the previous step makes that safe (GPU
+    preflight, item 3), so FFCV on CUDA gets no lead."""
+    return 0 if cfg.data.backend == "ffcv" and device.type == "cuda" else cfg.compute.max_host_lead_steps

@@ -90,11 +90,13 @@ class UnlabeledBatches:
 
 
 class SupportBatches:
-    """The plan's support stream for a range of global steps, as DataLoader batches
-    of (index, seed) keys; each image's views are seeded by (seed, global step, index)."""
+    """The plan's support stream for a range of global steps, as DataLoader batches of (index,
+    seed) keys; each image's views are seeded by (seed, global step, index, rank): when a class
+    has fewer than world size x K labeled images, two ranks get the same image, and the rank
+    keeps their views apart (identical rows in the gathered SuNCEt batch would be free positives)."""
 
-    def __init__(self, plan: SupportPlan, seed: int):
-        self.plan, self.seed = plan, seed
+    def __init__(self, plan: SupportPlan, seed: int, rank: int):
+        self.plan, self.seed, self.rank = plan, seed, rank
         self.first_step, self.num_steps = 0, 0
 
     def set_range(self, first_global_step: int, num_steps: int) -> None:
@@ -105,7 +107,7 @@ class SupportBatches:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for g, idx in enumerate(self.plan.batches(self.first_step, self.num_steps), start=self.first_step):
-            yield [(int(i), sample_seed(self.seed, g, int(i), SUPPORT_STREAM)) for i in idx]
+            yield [(int(i), sample_seed(self.seed, g, int(i), self.rank, SUPPORT_STREAM)) for i in idx]
 
 
 def _collate_unlabeled(items):
@@ -148,7 +150,7 @@ class TorchPretrainLoader:
         self.support_batches = None
         self.support = None
         if plan.support is not None:
-            self.support_batches = SupportBatches(plan.support, spec.seed)
+            self.support_batches = SupportBatches(plan.support, spec.seed, spec.rank)
             self.support = DataLoader(SupportDataset(index, spec.recipe, spec.support.views, labeled,
                                                      spec.on_bad_image),
                                       batch_sampler=self.support_batches, collate_fn=_collate_support, **workers)

@@ -53,9 +53,9 @@ import torch
 
 from train.config import BACKENDS, ConfigError, PretrainConfig, load_config
 from train.data import build_loaders
-from train.distributed import DistContext, init_distributed, shutdown_distributed
+from train.distributed import DeviceError, DistContext, init_distributed, shutdown_distributed
 from train.precision import Precision, resolve_precision
-from train.wiring import build_step_kit, configure_backends
+from train.wiring import build_step_kit, configure_backends, host_lead_steps
 from tools.bench import measure
 from tools.bench import report as report_lib
 from tools.bench.env import environment, usable_cores
@@ -179,6 +179,7 @@ def run_modes(cfg: PretrainConfig, ctx: DistContext, modes: tuple[str, ...], bac
                 torch.manual_seed(cfg.run.seed + ctx.rank)
                 kit = build_step_kit(cfg, ctx, precision)
                 kit.model.train()
+            kit.host_lead_steps = host_lead_steps(with_backend(cfg, backend, data_for), ctx.device)  # as training
             # Alone, e2e would time the workers' prefetched batches first: drain them in the warm-up.
             e2e_timing = timing if "loader" in modes else dataclasses.replace(
                 timing, warmup=timing.warmup + cfg.data.num_workers * cfg.data.prefetch_factor)
@@ -266,7 +267,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--mode {','.join(m for m in modes if m in DATA_MODES)} needs --data DIR "
                      "(compute and augment need none)")
     backends = BACKENDS if args.backend == "all" else (args.backend or cfg.data.backend,)
-    ctx = init_distributed(args.device)
+    try:
+        ctx = init_distributed(args.device)
+    except DeviceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     threads = torch.get_num_threads()
     try:
         if args.threads:

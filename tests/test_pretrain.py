@@ -235,6 +235,16 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(data_root, tmp_path
 
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(data_root, tmp_path):
+    """Two torchrun ranks train on exactly what one process computes from the same model and images.
+
+    BatchNorm normalises each rank's images on their own (SyncBatchNorm does not run on a CPU), so
+    the one-process reference forwards each rank's images separately, then computes both losses
+    over the union, in one process: the data sharding, the views and the distributed losses must
+    all agree for the first step's losses to match."""
+    from train.losses import nt_xent, suncet
+    from train.wiring import build_model_and_optimizer
+    from train.precision import resolve_precision
+
     extra = {"optim.epochs": 1, "optim.warmup_epochs": 0.5, "run.knn_every_epochs": 0, "data.unlabeled_batch_size": 4,
              "data.support_images_per_class": 1, "data.support_classes": 4}
     two = _cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -242,15 +252,38 @@ def test_two_process_torchrun_matches_one_process(data_root, tmp_path):
                 *_set_args(tiny_overrides(data_root, tmp_path / "two", **extra))])
     out, _ = two.communicate(timeout=600)
     assert two.returncode == 0, out
-    # One process with the same global batch: 2 x 4 unlabeled, 4 classes x 2 images.
-    extra_one = dict(extra, **{"data.unlabeled_batch_size": 8, "data.support_images_per_class": 2})
-    pretrain.run(tiny_config(data_root, tmp_path / "one", **extra_one), CPU)
-    two_losses, one_losses = step_losses(tmp_path / "two"), step_losses(tmp_path / "one")
-    assert sorted(two_losses) == sorted(one_losses)
-    # Same images, views and weights; only BatchNorm statistics differ (per rank
-    # on CPU, where SyncBatchNorm is unavailable), hence the tolerance.
-    first = min(one_losses)
-    assert two_losses[first] == pytest.approx(one_losses[first], rel=0.01)
+    first = read_metrics(tmp_path / "two")[0]
+    assert int(first["global_step"]) == 1
+
+    cfg = tiny_config(data_root, tmp_path / "unused", **extra)
+    pretrain.seed_everything(cfg.run.seed)  # as rank 0 (DDP broadcasts its weights): seed, loaders, model
+    loaders = [pretrain.build_loaders(cfg, rank, 2, torch.device("cpu")) for rank in range(2)]
+    core, *_ = build_model_and_optimizer(cfg, CPU, resolve_precision("fp32", torch.device("cpu")))
+    core.train()
+    batches = []
+    for loaders_r in loaders:
+        loaders_r.train.set_epoch(0)
+        batches.append(next(iter(loaders_r.train)))
+        loaders_r.train.close()
+    z = [core(torch.cat([b.view1, b.view2, b.support_images])).float() for b in batches]  # BN per rank
+    n = cfg.data.unlabeled_batch_size
+    views = torch.cat([zr[:n] for zr in z] + [zr[n : 2 * n] for zr in z])  # [view1 of all; view2 of all]
+    support = torch.cat([zr[2 * n :] for zr in z])
+    labels = torch.cat([b.support_labels for b in batches])
+    with torch.no_grad():
+        loss_nt, loss_sc = nt_xent(views, cfg.loss.temperature), suncet(support, labels, cfg.loss.temperature)
+    assert float(first["loss_ntxent"]) == pytest.approx(loss_nt.item(), rel=1e-4)
+    assert float(first["loss_suncet"]) == pytest.approx(loss_sc.item(), rel=1e-4)
+    assert float(first["loss"]) == pytest.approx((loss_nt + loss_sc).item(), rel=1e-4)
+    # And one process with the same global batch (8 unlabeled, 4 classes x 2) sees those very views.
+    one = pretrain.build_loaders(tiny_config(data_root, tmp_path / "unused", **dict(
+        extra, **{"data.unlabeled_batch_size": 8, "data.support_images_per_class": 2})), 0, 1, torch.device("cpu"))
+    one.train.set_epoch(0)
+    single = next(iter(one.train))
+    one.train.close()
+    for field in ("view1", "support_images"):
+        rows = torch.cat([getattr(b, field) for b in batches])
+        assert all(any(torch.equal(r, q) for q in getattr(single, field)) for r in rows), field
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -91,12 +91,19 @@ class UnlabeledBatches:
 
 class SupportBatches:
     """The plan's support stream for a range of global steps, as DataLoader batches of (index,
-    seed) keys; each image's views are seeded by (seed, global step, index, rank): when a class
-    has fewer than world size x K labeled images, two ranks get the same image, and the rank
-    keeps their views apart (identical rows in the gathered SuNCEt batch would be free positives)."""
+    seed) keys. Each image's views are seeded by (seed, global step, index, position), where
+    position is the image's place in its class's block of the step's *global* support set:
+    ``rank * K + k`` when the ranks share the step's classes (each rank takes its K of the class's
+    ``world size x K``), ``k`` with ``unique_classes``. When a class has fewer than world size x K
+    labeled images two ranks get the same image, and the position keeps their views apart
+    (identical rows in the gathered SuNCEt batch would be free positives); on one rank with
+    ``world size x K`` images per class the positions, hence the views, are the same."""
 
-    def __init__(self, plan: SupportPlan, seed: int, rank: int):
-        self.plan, self.seed, self.rank = plan, seed, rank
+    def __init__(self, plan: SupportPlan, seed: int, rank: int, shared_classes: bool):
+        self.plan, self.seed = plan, seed
+        k = plan.sampler.images_per_class
+        offset = rank * k if shared_classes else 0
+        self.positions = [offset + e % k for e in range(plan.batch_size)]  # class-major: K per class
         self.first_step, self.num_steps = 0, 0
 
     def set_range(self, first_global_step: int, num_steps: int) -> None:
@@ -107,7 +114,8 @@ class SupportBatches:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for g, idx in enumerate(self.plan.batches(self.first_step, self.num_steps), start=self.first_step):
-            yield [(int(i), sample_seed(self.seed, g, int(i), self.rank, SUPPORT_STREAM)) for i in idx]
+            yield [(int(i), sample_seed(self.seed, g, int(i), pos, SUPPORT_STREAM))
+                   for i, pos in zip(idx, self.positions)]
 
 
 def _collate_unlabeled(items):
@@ -150,7 +158,7 @@ class TorchPretrainLoader:
         self.support_batches = None
         self.support = None
         if plan.support is not None:
-            self.support_batches = SupportBatches(plan.support, spec.seed, spec.rank)
+            self.support_batches = SupportBatches(plan.support, spec.seed, spec.rank, not spec.support.unique_classes)
             self.support = DataLoader(SupportDataset(index, spec.recipe, spec.support.views, labeled,
                                                      spec.on_bad_image),
                                       batch_sampler=self.support_batches, collate_fn=_collate_support, **workers)

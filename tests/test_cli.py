@@ -189,3 +189,20 @@ def test_dry_run_refuses_what_the_run_would_refuse(tree, tmp_path, capsys):
     capsys.readouterr()
     assert _train(tree, tmp_path / "run", "--dry-run") == 2  # holds checkpoints, and no --resume
     assert "already holds checkpoints" in _one_line(capsys)
+
+
+def test_the_banner_names_the_suncet_weight_in_use():
+    import types
+
+    import torch
+
+    from train.config import load_config
+    from train.console import banner
+
+    loaders = types.SimpleNamespace(source="tree", num_images=100, num_classes=10, num_labeled=10)
+    shapes = ["data.unlabeled_batch_size=64", "data.support_classes=10", "data.support_images_per_class=2"]
+    scaled = banner(load_config(None, shapes), 1, torch.device("cpu"), "fp32", loaders, 10, None)
+    assert "SuNCEt weight 0.344 (1, paper_ratio)" in scaled  # 1 x (88 / 40) x 20 / 128
+    fixed = banner(load_config(None, [*shapes, "loss.suncet_weight_rule=fixed"]), 1, torch.device("cpu"), "fp32",
+                   loaders, 10, None)
+    assert "SuNCEt weight 1 (1, fixed)" in fixed

@@ -385,7 +385,7 @@ def test_cudnn_autotuning_follows_the_config(monkeypatch, benchmark, determinist
 
 def test_paper_ratio_weights_a_support_anchor_as_at_the_papers_shapes():
     from train.config import load_config
-    from train.wiring import effective_suncet_weight
+    from train.config import effective_suncet_weight
     paper = load_config(None, ["loss.suncet_weight_rule=paper_ratio"])  # 44 x 2 views, 20 x 2 support
     assert effective_suncet_weight(paper) == pytest.approx(1.0)
     small = load_config(None, ["loss.suncet_weight_rule=paper_ratio", "data.unlabeled_batch_size=64",
@@ -393,4 +393,8 @@ def test_paper_ratio_weights_a_support_anchor_as_at_the_papers_shapes():
     # one support anchor weighs w * 2B / S view anchors: kept at the paper's 88 / 40
     w = effective_suncet_weight(small)
     assert w * 128 / 20 == pytest.approx(0.5 * 88 / 40)
-    assert effective_suncet_weight(load_config(None, ["loss.suncet_weight=0.5"])) == 0.5
+    assert effective_suncet_weight(load_config(None, ["loss.suncet_weight_rule=fixed", "data.unlabeled_batch_size=64",
+                                                      "loss.suncet_weight=0.5"])) == 0.5
+    # the default rule is paper_ratio (chosen on held-out train images, RESULTS.md)
+    assert effective_suncet_weight(load_config(None, ["data.unlabeled_batch_size=64", "data.support_classes=10",
+                                                      "data.support_images_per_class=2"])) == pytest.approx(w / 0.5)

@@ -76,10 +76,10 @@ class OptimConfig:
 class LossConfig:
     temperature: float = 0.1
     suncet_weight: float = 1.0  # 0 gives SimCLR alone
-    # "fixed": the loss is NT-Xent + suncet_weight x SuNCEt. "paper_ratio": suncet_weight is scaled so that
-    # one support anchor weighs as much against one view anchor as at the paper's per-GPU shapes (2.2x:
-    # 88 views, 40 support images); x1 at those shapes (train.wiring.effective_suncet_weight)
-    suncet_weight_rule: str = "fixed"
+    # "paper_ratio": suncet_weight is scaled so that one support anchor weighs as much against one view
+    # anchor as at the paper's per-GPU shapes (2.2x: 88 views, 40 support images); x1 at those shapes
+    # (effective_suncet_weight; chosen on held-out images, RESULTS.md). "fixed": NT-Xent + suncet_weight x SuNCEt
+    suncet_weight_rule: str = "paper_ratio"
     supervised_epochs: int | None = None  # SuNCEt switched off from this epoch on (None: never)
     ntxent_gather: str = "grad"  # "grad": SimCLR's gradient through the gather; "detached": the official code's
     on_nonfinite: str = "stop"  # "stop" the run, or "skip" the step and count it
@@ -212,6 +212,24 @@ class PretrainConfig:
             raise ConfigError("run.max_steps_per_epoch must be >= 1 or null")
         if world_size < 1:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
+
+
+# The paper's per-GPU shapes: 44 unlabeled images x 2 views against 20 classes x 2 support images.
+PAPER_VIEWS, PAPER_SUPPORT = 88, 40
+
+
+def effective_suncet_weight(cfg: PretrainConfig) -> float:
+    """The SuNCEt weight of the loss (``loss.suncet_weight_rule``).
+
+    NT-Xent is a mean over the step's ``2 B`` view anchors and SuNCEt a mean over its ``S``
+    support images, so one support anchor weighs ``w 2B / S`` view anchors: 2.2 at the paper's
+    shapes, 6.4 with 64 x 2 views and 10 x 2 support images. ``paper_ratio`` scales ``w`` by
+    ``(88 / 40) / (2B / S)`` to keep the paper's 2.2 at any shapes (x1 at the paper's)."""
+    loss, d = cfg.loss, cfg.data
+    if loss.suncet_weight_rule == "fixed":
+        return loss.suncet_weight
+    views, support = 2 * d.unlabeled_batch_size, cfg.support_batch_size
+    return loss.suncet_weight * (PAPER_VIEWS / PAPER_SUPPORT) * support / views
 
 
 # --------------------------------------------------------------------------- loading

@@ -11,6 +11,8 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from train.config import effective_suncet_weight
+
 
 def banner(cfg, world_size: int, device, precision_name: str, loaders, steps_per_epoch: int,
            resumed: str | None) -> str:
@@ -24,8 +26,10 @@ def banner(cfg, world_size: int, device, precision_name: str, loaders, steps_per
     # ranks share the step's classes (each drawing other images of them), or with unique_classes draw their own
     classes, per_class = ((d.support_classes * world_size, d.support_images_per_class) if d.unique_classes
                           else (d.support_classes, d.support_images_per_class * world_size))
+    loss = cfg.loss
     step = (f"{d.unlabeled_batch_size * world_size} images x 2 views"
-            + (f" + {classes} classes x {per_class} images x {d.support_views} view(s) support" if support
+            + (f" + {classes} classes x {per_class} images x {d.support_views} view(s) support, SuNCEt weight "
+               f"{effective_suncet_weight(cfg):.3g} ({loss.suncet_weight:g}, {loss.suncet_weight_rule})" if support
                else " (SimCLR alone)"))
     lines = [
         f"device {where}, precision {precision_name}, world size {world_size}",

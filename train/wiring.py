@@ -13,7 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from model import build_model
-from train.config import ConfigError, LossConfig, PretrainConfig
+from train.config import ConfigError, LossConfig, PretrainConfig, effective_suncet_weight
 from train.distributed import DistContext
 from train.lars import LARS, lars_param_groups
 from train.precision import Precision
@@ -23,24 +23,6 @@ from train.step import HostLead, StepSettings, TrainStep
 def suncet_active(loss: LossConfig, epoch: int) -> bool:
     """SuNCEt is on when it has a weight, until ``loss.supervised_epochs`` (from that epoch on it is off)."""
     return loss.suncet_weight > 0 and (loss.supervised_epochs is None or epoch < loss.supervised_epochs)
-
-
-# The paper's per-GPU shapes: 44 unlabeled images x 2 views against 20 classes x 2 support images.
-PAPER_VIEWS, PAPER_SUPPORT = 88, 40
-
-
-def effective_suncet_weight(cfg: PretrainConfig) -> float:
-    """The SuNCEt weight of the loss (``loss.suncet_weight_rule``).
-
-    NT-Xent is a mean over the step's ``2 B`` view anchors and SuNCEt a mean over its ``S``
-    support images, so one support anchor weighs ``w 2B / S`` view anchors: 2.2 at the paper's
-    shapes, 6.4 with 64 x 2 views and 10 x 2 support images. ``paper_ratio`` scales ``w`` by
-    ``(88 / 40) / (2B / S)`` to keep the paper's 2.2 at any shapes (x1 at the paper's)."""
-    loss, d = cfg.loss, cfg.data
-    if loss.suncet_weight_rule == "fixed":
-        return loss.suncet_weight
-    views, support = 2 * d.unlabeled_batch_size, cfg.support_batch_size
-    return loss.suncet_weight * (PAPER_VIEWS / PAPER_SUPPORT) * support / views
 
 
 def configure_backends(cfg: PretrainConfig, device: torch.device) -> None:

@@ -188,6 +188,25 @@ def test_no_two_ranks_produce_identical_support_views(tmp_path):
         assert not any(torch.equal(a, b) for b in views[1])
 
 
+
+def test_torch_support_views_are_distinct_views_of_the_planned_images(tmp_path):
+    """data.support_views=2: each planned support image arrives twice, with its label, as two
+    different views (the second view is SuNCEt's extra positive, RESULTS.md)."""
+    root = make_split_tree(tmp_path / "tree", classes=4, train_per_class=4)
+    cfg = load_config(None, tiny_overrides(root, tmp_path / "unused", **{
+        "data.unlabeled_batch_size": 4, "data.support_classes": 2, "data.support_images_per_class": 2,
+        "data.support_views": 2, "data.labeled_fraction": 0.5, "data.num_workers": 0, "run.knn_every_epochs": 0}))
+    loader = build_loaders(cfg, 0, 1, torch.device("cpu")).train
+    loader.set_epoch(0)
+    batch = next(iter(loader))
+    loader.close()
+    ids = loader.plan.support.batch(0)
+    assert batch.support_images.shape[0] == 2 * 2 * 2  # C x K x V
+    pairs = batch.support_images.view(len(ids), 2, *batch.support_images.shape[1:])
+    assert all(not torch.equal(a, b) for a, b in pairs)
+    labels = batch.support_labels.view(len(ids), 2)
+    assert labels[:, 1].tolist() == labels[:, 0].tolist() == loader.support.dataset.labels[ids].tolist()
+
 # --------------------------------------------------------------------------- another number of ranks
 
 

@@ -66,6 +66,19 @@ def test_verdict_says_when_a_difference_is_noise():
     assert "better beyond the seed spread" in line and "at most half" in line
 
 
+def test_summary_tables_hold_the_per_seed_values_and_their_bands():
+    baseline = {0: _curve([20, 40]), 1: _curve([22, 42])}
+    arm = {0: _curve([41, 45], 150), 1: _curve([30, 44], 150)}
+    text = rep.markdown_summary({"simclr": baseline, "k2": arm}, {"k2": rep.compute_saved(baseline, arm)}, "simclr")
+    # two seeds: t(1) = 12.706, stdev of (40, 42) = sqrt(2), half-width 12.706 x sqrt(2) / sqrt(2)
+    assert "| simclr | 21.0 [8.3, 33.7] | 41.0 [28.3, 53.7] |" in text
+    assert "| simclr | 40.0 | 42.0 | 41.0 [28.3, 53.7] | 200 |" in text
+    assert "| k2 | 45.0 | 44.0 | 44.5 [38.1, 50.9] | 300 |" in text
+    # target 41: seed 0 reaches it at epoch 1 (150 images, 1 epoch) against the baseline's best epoch 2
+    # (200 images; that seed never reaches 41); seed 1 at epoch 2 (300 images) against epoch 2 (200)
+    assert "| k2 | 41.0 | 2 of 2 | 1.12 [-3.64, 5.89] | 0.75 [-2.43, 3.93] |" in text
+
+
 def test_arms_are_parsed_in_order_and_bad_names_refused():
     args = reproduce.build_parser().parse_args(["--data", "d", "--epochs", "1", "--arm", "simclr:loss.suncet_weight=0",
                                                 "--arm", "k6:data.support_images_per_class=6,loss.suncet_weight=1"])
@@ -110,14 +123,16 @@ def test_reproduce_runs_end_to_end(tmp_path):
     assert {(r["seed"], r["arm"], r["epoch"]) for r in rows} == {
         (s, a, e) for s in ("0", "1", "mean") for a in ("simclr", "suncet") for e in ("1", "2")}
     by = {(r["seed"], r["arm"], r["epoch"]): r for r in rows}
-    # A SuNCEt step forwards 2 x 8 views + 3 x 2 support images, a SimCLR step 2 x 8.
+    # A SuNCEt step forwards 2 x 8 views + 3 classes x 2 images x 2 views (the repro config's
+    # support_views) of support, a SimCLR step 2 x 8.
     steps = int(by["0", "simclr", "1"]["global_step"])
-    assert int(by["0", "simclr", "1"]["images"]) == steps * 16 and int(by["0", "suncet", "1"]["images"]) == steps * 22
+    assert int(by["0", "simclr", "1"]["images"]) == steps * 16 and int(by["0", "suncet", "1"]["images"]) == steps * 28
     mean = by["mean", "suncet", "2"]
     assert float(mean["top1_low"]) <= float(mean["knn_top1"]) <= float(mean["top1_high"])
     saved = json.loads((out / "compute_saved.json").read_text())
     assert saved["baseline"] == "simclr" and set(saved["arms"]) == {"suncet"}
     assert (out / "verdict.txt").read_text().startswith("suncet vs simclr at epoch 2")
+    assert "| suncet | " in (out / "summary.md").read_text()
     assert (out / "curves.png").stat().st_size > 0
     with open(out / "final_eval.csv", newline="") as f:
         assert sorted((r["seed"], r["arm"]) for r in csv.DictReader(f)) == [

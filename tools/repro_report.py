@@ -152,3 +152,37 @@ def verdict(name: str, baseline_name: str, baseline: Sequence[Sequence[Point]], 
         parts.append(f"reaches {baseline_name}'s best mean ({saved['target_top1']:.1f}%) in {saved['reached']} of {n} "
                      f"seeds, with {frac.text('.2f')} of its images ({half}){noise}")
     return "; ".join(parts)
+
+
+def markdown_summary(curves: dict[str, dict[int, Sequence[Point]]], saved: dict[str, dict], baseline: str) -> str:
+    """The tables RESULTS.md quotes, written by ``tools.reproduce`` as ``summary.md``: kNN per epoch
+    (mean [95 % interval] over seeds), the last epoch per seed, and what each arm needs to reach
+    the baseline's best mean."""
+    means = {arm: mean_curve(list(by_seed.values())) for arm, by_seed in curves.items()}
+    epochs = sorted({m[0] for mean in means.values() for m in mean})
+    seeds = sorted({s for by_seed in curves.values() for s in by_seed})
+    lines = ["kNN top-1 (%) after each epoch, mean [95 % interval] over seeds", "",
+             "| arm | " + " | ".join(f"e{e}" for e in epochs) + " |", "|---" * (len(epochs) + 1) + "|"]
+    for arm, mean in means.items():
+        by_epoch = {m[0]: m[1].text() for m in mean}
+        lines.append(f"| {arm} | " + " | ".join(by_epoch.get(e, "") for e in epochs) + " |")
+    lines += ["", "Last epoch, per seed", "",
+              "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean [95 % interval] | images |",
+              "|---" * (len(seeds) + 3) + "|"]
+    for arm, by_seed in curves.items():
+        last = {s: c[-1] for s, c in by_seed.items() if c}
+        if not last:
+            continue
+        band = Band.of([p.top1 for p in last.values()])
+        images = statistics.fmean(p.images for p in last.values())
+        lines.append(f"| {arm} | " + " | ".join(f"{last[s].top1:.1f}" if s in last else "" for s in seeds)
+                     + f" | {band.text()} | {images:,.0f} |")
+    lines += ["", f"To reach {baseline}'s best mean kNN", "",
+              "| arm | target | seeds reaching it | fraction of images | fraction of epochs |", "|---|---|---|---|---|"]
+    for arm, s in saved.items():
+        if s.get("target_top1") is None:
+            continue
+        frac = {k: Band(**s[k]).text(".2f") if s.get(k) else "-" for k in ("fraction_of_images", "fraction_of_epochs")}
+        lines.append(f"| {arm} | {s['target_top1']:.1f} | {s['reached']} of {len(s['seeds'])} | "
+                     f"{frac['fraction_of_images']} | {frac['fraction_of_epochs']} |")
+    return "\n".join(lines) + "\n"

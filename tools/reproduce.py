@@ -12,6 +12,7 @@ and ``--out`` receives (``tools.repro_report`` holds the arithmetic):
 - ``compute_saved.json``: per arm, the fraction of the baseline's (first arm's) images and
   epochs needed to reach the baseline's best mean kNN, per seed and as a mean with interval;
 - ``verdict.txt``: one line per arm, saying when a difference is not distinguishable from noise;
+- ``summary.md``: the same figures as markdown tables (per epoch, last epoch per seed, compute);
 - ``final_eval.csv``: optional linear / fine-tune evaluation of each run's last checkpoint.
 
 ``--holdout N`` holds N images of the train split out as the evaluation split (a class-balanced
@@ -271,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [report.verdict(a, baseline, list(curves[baseline].values()), list(curves[a].values()), saved[a])
              for a in saved]
     (out / "verdict.txt").write_text("".join(line + "\n" for line in lines))
+    (out / "summary.md").write_text(report.markdown_summary(curves, saved, baseline))
     target = next((v["target_top1"] for v in saved.values() if v.get("target_top1") is not None), None)
     split = f"held-out {args.holdout} train images" if args.holdout else val_split
     plot(out, curves, target, f"{data.name}: {args.labeled_fraction:.0%} labels, kNN on {split}, seeds {args.seeds}")
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     if args.final_eval and not args.report_only:
         final_evaluation(args, run_dirs, out, base.data.num_workers)
-    print(f"wrote {out / 'curves.csv'}, curves.png, compute_saved.json, verdict.txt")
+    print(f"wrote {out / 'curves.csv'}, curves.png, compute_saved.json, verdict.txt, summary.md")
     return 0
 
 

@@ -64,6 +64,9 @@ def test_verdict_says_when_a_difference_is_noise():
     line = rep.verdict("x", "simclr", baseline, clear, rep.compute_saved(dict(enumerate(baseline)),
                                                                          dict(enumerate(clear))))
     assert "better beyond the seed spread" in line and "at most half" in line
+    slow = [_curve([10, 20, 41], 150), _curve([12, 21, 42], 150), _curve([11, 19, 40], 150)]  # 1.5x the images
+    line = rep.verdict("x", "simclr", baseline, slow, rep.compute_saved(dict(enumerate(baseline)), dict(enumerate(slow))))
+    assert "needs more images than simclr beyond the seed spread" in line and "not distinguishable" not in line.split(";")[-1]
 
 
 def test_summary_tables_hold_the_per_seed_values_and_their_bands():

@@ -148,7 +148,11 @@ def verdict(name: str, baseline_name: str, baseline: Sequence[Sequence[Point]], 
         frac = Band(**saved["fraction_of_images"])
         half = "at most half" if frac.high <= 0.5 else ("not within half" if frac.low > 0.5 else
                                                         "half or less not established")
-        noise = ("; the saving is not distinguishable from noise" if frac.n > 1 and frac.high >= 1.0 else "")
+        noise = ""
+        if frac.n > 1 and frac.low > 1.0:
+            noise = f"; it needs more images than {baseline_name} beyond the seed spread"
+        elif frac.n > 1 and frac.high >= 1.0:
+            noise = "; the saving is not distinguishable from noise"
         parts.append(f"reaches {baseline_name}'s best mean ({saved['target_top1']:.1f}%) in {saved['reached']} of {n} "
                      f"seeds, with {frac.text('.2f')} of its images ({half}){noise}")
     return "; ".join(parts)

@@ -308,6 +308,24 @@ def _worker_pid(run_dir: Path, rank: int) -> int | None:
     return None
 
 
+def test_a_resumed_run_warns_when_its_suncet_weight_changed(capsys):
+    """A checkpoint from before loss.suncet_weight_rule existed trained with the weight as given
+    ("fixed"); resumed under today's default (paper_ratio) its weight would change, which is said."""
+    from train.config import config_to_dict
+    from train.resume import resumed_config
+
+    shapes = ["data.unlabeled_batch_size=64", "data.support_classes=10", "data.support_images_per_class=2"]
+    old = config_to_dict(load_config(None, shapes))
+    del old["loss"]["suncet_weight_rule"]
+    resumed_config({"config": old, "world_size": 1}, load_config(None, shapes), 1)
+    err = capsys.readouterr().err
+    assert "SuNCEt weight is now 0.3438" in err and "trained with 1 (" in err and "suncet_weight_rule=fixed" in err
+    resumed_config({"config": old, "world_size": 1}, load_config(None, [*shapes, "loss.suncet_weight_rule=fixed"]), 1)
+    new = config_to_dict(load_config(None, shapes))  # written with the rule: the same weight on 2 ranks
+    resumed_config({"config": new, "world_size": 1}, load_config(None, shapes), 2)
+    assert "SuNCEt weight" not in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_killed_worker_restarts_the_group_which_resumes_and_finishes_like_an_uninterrupted_run(data_root,
                                                                                                   tmp_path):

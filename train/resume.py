@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from train.config import ConfigError, PretrainConfig, config_from_dict, config_to_dict
+from train.config import ConfigError, PretrainConfig, config_from_dict, config_to_dict, effective_suncet_weight
 from train.data import support_spec
 
 # Model settings that change no weight: a checkpoint resumes with any value of them.
@@ -57,10 +57,28 @@ def per_rank_sizes(saved_cfg: PretrainConfig, saved_world: int, world_size: int)
     return {"unlabeled_batch_size": batch, "support_classes": classes, "support_images_per_class": images}
 
 
+def saved_config(tree: dict) -> PretrainConfig:
+    """A checkpoint's config. Checkpoints written before ``loss.suncet_weight_rule`` existed
+    trained with the weight as given, which is the rule ``fixed``, not today's default."""
+    if "suncet_weight_rule" not in tree.get("loss", {}):
+        tree = {**tree, "loss": {**tree.get("loss", {}), "suncet_weight_rule": "fixed"}}
+    return config_from_dict(tree)
+
+
+def warn_if_suncet_weight_changed(saved_cfg: PretrainConfig, cfg: PretrainConfig) -> None:
+    before, now = effective_suncet_weight(saved_cfg), effective_suncet_weight(cfg)
+    if abs(before - now) > 1e-9 * max(1.0, abs(before)):
+        print(f"warning: the SuNCEt weight is now {now:.4g} (loss.suncet_weight={cfg.loss.suncet_weight:g}, "
+              f"loss.suncet_weight_rule={cfg.loss.suncet_weight_rule}); the checkpoint trained with {before:.4g} "
+              f"(loss.suncet_weight={saved_cfg.loss.suncet_weight:g}, loss.suncet_weight_rule="
+              f"{saved_cfg.loss.suncet_weight_rule}). To keep it, resume with those two settings", file=sys.stderr)
+
+
 def resumed_config(saved: dict, cfg: PretrainConfig, world_size: int) -> PretrainConfig:
     """The config a run resumed from checkpoint contents ``saved`` trains with (see the module
-    docstring): a changed model is refused, a new world size absorbed, other data changes warned about."""
-    saved_cfg = config_from_dict(saved["config"])
+    docstring): a changed model is refused, a new world size absorbed, other data changes and a
+    changed SuNCEt weight warned about."""
+    saved_cfg = saved_config(saved["config"])
     check_model(saved_cfg, cfg)
     saved_data, saved_world = saved_cfg.data, saved["world_size"]
     if saved_world != world_size:
@@ -75,5 +93,6 @@ def resumed_config(saved: dict, cfg: PretrainConfig, world_size: int) -> Pretrai
         saved_data = dataclasses.replace(saved_data, **sizes)
     if cfg.data != saved_data:
         print("warning: resuming with other data settings than the checkpoint's", file=sys.stderr)
+    warn_if_suncet_weight_changed(dataclasses.replace(saved_cfg, data=saved_data), cfg)
     cfg.validate(world_size)
     return cfg

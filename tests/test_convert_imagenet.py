@@ -269,11 +269,12 @@ def test_plan_shards_balances_and_rounds_to_the_multiple():
 # Labeled fraction, command line, FFCV resizing
 # ---------------------------------------------------------------------------
 
-def test_cli_fraction_draw_is_class_stratified(tree, tmp_path):
+def test_cli_fraction_draw_is_class_stratified(tree, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--src", str(tree), "--out", str(out), "--splits", "train", "--labeled-fraction", "0.5", "--seed", "3",
             "--max-resolution", "32", "--shard-size", "4", "--shard-multiple", "2", "--jobs", "2", "--no-progress"]
     assert main(argv) == 0
+    assert "17/17" not in capsys.readouterr().err  # --no-progress also silences FFCV's own writer bar
     samples = layout.read_samples(out, "train")
     per_class = Counter(s["label"] for s in samples)
     drawn = Counter(samples[i]["label"] for i in layout.read_labeled(out, "train"))

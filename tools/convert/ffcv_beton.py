@@ -1,6 +1,7 @@
 """The FFCV ``.beton`` writer: fields ``image``, ``label``, ``index`` in that order."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -75,13 +76,17 @@ def page_size_for(max_resolution: int) -> int:
     return max(1 << 23, 1 << (need - 1).bit_length())
 
 
-def write_beton(path: Path, items: list[tuple[str, int]], settings: BetonSettings, jobs: int) -> None:
+def write_beton(path: Path, items: list[tuple[str, int]], settings: BetonSettings, jobs: int,
+                progress: bool = True) -> None:
     """Write ``items`` (absolute source path, label) to ``path``; sample ``i`` gets index ``i``.
+    FFCV's writer draws its own progress bar and has no switch for it; ``progress=False``
+    (``--no-progress``) silences it through the name it calls.
 
     Raises ``SourceChanged`` listing the files that failed to decode.
     """
     require_ffcv()
     from ffcv.fields import IntField, RGBImageField
+    import ffcv.writer as ffcv_writer
     from ffcv.writer import DatasetWriter
 
     errors_path = f"{path}.errors"
@@ -94,7 +99,12 @@ def write_beton(path: Path, items: list[tuple[str, int]], settings: BetonSetting
         "index": IntField(),
     }
     writer = DatasetWriter(str(path), fields, page_size=page_size_for(settings.max_resolution), num_workers=jobs)
-    writer.from_indexed_dataset(_Samples(items, errors_path, settings.max_resolution), chunksize=100)
+    bar = ffcv_writer.tqdm
+    ffcv_writer.tqdm = bar if progress else functools.partial(bar, disable=True)
+    try:
+        writer.from_indexed_dataset(_Samples(items, errors_path, settings.max_resolution), chunksize=100)
+    finally:
+        ffcv_writer.tqdm = bar
     if os.path.exists(errors_path):
         with open(errors_path) as f:
             errors = f.read().strip()

@@ -69,7 +69,7 @@ def convert_split(split: str, split_dir: Path, out: Path, classes: list[str], op
         try:
             write_beton(stage(layout.beton_path(out, split)), [(a.source, a.label) for a in found.accepted],
                         BetonSettings(options.max_resolution, options.jpeg_quality, options.compress_probability),
-                        options.jobs)
+                        options.jobs, options.progress)
         except SourceChanged as e:
             raise ConversionError(str(e)) from e
         timings["ffcv"] = time.perf_counter() - t

@@ -191,14 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--labeled-list", help="SimCLR-style list (10percent.txt): one file name or <wnid>/<file> per line")
     group.add_argument("--labeled-fraction", type=float, help="class-stratified draw of this fraction (>= 1 per class)")
-    p.add_argument("--labeled-split", default="train", help="split the labeled subset is taken from")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --labeled-fraction draw")
-    p.add_argument("--max-resolution", type=int, default=512, help="FFCV: longest image side (downscaled only)")
-    p.add_argument("--jpeg-quality", type=int, default=90, help="FFCV JPEG quality, also used for DALI re-encodes")
-    p.add_argument("--compress-probability", type=float, default=0.5,
+    p.add_argument("--labeled-split", default=ConvertOptions.labeled_split, help="split the labeled subset is taken from")
+    p.add_argument("--seed", type=int, default=ConvertOptions.seed, help="seed of the --labeled-fraction draw")
+    p.add_argument("--max-resolution", type=int, default=ConvertOptions.max_resolution, help="FFCV: longest image side (downscaled only)")
+    p.add_argument("--jpeg-quality", type=int, default=ConvertOptions.jpeg_quality, help="FFCV JPEG quality, also used for DALI re-encodes")
+    p.add_argument("--compress-probability", type=float, default=ConvertOptions.compress_probability,
                    help="FFCV 'proportion' mode: share of images stored as JPEG, the rest raw")
-    p.add_argument("--shard-size", type=int, default=1024, help="DALI: most samples per shard")
-    p.add_argument("--shard-multiple", type=int, default=64,
+    p.add_argument("--shard-size", type=int, default=ConvertOptions.shard_size, help="DALI: most samples per shard")
+    p.add_argument("--shard-multiple", type=int, default=ConvertOptions.shard_multiple,
                    help="DALI: shard count is rounded up to a multiple of this, for balance across ranks")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     p.add_argument("--strict", action="store_true", help="stop at the first bad file instead of skipping it")

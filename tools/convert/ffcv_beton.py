@@ -65,9 +65,11 @@ class _Samples:
 
 @dataclass(frozen=True)
 class BetonSettings:
-    max_resolution: int = 512  # longest side after resizing (FFCV's INTER_AREA, never upscales)
-    jpeg_quality: int = 90
-    compress_probability: float = 0.5  # 'proportion' mode: share of images stored JPEG, the rest raw
+    """The converter's FFCV options (their defaults live in ``ConvertOptions``)."""
+
+    max_resolution: int  # longest side after resizing (FFCV's INTER_AREA, never upscales)
+    jpeg_quality: int
+    compress_probability: float  # 'proportion' mode: share of images stored JPEG, the rest raw
 
 
 def page_size_for(max_resolution: int) -> int:

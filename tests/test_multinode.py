@@ -62,6 +62,34 @@ def test_two_agents_with_c10d_rendezvous_train_like_one_agent_with_two_workers(d
         assert two[step] == pytest.approx(loss, rel=1e-5), step
 
 
+_THREADS_LEFT = """
+import os, sys
+from train.pretrain import main
+rc = main(sys.argv[1:])
+names = (open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+left = sorted(n for n in names if "gloo" in n)
+print(f"rank {os.environ['RANK']} returned {rc}; gloo threads left: {left}", flush=True)
+sys.exit(rc or (3 if left else 0))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to list threads")
+def test_a_finished_worker_has_ended_the_process_groups_threads(data_root, tmp_path):
+    """A gloo thread still running when the interpreter shuts down now and then aborted a worker
+    that had finished (SIGABRT, torchrun reporting the job failed): none may be left when
+    ``main`` returns."""
+    script = tmp_path / "worker.py"
+    script.write_text(_THREADS_LEFT)
+    done = subprocess.run(
+        _torchrun("--nproc-per-node", "2", "--master-port", str(free_port()), str(script), "--device", "cpu",
+                  *_set_args(tiny_overrides(data_root, tmp_path / "run", **EXTRA))),
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert out.count("returned 0; gloo threads left: []") == 2, out
+
+
 def _stand_ins(bin_dir: Path, hosts: list[str]) -> None:
     """``scontrol show hostnames`` prints ``hosts``; ``srun`` starts its command once per node with
     SLURM's per-task variables and fails if any copy fails (as --kill-on-bad-exit would)."""

@@ -318,6 +318,31 @@ def test_grayscale_fraction_matches_the_recipe_per_sample(which, request):
     assert mixed >= 0.8 * len(gray_per_batch)  # drawn per sample, not once per batch
 
 
+# --------------------------------------------------------------------------- numba's shared types
+
+
+def test_building_a_loader_leaves_numbas_shared_types_alone(converted):
+    """FFCV 1.0.2 set ``mutable = False`` on numba's shared ``uint8[::1]`` whenever it built a
+    loader. Functions compiled for that type before then (our colour kernels, when a second
+    loader was built) held dictionary keys whose hash had changed, and numba raised KeyError
+    the next time it typed a call to them."""
+    from numba import njit, uint8
+
+    @njit
+    def first(a):
+        return a[0]
+
+    @njit
+    def first_plus(a, b):  # typing this call walks ``first``'s compiled signatures
+        return first(a) + b
+
+    assert first(np.arange(3, dtype=np.uint8)) == 0  # compiled for the shared uint8[::1]
+    shared = uint8[::1]
+    build_loaders(make_cfg(converted), 0, 1, torch.device("cpu"), torch.float32)
+    assert shared.mutable and uint8[::1] is shared
+    assert first_plus(np.arange(3, dtype=np.uint8), 1) == 1
+
+
 # --------------------------------------------------------------------------- data selection (no loader built)
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +136,8 @@ def cpu_colour_run(converted):
     for epoch in range(CPU_COLOUR_EPOCHS):
         loader.set_epoch(epoch)
         epochs.append((list(loader), None))
-    return dict(cfg=cfg, loader=loader, epochs=epochs)
+    loader.set_epoch(RESUME_EPOCH, RESUME_STEP)
+    return dict(cfg=cfg, loader=loader, epochs=epochs, resumed=list(loader))
 
 
 def decode_ids(raw: torch.Tensor) -> torch.Tensor:
@@ -224,14 +226,42 @@ def test_views_differ(run):
             assert ((b.view1 - b.view2).abs().flatten(1).amax(dim=1) > 1e-3).all()
 
 
-def test_resume_mid_epoch_matches_the_uninterrupted_order(run):
-    loader, resumed = run["loader"], run["resumed"]
-    steps = len(loader)
-    assert [(b.epoch, b.step) for b in resumed] == [(RESUME_EPOCH, s) for s in range(RESUME_STEP, steps)]
-    full = run["epochs"][RESUME_EPOCH][0]
-    for b, ref in zip(resumed, full[RESUME_STEP:]):
-        assert torch.equal(b.sample_ids, ref.sample_ids)
-        assert torch.equal(b.support_labels, ref.support_labels)
+def assert_same_batches(resumed: list[PretrainBatch], full: list[PretrainBatch]) -> None:
+    assert len(resumed) == len(full) > 0
+    for b, ref in zip(resumed, full):
+        assert (b.epoch, b.step) == (ref.epoch, ref.step)
+        for name in ("sample_ids", "support_labels", "view1", "view2", "support_images"):
+            assert torch.equal(getattr(b, name), getattr(ref, name)), (b.step, name)
+
+
+@pytest.mark.parametrize("which", ["run", "cpu_colour_run"])
+def test_resume_mid_epoch_repeats_the_uninterrupted_batches(which, request):
+    """Images, crops, flips and colour draws alike: a resumed pass is the rest of the uninterrupted one."""
+    run = request.getfixturevalue(which)
+    assert_same_batches(run["resumed"], run["epochs"][RESUME_EPOCH][0][RESUME_STEP:])
+
+
+@pytest.mark.slow
+def test_resume_repeats_the_batches_with_parallel_ffcv_threads(converted):
+    """Two FFCV threads: images go to numba threads in no fixed order, and each crop is
+    still drawn from its own seed (``decode``); colour and flip draws precede the loops."""
+    from numba.core.errors import NumbaPerformanceWarning
+
+    loader = build_loaders(make_cfg(converted, num_workers=2), 0, 1, torch.device("cpu"), torch.float32).train
+    loader.set_epoch(RESUME_EPOCH)
+    with warnings.catch_warnings(record=True) as caught:  # numba compiles on the first pass, in FFCV's thread
+        warnings.simplefilter("always")
+        full = list(loader)
+    serial = [str(w.message) for w in caught if issubclass(w.category, NumbaPerformanceWarning)]
+    assert not serial, serial  # e.g. a raise inside a prange loop: numba runs that loop on one thread
+    loader.set_epoch(RESUME_EPOCH, RESUME_STEP)
+    assert_same_batches(list(loader), full[RESUME_STEP:])
+
+
+def test_augmentations_change_from_epoch_to_epoch(cpu_colour_run):
+    views = [{int(i): v for b in batches for i, v in zip(b.sample_ids, b.view1)}
+             for batches, _ in cpu_colour_run["epochs"][:2]]
+    assert all(not torch.equal(views[0][i], views[1][i]) for i in views[0])
 
 
 def test_schedules_are_pure_functions_of_the_step(run):

@@ -39,8 +39,11 @@ Deviations from ``BatchColorAugment``:
   float64 across rows (torch: one float32 reduction), hue uses v s = max - min
   (torch: v * (delta / v)), multiply-adds may fuse, and the blur sums
   vertically first (torch: horizontally first);
-- randomness comes from numba's per-thread ``np.random`` state, unseeded, as
-  FFCV's own crops and flips do: the augmentations are not reproducible.
+- randomness comes from numba's ``np.random`` state of the thread that runs
+  the pipeline, as FFCV's own flips do, not from a torch generator. The FFCV
+  backend's loader seeds that state per batch from its global step
+  (``pipelines.backends.ffcv.orders``), so the draws are reproducible there;
+  in an FFCV pipeline of your own they follow whatever seeds that thread.
 """
 from __future__ import annotations
 

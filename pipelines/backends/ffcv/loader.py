@@ -31,10 +31,12 @@ Where the colour stage (jitter, grayscale, blur) runs is decided once, by
   step only normalises and casts (``normalize_only``).
 
 Randomness: on a GPU, colour parameters come from a generator on the device
-seeded with (seed, epoch, rank); crops and flips, and on the CPU the colour
-parameters too, come from FFCV's compiled code, which draws from numba's
-unseeded per-thread state. Sample orders are therefore reproducible and
-resumable, the augmentations are not.
+seeded with (seed, epoch, rank, step); crops and flips, and on the CPU the
+colour parameters too, come from FFCV's compiled code, which draws from
+numba's per-thread state, seeded per batch with (seed, rank, stream, global
+step) by ``orders.FailFastEpochIterator``. Sample orders and augmentations
+are therefore both reproducible, and a resumed pass repeats the batches of
+an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ from pipelines.backends.ffcv.orders import PipelineFailure, ScheduledLoader, Sup
 from pipelines.contract import PretrainBatch
 from pipelines.errors import BadImageError, DataError
 from pipelines.format.converted import CONVERT_HINT, ConvertedSplit
-from pipelines.plan import COLOUR_STREAM, SamplePlan, sample_seed
+from pipelines.plan import COLOUR_STREAM, SUPPORT_STREAM, UNLABELED_STREAM, SamplePlan, sample_seed
 from pipelines.spec import LoaderSpec
 from pipelines.torch_threads import keep_torch_threads
 
@@ -157,7 +159,9 @@ class FFCVPretrainLoader:
         self.colour_on_loader = colour = colour_on_loader(device)
         common = dict(num_workers=max(1, spec.host_workers), batches_ahead=max(1, spec.prefetch), seed=spec.seed)
         self.unlabeled_schedule = UnlabeledSchedule(plan.unlabeled)
-        self.unlabeled = ScheduledLoader(str(beton), self.unlabeled_schedule, distributed=spec.world_size > 1,
+        self.unlabeled = ScheduledLoader(str(beton), self.unlabeled_schedule,
+                                         sample_seed(spec.seed, spec.rank, UNLABELED_STREAM),
+                                         distributed=spec.world_size > 1,
                                          pipelines={
             "image": None, "label": None,
             **{name: view_pipeline(recipe, device, colour) for name in view_names(2)},
@@ -166,7 +170,8 @@ class FFCVPretrainLoader:
         self.support_schedule = self.support = None
         if plan.support is not None:
             self.support_schedule = SupportSchedule(plan.support)
-            self.support = ScheduledLoader(str(beton), self.support_schedule, pipelines={
+            self.support = ScheduledLoader(str(beton), self.support_schedule,
+                                           sample_seed(spec.seed, spec.rank, SUPPORT_STREAM), pipelines={
                 "image": None, "index": None,
                 **{name: view_pipeline(recipe, device, colour) for name in view_names(spec.support.views)},
                 "label": int_pipeline("label", device),
@@ -192,7 +197,6 @@ class FFCVPretrainLoader:
         if first >= len(self):
             self.position.start_step = 0
             return
-        self.generator.manual_seed(sample_seed(self.spec.seed, epoch, self.rank, COLOUR_STREAM))
         passes = self._passes = [iter(self.unlabeled)] + ([iter(self.support)] if self.support is not None else [])
         self.position.start_step = 0  # FFCV has read this pass's orders; a next pass starts the epoch over
         try:
@@ -237,6 +241,7 @@ class FFCVPretrainLoader:
             support_labels = s["label"].view(-1).repeat_interleave(len(views))
         else:
             support_labels = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.generator.manual_seed(sample_seed(self.spec.seed, epoch, self.rank, COLOUR_STREAM, step))
         out = self.augment(torch.cat(images), generator=self.generator)  # one draw per image, or normalisation only
         return PretrainBatch(
             view1=out[:b], view2=out[b : 2 * b], support_images=out[2 * b :], support_labels=support_labels,

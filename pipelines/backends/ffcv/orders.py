@@ -17,7 +17,12 @@ owned by the backend instead:
 - ``FailFastEpochIterator``: FFCV runs each pass in a thread, and an exception
   there ends the thread while the consumer waits on its queue forever; this
   iterator hands the exception to the consumer instead, and its thread can be
-  joined after the consumer stops early.
+  joined after the consumer stops early. Before each batch it seeds numba's
+  random state in that thread from (the loader's ``augment_seed``, the batch's
+  global step): FFCV's flip and our colour op draw there, before their parallel
+  loops, and the crop decoder draws one seed per image there
+  (``pipelines.backends.ffcv.decode``). The augmentations, like the order, are
+  then a function of the step, and a resumed run repeats them.
 
 The schedules hold the only mutable state, their position in the stream
 (``set_epoch`` / ``set_range``); set it before calling ``iter()`` on the
@@ -30,9 +35,10 @@ from threading import Event
 from typing import Protocol
 
 import numpy as np
+from numba import njit
 
 from pipelines.errors import LoaderFailure
-from pipelines.plan import Position, SupportPlan, UnlabeledPlan
+from pipelines.plan import Position, SupportPlan, UnlabeledPlan, sample_seed
 from pipelines.torch_threads import keep_torch_threads
 
 
@@ -48,6 +54,12 @@ with keep_torch_threads():  # importing FFCV sets torch's thread count to 1
 INDEX_DTYPE = np.uint64  # what FFCV's own orders yield; numba specialises the compiled pipeline on it
 
 
+@njit
+def seed_numba_random(seed: np.uint32) -> None:
+    """Seed numba's random state of the calling thread (numba keeps one per thread, apart from NumPy's)."""
+    np.random.seed(seed)
+
+
 class Schedule(Protocol):
     batch_size: int
 
@@ -58,6 +70,11 @@ class Schedule(Protocol):
 
     def order(self) -> np.ndarray:
         """Flat dataset indices of ``num_batches`` batches."""
+        ...
+
+    @property
+    def first_global_step(self) -> int:
+        """The global step of ``order()``'s first batch."""
         ...
 
 
@@ -83,6 +100,10 @@ class UnlabeledSchedule:
     def order(self) -> np.ndarray:
         return self.plan.batches(self.position.epoch)[self.position.start_step :].reshape(-1)
 
+    @property
+    def first_global_step(self) -> int:
+        return self.position.epoch * self.plan.steps_per_epoch + self.position.start_step
+
 
 class SupportSchedule:
     """This rank's support images for a range of global steps, ``C * K`` per step, class-major."""
@@ -101,6 +122,10 @@ class SupportSchedule:
 
     def order(self) -> np.ndarray:
         return self.plan.batches(self.first_step, self.num_steps).reshape(-1)
+
+    @property
+    def first_global_step(self) -> int:
+        return self.first_step
 
 
 # --------------------------------------------------------------------------- FFCV adapter
@@ -155,6 +180,10 @@ class FailFastEpochIterator(EpochIterator):
 
     _FAILED = object()
 
+    def __init__(self, loader: "ScheduledLoader", order: np.ndarray, first_global_step: int):
+        self.first_global_step = first_global_step  # before FFCV's __init__ starts the thread
+        super().__init__(loader, order)
+
     def start(self) -> None:  # FFCV's __init__ calls this last, after making its queue
         self.output_queue = _StoppableQueue(self.loader.batches_ahead, self.terminate_event)
         super().start()
@@ -165,6 +194,11 @@ class FailFastEpochIterator(EpochIterator):
         except BaseException as exc:  # noqa: BLE001 - everything must reach the consumer
             self.failure = exc
             self.output_queue.put(self._FAILED)
+
+    def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        step = self.first_global_step + b_ix
+        seed_numba_random(np.uint32(sample_seed(self.loader.augment_seed, step) & 0xFFFFFFFF))
+        return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
 
     def __next__(self):
         item = self.output_queue.get()
@@ -189,10 +223,12 @@ class ScheduledLoader(Loader):
     batches_ahead, distributed, ...); ``order`` and ``batch_size`` come from
     the schedule, and ``drop_last`` is moot (orders hold whole batches). Both
     construction and ``iter()`` leave torch's thread count as they found it.
+    ``augment_seed`` seeds the augmentation draws of every batch, with its
+    global step (see ``FailFastEpochIterator``).
     """
 
-    def __init__(self, fname: str, schedule: Schedule, **kwargs):
-        self.schedule = schedule
+    def __init__(self, fname: str, schedule: Schedule, augment_seed: int, **kwargs):
+        self.schedule, self.augment_seed = schedule, augment_seed
         ORDER_MAP.setdefault(ScheduledOrder, ScheduledOrder)  # FFCV builds only the orders listed there
         with keep_torch_threads(), keep_numba_types():
             super().__init__(fname, batch_size=schedule.batch_size, order=ScheduledOrder, drop_last=True, **kwargs)
@@ -211,4 +247,5 @@ class ScheduledLoader(Loader):
             self.next_epoch += 1
             if self.code is None or self.recompile:
                 self.generate_code()
-            return FailFastEpochIterator(self, order[: len(self) * self.batch_size])
+            first = self.schedule.first_global_step
+            return FailFastEpochIterator(self, order[: len(self) * self.batch_size], first)

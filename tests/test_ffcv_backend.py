@@ -373,6 +373,19 @@ def test_building_a_loader_leaves_numbas_shared_types_alone(converted):
     assert first_plus(np.arange(3, dtype=np.uint8), 1) == 1
 
 
+def test_ordered_graph_has_ffcvs_stages_in_a_fixed_order(run):
+    """``OrderedGraph`` only fixes the order inside FFCV's stages (a resumed run in another
+    process draws in the same order; ``test_stream_resume`` checks that across processes)."""
+    from ffcv.pipeline.graph import Graph
+
+    for loader in (run["loader"].unlabeled, run["loader"].support):
+        ours, theirs = loader.graph.group_operations(), Graph.group_operations(loader.graph)
+        assert [sorted(stage) for stage in ours] == [sorted(stage) for stage in theirs]
+        assert ours == loader.graph.group_operations()
+        for stage in ours:  # each node after its parent, lowest id first: here, creation order
+            assert stage == sorted(stage)
+
+
 # --------------------------------------------------------------------------- data selection (no loader built)
 
 

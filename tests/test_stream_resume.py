@@ -1,7 +1,9 @@
 """A SIGKILLed run resumed with ``--resume auto`` continues the DALI and FFCV
 sample streams where its checkpoint left them: every epoch, put together from
 the killed run (up to its checkpoint) and the resumed one, holds each planned
-image once, in the order of an uninterrupted run (the shared plan)."""
+image once, in the order of an uninterrupted run (the shared plan). The
+augmentations continue too: the resumed run's losses are an uninterrupted
+run's, step for step."""
 from __future__ import annotations
 
 import signal
@@ -12,7 +14,7 @@ import pytest
 
 from tests.helpers.reference_plan import reference_unlabeled
 from tests.helpers.record_stream import read_records
-from tests.pretrain_helpers import make_split_tree, read_metrics, tiny_overrides
+from tests.pretrain_helpers import make_split_tree, read_metrics, step_losses, tiny_overrides
 from tests.test_pretrain import _cli, _set_args
 
 CLASSES, PER_CLASS, BATCH, EPOCHS = 4, 12, 8, 3
@@ -38,9 +40,9 @@ def test_killed_run_resumes_the_same_sample_stream(backend, kill_after_step, tmp
     pytest.importorskip("nvidia.dali" if backend == "dali" else "ffcv")
     root = _data_root(backend, tmp_path)
     run_dir = tmp_path / "run"
-    overrides = tiny_overrides(root, run_dir, **{
-        "data.backend": backend, "data.unlabeled_batch_size": BATCH, "data.num_workers": 1,
-        "optim.epochs": EPOCHS, "run.knn_every_epochs": 0, "run.checkpoint_every_steps": 4})
+    settings = {"data.backend": backend, "data.unlabeled_batch_size": BATCH, "data.num_workers": 1,
+                "optim.epochs": EPOCHS, "run.knn_every_epochs": 0, "run.checkpoint_every_steps": 4}
+    overrides = tiny_overrides(root, run_dir, **settings)
     command = ["-m", "tests.helpers.record_stream"]
     args = ["--device", "cpu", *_set_args(overrides)]
     env = {"RECORD_STEP_SLEEP": "0.4"}
@@ -68,3 +70,12 @@ def test_killed_run_resumes_the_same_sample_stream(backend, kill_after_step, tmp
         assert ids == [i for step in reference_unlabeled(CLASSES * PER_CLASS, BATCH, 0, 1, 0, epoch) for i in step]
         assert len(set(ids)) == len(ids) == STEPS * BATCH
     assert int(read_metrics(run_dir)[-1]["global_step"]) == EPOCHS * STEPS
+
+    reference = _cli(["-m", "train.pretrain", "--device", "cpu",
+                      *_set_args(tiny_overrides(root, tmp_path / "reference", **settings))])
+    out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, out
+    expected, got = step_losses(tmp_path / "reference"), step_losses(run_dir)  # the resumed row wins a step logged twice
+    assert sorted(got) == sorted(expected)
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step

@@ -49,7 +49,7 @@ with keep_torch_threads():  # importing FFCV sets torch's thread count to 1
     from ffcv.pipeline.compiler import Compiler
     from ffcv.traversal_order.base import TraversalOrder
 
-    from pipelines.backends.ffcv.memory import keep_numba_types
+    from pipelines.backends.ffcv.fixes import ffcv_fixes
 
 INDEX_DTYPE = np.uint64  # what FFCV's own orders yield; numba specialises the compiled pipeline on it
 
@@ -230,7 +230,7 @@ class ScheduledLoader(Loader):
     def __init__(self, fname: str, schedule: Schedule, augment_seed: int, **kwargs):
         self.schedule, self.augment_seed = schedule, augment_seed
         ORDER_MAP.setdefault(ScheduledOrder, ScheduledOrder)  # FFCV builds only the orders listed there
-        with keep_torch_threads(), keep_numba_types():
+        with keep_torch_threads(), ffcv_fixes():
             super().__init__(fname, batch_size=schedule.batch_size, order=ScheduledOrder, drop_last=True, **kwargs)
 
     def __len__(self) -> int:

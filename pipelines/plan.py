@@ -22,9 +22,27 @@ Support stream
     ``pipelines.sampler`` documents the class-balanced schedule and how ranks
     share it), so the support stream, too, is a function of the global step.
 
-Seeds
-    ``sample_seed(seed, *keys)`` derives independent 63-bit seeds; the
-    ``*_STREAM`` ids keep the streams' seeds apart.
+Augmentation seeds
+    Each image of a step has a 64-bit *image seed* from which every backend
+    draws all its views (``pipelines.augment.draws``): ``image_seed(key,
+    sample index, position)``. The *key* is the step's: ``step_key(seed,
+    UNLABELED_STREAM, epoch)`` for the unlabeled images (each appears once
+    per epoch, at position 0), ``step_key(seed, SUPPORT_STREAM, global
+    step)`` for the support images, whose position is their place in their
+    class's block of the step's *global* support set (``rank * K + k`` when
+    the ranks share the step's classes, ``k`` with unique classes): two ranks
+    that draw one image get different views, and a W-rank run sees the views
+    of one process with the same global batch. No seed depends on the rank or
+    the world size otherwise, so a run resumed on another number of ranks
+    sees the same views.
+
+    ``step_key`` is the first double of MT19937 seeded with a 32-bit hash
+    of (seed, stream, step), as 53 bits: FFCV's compiled pipeline can take a
+    per-batch value only through numba's per-thread random state, which
+    ``pipelines.backends.ffcv.orders`` seeds with that hash and the decoder
+    reads back with one ``np.random.random()`` (numba's generator is NumPy's
+    legacy MT19937). ``sample_seed(seed, *keys)`` derives the other
+    independent seeds; the ``*_STREAM`` ids keep the streams apart.
 """
 from __future__ import annotations
 
@@ -33,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipelines.augment.draws import image_seeds
 from pipelines.errors import DataError
 from pipelines.sampler import ClassBalancedSampler
 
@@ -43,6 +62,17 @@ def sample_seed(seed: int, *keys: int) -> int:
     """A 63-bit seed that depends only on its arguments."""
     state = np.random.SeedSequence([seed, *keys]).generate_state(2, np.uint64)
     return int(state[0] >> np.uint64(1))
+
+
+def step_key_seed(seed: int, stream: int, step: int) -> int:
+    """The 32-bit seed of a step's key (what FFCV's pipeline thread seeds numba with)."""
+    return sample_seed(seed, stream, step) & 0xFFFFFFFF
+
+
+def step_key(seed: int, stream: int, step: int) -> int:
+    """The key of the images of ``step`` (an epoch for the unlabeled stream, a global step for
+    the support stream) in ``stream``; see the module docstring."""
+    return int(np.random.RandomState(step_key_seed(seed, stream, step)).random_sample() * 2.0 ** 53)
 
 
 @dataclass
@@ -87,14 +117,31 @@ class UnlabeledPlan:
             self._cache = (epoch, perm[self.rank : used : self.world_size].reshape(self.steps_per_epoch, -1))
         return self._cache[1]
 
+    def image_seeds(self, epoch: int, samples: np.ndarray) -> np.ndarray:
+        """uint64 image seeds of unlabeled ``samples`` in ``epoch`` (module docstring)."""
+        samples = np.asarray(samples, dtype=np.int64)
+        return image_seeds(np.uint64(step_key(self.seed, UNLABELED_STREAM, epoch)), samples,
+                           np.zeros(len(samples), np.int64))
+
 
 class SupportPlan:
     """This rank's support images per global step: ``C * K`` dataset indices, class-major."""
 
-    def __init__(self, sampler: ClassBalancedSampler, labeled: np.ndarray):
-        self.sampler = sampler
+    def __init__(self, sampler: ClassBalancedSampler, labeled: np.ndarray, seed: int):
+        self.sampler, self.seed = sampler, seed
         self.labeled = np.asarray(labeled, dtype=np.int64)  # sampler position p -> dataset index
         self.batch_size = sampler.classes_per_batch * sampler.images_per_class
+        k = sampler.images_per_class
+        offset = 0 if sampler.unique_classes else sampler.rank * k
+        # each image's place in its class's block of the global support set (module docstring)
+        self.positions = offset + np.arange(self.batch_size, dtype=np.int64) % k
+
+    def image_seeds(self, global_step: int, samples: np.ndarray) -> np.ndarray:
+        """uint64 image seeds of the support ``samples`` of ``global_step`` (one batch, in order)."""
+        samples = np.asarray(samples, dtype=np.int64)
+        if len(samples) != self.batch_size:
+            raise ValueError(f"a support batch holds {self.batch_size} images, got {len(samples)}")
+        return image_seeds(np.uint64(step_key(self.seed, SUPPORT_STREAM, global_step)), samples, self.positions)
 
     def batches(self, first_global_step: int, num_steps: int) -> np.ndarray:
         """Dataset indices ``[num_steps, C*K]`` of global steps ``first .. first + num_steps - 1``."""
@@ -139,4 +186,4 @@ def build_plan(num_samples: int, labels: np.ndarray, labeled: np.ndarray, batch_
                                        world_size=world_size, unique_classes=support.unique_classes, seed=seed)
     except ValueError as exc:  # a data/config problem, named by the sampler
         raise DataError(f"support set: {exc}") from exc
-    return SamplePlan(unlabeled, SupportPlan(sampler, labeled))
+    return SamplePlan(unlabeled, SupportPlan(sampler, labeled, seed))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.augment.recipe import SimCLRRecipe
+from pipelines.augment.recipe import SimCLRRecipe, ViewGroup
 from pipelines.labeled import LabeledSpec
 
 BACKENDS = ("torch", "dali", "ffcv")
@@ -20,13 +20,15 @@ BACKENDS = ("torch", "dali", "ffcv")
 @dataclass(frozen=True)
 class SupportSpec:
     """The labeled support set of one rank and step: ``classes`` x ``images_per_class``
-    images, each in ``views`` augmented views; with ``unique_classes`` the ranks draw
-    disjoint classes (see ``pipelines.sampler``)."""
+    images, each in ``views`` augmented views drawn from view group ``group``'s recipe
+    (SuNCEt's and PAWS's support views are global views: group 0); with
+    ``unique_classes`` the ranks draw disjoint classes (see ``pipelines.sampler``)."""
 
     classes: int
     images_per_class: int
     views: int = 1
     unique_classes: bool = False
+    group: int = 0
 
     @property
     def images(self) -> int:
@@ -47,9 +49,9 @@ class LoaderSpec:
     root: Path
     train_split: str
     labeled: LabeledSpec
-    batch_size: int  # unlabeled images per rank and step (2 views each)
+    batch_size: int  # unlabeled images per rank and step
     support: SupportSpec | None
-    recipe: SimCLRRecipe
+    views: tuple[ViewGroup, ...]  # the view groups of each unlabeled image (pipelines.augment.recipe)
     seed: int
     rank: int
     world_size: int
@@ -65,10 +67,19 @@ class LoaderSpec:
             raise ValueError(f"data.backend must be one of {BACKENDS}, got {self.backend!r}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
+        if not self.views:
+            raise ValueError("a loader needs at least one view group")
+        if self.support is not None and not 0 <= self.support.group < len(self.views):
+            raise ValueError(f"data.support_view_group must name one of the {len(self.views)} view group(s) "
+                             f"(0 .. {len(self.views) - 1}), got {self.support.group}")
 
     @property
     def train_root(self) -> Path:
         return Path(self.root) / self.train_split
+
+    @property
+    def support_recipe(self) -> SimCLRRecipe:
+        return self.views[self.support.group if self.support is not None else 0].recipe
 
 
 @dataclass(frozen=True)

@@ -206,3 +206,39 @@ def test_the_banner_names_the_suncet_weight_in_use():
     fixed = banner(load_config(None, [*shapes, "loss.suncet_weight_rule=fixed"]), 1, torch.device("cpu"), "fp32",
                    loaders, 10, None)
     assert "SuNCEt weight 1 (1, fixed)" in fixed
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[{count: 1}]", "augment.views[0].count must be >= 2"),
+    ("[{count: 2}, {count: 0, resolution: 96}]", "augment.views[1].count must be >= 1"),
+    ("[{count: 2}, {count: 6, resolution: 4}]", "augment.views[1].resolution must be >= 8, got 4"),
+    ("[{count: 2}, {count: 6, crop_scale: [0.14, 0.05]}]", "augment.views[1].crop_scale must satisfy"),
+    ("[{count: 2}, {count: 6, solarize_prob: 2}]", "augment.views[1].solarize_prob must be a probability"),
+    ("[{count: 2, resolutoin: 96}]", "augment.views[0].resolutoin (did you mean augment.views[0].resolution?)"),
+    ("[{count: 40}, {count: 40}]", "ask for 80 views per image; at most 64"),
+    ("6x96", "augment.views must be a list"),
+])
+def test_impossible_view_groups_are_one_line_errors(tree, tmp_path, capsys, value, message):
+    assert _train(tree, tmp_path / "run", "--set", f"augment.views={value}", "--dry-run") == 2
+    assert message in _one_line(capsys)
+
+
+def test_the_support_views_name_an_existing_group(tree, tmp_path, capsys):
+    assert _train(tree, tmp_path / "run", "--set", "data.support_view_group=1", "--dry-run") == 2
+    assert "data.support_view_group must be the index of a view group in augment.views (0 .. 0), got 1" \
+        in _one_line(capsys)
+
+
+def test_the_banner_shows_the_view_groups():
+    import types
+
+    from train.config import load_config
+    from train.console import banner
+
+    loaders = types.SimpleNamespace(source="tree", num_images=100, num_classes=10, num_labeled=10)
+    cfg = load_config(None, ["data.unlabeled_batch_size=64",
+                             "augment.views=[{count: 2, resolution: 224}, {count: 6, resolution: 96}]"])
+    assert "64 images x 2 x 224 px + 6 x 96 px views + " in banner(cfg, 1, torch.device("cpu"), "fp32", loaders, 10,
+                                                                   None)
+    assert "64 images x 2 views + " in banner(load_config(None, ["data.unlabeled_batch_size=64"]), 1,
+                                              torch.device("cpu"), "fp32", loaders, 10, None)

@@ -23,20 +23,15 @@ import torchvision.transforms.v2.functional as TF  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
 from train.data import build_loaders  # noqa: E402
+from pipelines.augment.batched import BRIGHTNESS, CONTRAST, HUE, SATURATION  # noqa: E402
 from pipelines.augment.dali import (  # noqa: E402
-    BRIGHTNESS,
-    CONTRAST,
-    HUE,
-    SATURATION,
-    ViewDraws,
     blur_window,
     color_transform,
-    draw_views,
     hue_rotation,
-    random_resized_crop,
     simclr_pipeline,
     view_params,
 )
+from pipelines.augment.draws import ViewDraws, draw_views, image_seeds  # noqa: E402
 from pipelines.encoded_images import encoded_size, jpeg_size  # noqa: E402
 from pipelines.errors import DataError  # noqa: E402
 from pipelines.image_folder import index_image_folder  # noqa: E402
@@ -67,51 +62,13 @@ def _binomial_ok(hits: int, n: int, p: float, sigmas: float = 5.0) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# Host-side parameters against torchvision's distributions
+# Host-side parameters (their distributions: tests/test_draws.py)
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("height,width", [(120, 90), (40, 200)])  # the second often falls back
-def test_crop_distribution_matches_torchvision(height, width):
-    recipe = SimCLRRecipe()
-    ours = random_resized_crop(np.random.default_rng(0), np.full(20000, height), np.full(20000, width),
-                               recipe.crop_scale, recipe.crop_ratio)
-    torch.manual_seed(0)
-    img = torch.zeros(1, height, width)
-    theirs = np.array([v2.RandomResizedCrop.get_params(img, list(recipe.crop_scale), list(recipe.crop_ratio))
-                       for _ in range(3000)])  # (top, left, h, w)
-    top, left, h, w = ours.T
-    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
-    assert (h >= 1).all() and (w >= 1).all()
-    bound = _ks_bound(len(ours), len(theirs))
-    for name, f in {"area": lambda c: c[:, 2] * c[:, 3], "log ratio": lambda c: np.log(c[:, 3] / c[:, 2]),
-                    "centre y": lambda c: c[:, 0] + c[:, 2] / 2, "centre x": lambda c: c[:, 1] + c[:, 3] / 2}.items():
-        stat = _ks_statistic(f(ours).astype(float), f(theirs).astype(float))
-        assert stat < bound, f"{name}: KS statistic {stat:.4f} >= {bound:.4f}"
-
-
-def test_draw_frequencies_and_ranges_match_recipe():
-    recipe = SimCLRRecipe(jitter_strength=0.5)
-    n = 20000
-    d = draw_views(np.random.default_rng(1), np.full((n, 2), 64), recipe)
-    for name, p in {"flip": recipe.flip_prob, "jitter": recipe.jitter_prob, "grayscale": recipe.grayscale_prob,
-                    "blur": recipe.blur_prob}.items():
-        assert _binomial_ok(int(getattr(d, name).sum()), n, p), name
-    j = d.jitter
-    for name, spread in {"brightness": recipe.brightness, "contrast": recipe.contrast,
-                         "saturation": recipe.saturation}.items():
-        f = getattr(d, name)
-        assert (f[~j] == 1).all()
-        assert f[j].min() >= 1 - spread and f[j].max() <= 1 + spread
-        uniform = np.random.default_rng(2).uniform(1 - spread, 1 + spread, 5000)
-        assert _ks_statistic(f[j], uniform) < _ks_bound(j.sum(), 5000), name
-    assert (d.hue[~j] == 0).all() and np.abs(d.hue).max() <= recipe.hue
-    assert abs(d.hue[j].std() - recipe.hue / math.sqrt(3)) < 0.02 * recipe.hue
-    assert (np.sort(d.order, axis=1) == np.arange(4)).all()
-    for op in range(4):  # each op first in a quarter of the draws
-        assert _binomial_ok(int((d.order[:, 0] == op).sum()), n, 0.25), op
-    lo, hi = recipe.blur_sigma
-    assert d.sigma.min() >= lo and d.sigma.max() <= hi and abs(d.sigma.mean() - (lo + hi) / 2) < 0.02
+def _planned_draws(n: int, size: int, recipe: SimCLRRecipe) -> ViewDraws:
+    seeds = image_seeds(np.uint64(3), np.arange(n, dtype=np.int64), np.zeros(n, np.int64))
+    return draw_views(seeds, 0, 1, np.full((n, 2), size), recipe)
 
 
 def test_blur_window_is_odd_capped_and_identity_without_blur():
@@ -119,9 +76,11 @@ def test_blur_window_is_odd_capped_and_identity_without_blur():
     w = blur_window(sigma, 23)
     assert (w % 2 == 1).all() and (w == np.minimum(2 * np.ceil(3 * sigma) + 1, 23)).all()
     assert blur_window(np.array([2.0]), 5)[0] == 5
-    d = draw_views(np.random.default_rng(3), np.full((200, 2), 64), SimCLRRecipe())
+    d = _planned_draws(200, 64, SimCLRRecipe())
     p = view_params(d, SimCLRRecipe())
     assert (p.blur_window[~d.blur] == 1).all() and (p.blur_window[d.blur] >= 3).all()
+    # views drawn without jitter get the identity colour map, whatever factors were drawn
+    assert np.allclose(p.color[~d.jitter & ~d.grayscale], np.eye(3)) and (p.offset[~d.jitter] == 0).all()
 
 
 def _apply_affine(color: np.ndarray, offset: np.ndarray, x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +159,7 @@ def _fixed_draws(n: int, size: int) -> ViewDraws:
     return ViewDraws(crop=np.tile([0, 0, size, size], (n, 1)), flip=np.zeros(n, bool), jitter=np.zeros(n, bool),
                      brightness=ones.copy(), contrast=ones.copy(), saturation=ones.copy(), hue=np.zeros(n),
                      order=np.tile(np.arange(4), (n, 1)), grayscale=np.zeros(n, bool), blur=np.zeros(n, bool),
-                     sigma=ones.copy())
+                     sigma=ones.copy(), solarize=np.zeros(n, bool), threshold=ones * 0.5)
 
 
 def _rotate(x: torch.Tensor, shift: float) -> torch.Tensor:
@@ -211,7 +170,8 @@ def _rotate(x: torch.Tensor, shift: float) -> torch.Tensor:
 
 def test_dali_ops_match_torchvision_on_fixed_parameters():
     size = 48
-    recipe = SimCLRRecipe(resolution=size, blur_kernel_fraction=0.25)  # 13-tap blur, as at 130 px
+    # 13-tap blur, as at 130 px; solarize in the graph (each case switches it on or off)
+    recipe = SimCLRRecipe(resolution=size, blur_kernel_fraction=0.25, solarize_prob=0.5)
     rng = np.random.default_rng(6)
     base = smooth_image(rng, size)
     jpeg = _jpeg(base)
@@ -223,12 +183,14 @@ def test_dali_ops_match_torchvision_on_fixed_parameters():
         "crop": ({"crop": [6, 10, 20, 30]},
                  lambda t: TF.resized_crop(t, 6, 10, 20, 30, [size, size], antialias=True), 1.5),
         "flip": ({"flip": True}, TF.horizontal_flip, 0.6),
-        "brightness": ({"brightness": 1.5}, lambda t: TF.adjust_brightness(t, 1.5), 1.0),
-        "contrast": ({"contrast": 0.4}, lambda t: TF.adjust_contrast(t, 0.4), 1.0),
-        "saturation": ({"saturation": 1.7}, lambda t: TF.adjust_saturation(t, 1.7), 1.0),
+        "brightness": ({"jitter": True, "brightness": 1.5}, lambda t: TF.adjust_brightness(t, 1.5), 1.0),
+        "contrast": ({"jitter": True, "contrast": 0.4}, lambda t: TF.adjust_contrast(t, 0.4), 1.0),
+        "saturation": ({"jitter": True, "saturation": 1.7}, lambda t: TF.adjust_saturation(t, 1.7), 1.0),
+        "not jittered": ({"brightness": 1.5, "hue": 0.2}, lambda t: t, 0.6),
         # Hue: DALI applies our linear model exactly; torchvision's HSV shift only approximately.
-        "hue": ({"hue": 0.1}, lambda t: _rotate(t, 0.1), 1.0),
-        "hue vs torchvision": ({"hue": 0.1}, lambda t: TF.adjust_hue(t, 0.1), 16.0),
+        "hue": ({"jitter": True, "hue": 0.1}, lambda t: _rotate(t, 0.1), 1.0),
+        "hue vs torchvision": ({"jitter": True, "hue": 0.1}, lambda t: TF.adjust_hue(t, 0.1), 16.0),
+        "solarize": ({"solarize": True, "threshold": 0.4}, lambda t: TF.solarize(t, 0.4 * 255), 1.0),
         "grayscale": ({"grayscale": True}, lambda t: TF.rgb_to_grayscale(t, num_output_channels=3), 1.0),
         "blur": ({"blur": True, "sigma": 1.3}, lambda t: TF.gaussian_blur(t, [13, 13], [1.3, 1.3]), 1.0),
     }
@@ -241,9 +203,9 @@ def test_dali_ops_match_torchvision_on_fixed_parameters():
     n = len(cases)
 
     def source():
-        return ([jpeg] * n, np.arange(n, dtype=np.int64), *params.as_tuple())
+        return ([jpeg] * n, np.arange(n, dtype=np.int64), *params.as_tuple(recipe))
 
-    pipe = simclr_pipeline(source, 1, recipe, decoder_device="cpu", float16=False, channels_last=True,
+    pipe = simclr_pipeline(source, [recipe], decoder_device="cpu", float16=False, channels_last=True,
                            batch_size=n, num_threads=1, device_id=None, seed=0)
     pipe.build()
     out, _ = pipe.run()

@@ -34,11 +34,11 @@ from pipelines.errors import DataError  # noqa: E402
 from pipelines.format.converted import open_converted  # noqa: E402
 from pipelines.labeled import choose_labeled  # noqa: E402
 from pipelines.backends.ffcv import loader as ffcv_backend  # noqa: E402
-from pipelines.backends.ffcv.loader import FFCVPretrainLoader, NormalizeOnly  # noqa: E402
-from pipelines.augment.ffcv_colour import FFCVColorAugment  # noqa: E402
+from pipelines.backends.ffcv.loader import FFCVPretrainLoader  # noqa: E402
+from pipelines.backends.ffcv.decode import PlannedCropDecoder  # noqa: E402
 from pipelines.backends.ffcv.orders import SupportSchedule, UnlabeledSchedule  # noqa: E402
 from pipelines.plan import UnlabeledPlan  # noqa: E402
-from pipelines.augment.recipe import SimCLRRecipe  # noqa: E402
+from pipelines.augment.recipe import AugmentConfig  # noqa: E402
 from tests.helpers import reference_plan  # noqa: E402
 from train.data import labeled_spec  # noqa: E402
 from pipelines.format import layout  # noqa: E402
@@ -85,21 +85,21 @@ def make_cfg(root: Path, **data) -> PretrainConfig:
     settings = dict(backend="ffcv", root=str(root), unlabeled_batch_size=B, support_classes=C,
                     support_images_per_class=K, support_views=V, num_workers=1)
     cfg.data = dataclasses.replace(cfg.data, **{**settings, **data})
-    cfg.augment = SimCLRRecipe(resolution=RES)
+    cfg.augment = AugmentConfig(resolution=RES)
     cfg.run.knn_every_epochs = 0
     cfg.run.seed = 3
     return cfg
 
 
-class RecordingAugment:
-    """Wraps the loader's colour stage and keeps a copy of its uint8 input."""
+class RecordingStage:
+    """Wraps one of the loader's colour stages and keeps a copy of its uint8 input, as NCHW."""
 
-    def __init__(self, inner):
-        self.inner, self.raw = inner, []
+    def __init__(self, inner, log: list):
+        self.inner, self.log = inner, log
 
-    def __call__(self, images, generator=None):
-        self.raw.append(images.clone())
-        return self.inner(images, generator=generator)
+    def __call__(self, images, seeds, image_major=False):
+        self.log.append(images.permute(0, 3, 1, 2).clone())
+        return self.inner(images, seeds, image_major)
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +112,16 @@ def run(converted):
         loaders = build_loaders(cfg, 0, 1, torch.device("cpu"), torch.float32)
     threads_after_build = torch.get_num_threads()
     loader = loaders.train
-    recorder = loader.augment = RecordingAugment(loader.augment)
+    stages, support_stage, log = loader.stages, loader.support_stage, []
+    loader.stages = [RecordingStage(stage, log) for stage in stages]
+    loader.support_stage = RecordingStage(support_stage, log)
     epochs = []
     for epoch in range(EPOCHS):
         loader.set_epoch(epoch)
-        recorder.raw = []
+        log.clear()
         batches = list(loader)
-        epochs.append((batches, recorder.raw))
-    loader.augment = recorder.inner
+        epochs.append((batches, [torch.cat(log[2 * i : 2 * i + 2]) for i in range(len(batches))]))  # views, support
+    loader.stages, loader.support_stage = stages, support_stage
     loader.set_epoch(RESUME_EPOCH, RESUME_STEP)
     resumed = list(loader)
     assert not loader.colour_on_loader
@@ -232,6 +234,7 @@ def assert_same_batches(resumed: list[PretrainBatch], full: list[PretrainBatch])
         assert (b.epoch, b.step) == (ref.epoch, ref.step)
         for name in ("sample_ids", "support_labels", "view1", "view2", "support_images"):
             assert torch.equal(getattr(b, name), getattr(ref, name)), (b.step, name)
+        assert len(b.views) == len(ref.views) and all(torch.equal(x, y) for x, y in zip(b.views, ref.views))
 
 
 @pytest.mark.parametrize("which", ["run", "cpu_colour_run"])
@@ -243,8 +246,8 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_batches(which, request):
 
 @pytest.mark.slow
 def test_resume_repeats_the_batches_with_parallel_ffcv_threads(converted):
-    """Two FFCV threads: images go to numba threads in no fixed order, and each crop is
-    still drawn from its own seed (``decode``); colour and flip draws precede the loops."""
+    """Two FFCV threads: images go to numba threads in no fixed order, and each view is
+    still drawn from its own seed (``decode``)."""
     from numba.core.errors import NumbaPerformanceWarning
 
     loader = build_loaders(make_cfg(converted, num_workers=2), 0, 1, torch.device("cpu"), torch.float32).train
@@ -290,13 +293,13 @@ def test_stopping_early_stops_ffcv_threads_and_the_next_pass_is_whole(run):
 
 def test_cpu_default_runs_the_colour_ops_inside_ffcv(cpu_colour_run):
     loader = cpu_colour_run["loader"]
-    assert loader.colour_on_loader and isinstance(loader.augment, NormalizeOnly)
+    assert loader.colour_on_loader and all(stage.on_loader for stage in loader.stages + [loader.support_stage])
     for ffcv_loader in (loader.unlabeled, loader.support):
-        for name, spec in ffcv_loader.pipeline_specs.items():
-            if name.startswith("view"):
-                flip, colour, to_tensor = spec.transforms[:3]  # colour after the flip, before ToTensor
-                assert type(flip).__name__ == "RandomHorizontalFlip" and type(to_tensor).__name__ == "ToTensor"
-                assert isinstance(colour, FFCVColorAugment) and colour.recipe == cpu_colour_run["cfg"].augment
+        images = [spec for spec in ffcv_loader.pipeline_specs.values() if spec.source == "image"]
+        assert len(images) == 1  # one read and one decode of each image
+        decoder = images[0].decoder
+        assert isinstance(decoder, PlannedCropDecoder) and decoder.colour
+        assert all(g.recipe == cpu_colour_run["cfg"].augment.base_recipe() for g in decoder.packed.groups)
     for epoch, (batches, _) in enumerate(cpu_colour_run["epochs"]):
         assert [b.sample_ids.tolist() for b in batches] == reference_unlabeled(epoch)
         for b in batches:

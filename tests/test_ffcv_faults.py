@@ -64,7 +64,7 @@ def test_pipeline_thread_failure_reaches_the_consumer(converted):
     schedule = UnlabeledSchedule(UnlabeledPlan(24, 4, 0, 1, seed=0))
     spec = int_pipeline("index", None)
     spec.transforms.insert(0, FailOnSample())
-    loader = ScheduledLoader(str(layout.beton_path(converted, "train")), schedule, 0, num_workers=1, batches_ahead=1,
+    loader = ScheduledLoader(str(layout.beton_path(converted, "train")), schedule, num_workers=1, batches_ahead=1,
                              pipelines={"image": None, "label": None, "index": spec})
     order = schedule.plan.batches(0)
     poisoned_step = int(np.argwhere(order == POISONED)[0, 0])
@@ -114,7 +114,7 @@ def test_beton_of_another_format_version_is_refused_by_name(converted, tmp_path)
 
 def test_pass_stopped_with_a_full_queue_can_be_joined(converted):
     schedule = UnlabeledSchedule(UnlabeledPlan(24, 4, 0, 1, seed=0))  # 6 batches
-    loader = ScheduledLoader(str(layout.beton_path(converted, "train")), schedule, 0, num_workers=1, batches_ahead=2,
+    loader = ScheduledLoader(str(layout.beton_path(converted, "train")), schedule, num_workers=1, batches_ahead=2,
                              pipelines={"image": None, "label": None, "index": int_pipeline("index", None)})
     epoch = iter(loader)
     for _ in range(4):

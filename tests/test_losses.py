@@ -43,6 +43,26 @@ def naive_nt_xent(z: torch.Tensor, t: float) -> torch.Tensor:
     return total / rows
 
 
+def naive_multiview_nt_xent(z: torch.Tensor, views: int, t: float) -> torch.Tensor:
+    """Row r is view r // n of image r % n; each anchor's loss is the mean, over the other views
+    of its image, of -log(exp(cos_ip / t) / sum over every other row of exp(cos_ik / t))."""
+    z = z.double()
+    rows = z.shape[0]
+    n = rows // views
+    total = 0.0
+    for i in range(rows):
+        denominator = 0.0
+        for k in range(rows):
+            if k != i:
+                denominator = denominator + torch.exp(_cos(z[i], z[k]) / t)
+        positives = [p for p in range(rows) if p != i and p % n == i % n]
+        term = 0.0
+        for p in positives:
+            term = term - torch.log(torch.exp(_cos(z[i], z[p]) / t) / denominator)
+        total = total + term / len(positives)
+    return total / rows
+
+
 def naive_suncet(z: torch.Tensor, labels: list[int], t: float) -> torch.Tensor:
     z = z.double()
     rows = z.shape[0]
@@ -152,8 +172,30 @@ def test_nt_xent_rejects_bad_temperature(bad):
         nt_xent(torch.randn(4, 3), bad)
 
 
+@pytest.mark.parametrize("n,views,t", [(2, 3, 0.5), (3, 8, 0.1), (4, 2, 0.2)])
+def test_multiview_nt_xent_matches_naive_value_and_grad(n, views, t):
+    """Multi-crop: every other view of an image is a positive; two views are NT-Xent itself."""
+    z = torch.randn(views * n, 4, generator=torch.Generator().manual_seed(views), dtype=torch.float64)
+    value, grad = _grad(lambda x: nt_xent(x, t, views=views), z)
+    ref_value, ref_grad = _grad(lambda x: naive_multiview_nt_xent(x, views, t), z)
+    torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    if views == 2:
+        torch.testing.assert_close(value, naive_nt_xent(z, t), rtol=1e-10, atol=1e-12)
+
+
+def test_view_positives_are_the_other_views_of_the_image():
+    from train.losses import view_positives
+
+    got = view_positives(2, 3, 2)  # 2 images x 3 views per rank, 2 ranks: 12 rows
+    assert got.tolist()[:6] == [[2, 4], [3, 5], [0, 4], [1, 5], [0, 2], [1, 3]]
+    assert got.tolist()[6:] == [[r + 6 for r in row] for row in got.tolist()[:6]]
+    with pytest.raises(ValueError, match="views must be an integer >= 2"):
+        init_nt_xent_loss(2, 0.1, 1, views=1)
+
+
 def test_nt_xent_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="even number of rows"):
+    with pytest.raises(ValueError, match="multiple of 2 rows"):
         nt_xent(torch.randn(5, 3), 0.1)
     with pytest.raises(ValueError, match="2-D"):
         nt_xent(torch.randn(4), 0.1)
@@ -325,6 +367,40 @@ def test_two_ranks_match_one_process_on_concatenated_batch(tmp_path):
         rows = torch.cat([torch.arange(rank * n, (rank + 1) * n), N_GLOBAL + torch.arange(rank * n, (rank + 1) * n)])
         torch.testing.assert_close(got["nt_grad"] / WORLD, z.grad[rows], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(got["sc_grad"] / WORLD, sz.grad[rank * m : (rank + 1) * m], rtol=1e-10, atol=1e-12)
+
+
+VIEWS = 5  # the multi-crop case: 2 global + 3 local views of each image
+
+
+def _multiview_batch() -> torch.Tensor:
+    """[VIEWS, N_GLOBAL, 5]: every view of every global image."""
+    return torch.randn(VIEWS, N_GLOBAL, 5, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+
+
+def _multiview_worker(rank: int, port: int, out_dir: str) -> None:
+    with _gloo_group(rank, port):
+        n = N_GLOBAL // WORLD
+        z = _multiview_batch()[:, rank * n : (rank + 1) * n].reshape(VIEWS * n, 5).requires_grad_(True)  # view-major
+        loss = init_nt_xent_loss(n, T, WORLD, views=VIEWS)(z)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grad": z.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_multiview_two_ranks_match_one_process_on_the_gathered_batch(tmp_path):
+    mp.spawn(_multiview_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    whole = _multiview_batch()
+    z = whole.reshape(VIEWS * N_GLOBAL, 5).clone().requires_grad_(True)  # one process: all images, view-major
+    ref = naive_multiview_nt_xent(z, VIEWS, T)
+    ref.backward()
+    grad = z.grad.view(VIEWS, N_GLOBAL, 5)
+    n = N_GLOBAL // WORLD
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got["loss"], ref.detach(), rtol=1e-10, atol=1e-12)
+        mine = grad[:, rank * n : (rank + 1) * n].reshape(VIEWS * n, 5)
+        torch.testing.assert_close(got["grad"] / WORLD, mine, rtol=1e-9, atol=1e-12)
 
 
 def _detached_worker(rank: int, port: int, out_dir: str) -> None:

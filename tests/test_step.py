@@ -20,7 +20,8 @@ from train.step import HostLead, NonFiniteLossError, StepRecords
 from train.wiring import build_step_kit
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
-SHAPE = StepShape(unlabeled=6, support_classes=3, support_per_class=2, support_views=1, resolution=16)
+SHAPE = StepShape(unlabeled=6, support_classes=3, support_per_class=2, support_views=1, groups=((2, 16),),
+                  support_resolution=16)
 LRS = [0.03, 0.08, 0.05]  # the schedule moves lr between steps
 
 
@@ -49,7 +50,7 @@ def _batches(n: int, dtype: torch.dtype = torch.float32):
     batches = [synthetic_batch(SHAPE, CPU.device, torch.float32, channels_last=True) for _ in range(n)]
     if dtype == torch.float32:
         return batches
-    return [dataclasses.replace(b, view1=b.view1.to(dtype), view2=b.view2.to(dtype),
+    return [dataclasses.replace(b, views=tuple(x.to(dtype) for x in b.views),
                                 support_images=b.support_images.to(dtype)) for b in batches]
 
 
@@ -355,7 +356,7 @@ def test_cuda_graphs_step_stays_as_close_to_exact_as_the_eager_step():
         for i, (batch, lr) in enumerate(zip(_batches(3, dtype), LRS)):
             for group in kit.optimizer.param_groups:
                 group["lr"] = lr
-            batch = dataclasses.replace(batch, view1=batch.view1.cuda(), view2=batch.view2.cuda(),
+            batch = dataclasses.replace(batch, views=tuple(x.cuda() for x in batch.views),
                                         support_images=batch.support_images.cuda(),
                                         support_labels=batch.support_labels.cuda(), step=i)
             records.add(step(batch))
@@ -398,3 +399,35 @@ def test_paper_ratio_weights_a_support_anchor_as_at_the_papers_shapes():
     # the default rule is paper_ratio (chosen on held-out train images, RESULTS.md)
     assert effective_suncet_weight(load_config(None, ["data.unlabeled_batch_size=64", "data.support_classes=10",
                                                       "data.support_images_per_class=2"])) == pytest.approx(w / 0.5)
+
+
+def test_each_resolution_is_one_forward_and_the_loss_sees_every_view():
+    """Multi-crop: 2 x 16 px views with the support set in one forward, 3 x 8 px views in another
+    (SwAV's grouping); the embeddings are put back in the contract's order and NT-Xent pairs all
+    five views of each image, SuNCEt the support rows."""
+    from train.config import effective_suncet_weight
+    from train.losses import nt_xent, suncet
+
+    cfg = load_config(None, [f"{k}={v}" for k, v in {"model.arch": "resnet18-small", "model.head_hidden_dim": 32,
+                                                      "model.head_out_dim": 16, "model.sync_bn": "false",
+                                                      "data.unlabeled_batch_size": 6, "data.support_classes": 3,
+                                                      "data.support_images_per_class": 2, "run.precision": "fp32"}.items()]
+                      + ["augment.views=[{count: 2, resolution: 16}, {count: 3, resolution: 8}]"])
+    kit = _kit(cfg)
+    shape = dataclasses.replace(SHAPE, groups=((2, 16), (3, 8)))
+    batch = synthetic_batch(shape, CPU.device, torch.float32, channels_last=True)
+    seen = []
+    hook = kit.core.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    step = kit.step_for_epoch(0)
+    with torch.no_grad():
+        losses = step._forward(batch.views, batch.support_images, batch.support_labels)
+        hook.remove()
+        assert seen == [(2 * 6 + 6, 3, 16, 16), (3 * 6, 3, 8, 8)]
+        big = kit.core(torch.cat([batch.views[0], batch.support_images]))
+        small = kit.core(batch.views[1])
+    t = cfg.loss.temperature
+    expected_nt = nt_xent(torch.cat([big[:12], small]), t, views=5)
+    expected_sc = suncet(big[12:], batch.support_labels, t)
+    torch.testing.assert_close(losses[0], expected_nt)
+    torch.testing.assert_close(losses[1], expected_sc)
+    torch.testing.assert_close(losses[2], expected_nt + effective_suncet_weight(cfg) * expected_sc)

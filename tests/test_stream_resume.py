@@ -1,9 +1,10 @@
-"""A SIGKILLed run resumed with ``--resume auto`` continues the DALI and FFCV
-sample streams where its checkpoint left them: every epoch, put together from
-the killed run (up to its checkpoint) and the resumed one, holds each planned
-image once, in the order of an uninterrupted run (the shared plan). The
-augmentations continue too: the resumed run's losses are an uninterrupted
-run's, step for step."""
+"""A SIGKILLed multi-crop run resumed with ``--resume auto`` continues the DALI
+and FFCV sample streams where its checkpoint left them: every epoch, put
+together from the killed run (up to its checkpoint) and the resumed one, holds
+each planned image once, in the order of an uninterrupted run (the shared
+plan). The augmentations continue too: the resumed run's losses are an
+uninterrupted run's, step for step. The runs take two view groups (2 x 16 px
+and 3 x 8 px); the default two views are the first group's case."""
 from __future__ import annotations
 
 import signal
@@ -18,6 +19,7 @@ from tests.pretrain_helpers import make_split_tree, read_metrics, step_losses, t
 from tests.test_pretrain import _cli, _set_args
 
 CLASSES, PER_CLASS, BATCH, EPOCHS = 4, 12, 8, 3
+VIEWS = "[{count: 2, resolution: 16}, {count: 3, resolution: 8, crop_scale: [0.1, 0.4]}]"
 STEPS = CLASSES * PER_CLASS // BATCH  # per epoch
 
 
@@ -35,13 +37,14 @@ def _data_root(backend: str, tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend, kill_after_step", [("dali", STEPS), ("ffcv", 4)],
-                         ids=["dali-between-epochs", "ffcv-mid-epoch"])
+                         ids=["dali-between-epochs-multicrop", "ffcv-mid-epoch-multicrop"])
 def test_killed_run_resumes_the_same_sample_stream(backend, kill_after_step, tmp_path):
     pytest.importorskip("nvidia.dali" if backend == "dali" else "ffcv")
     root = _data_root(backend, tmp_path)
     run_dir = tmp_path / "run"
     settings = {"data.backend": backend, "data.unlabeled_batch_size": BATCH, "data.num_workers": 1,
-                "optim.epochs": EPOCHS, "run.knn_every_epochs": 0, "run.checkpoint_every_steps": 4}
+                "optim.epochs": EPOCHS, "run.knn_every_epochs": 0, "run.checkpoint_every_steps": 4,
+                "augment.views": VIEWS}
     overrides = tiny_overrides(root, run_dir, **settings)
     command = ["-m", "tests.helpers.record_stream"]
     args = ["--device", "cpu", *_set_args(overrides)]

@@ -25,7 +25,8 @@
 # GPU_STEPS (30), GPU_WINDOWS (3), GPU_WARMUP (10), GPU_DEVICE (cuda; cpu for a dry run without a GPU),
 # GPU_THROUGHPUT_ARGS (extra tools.throughput arguments, e.g. "--model resnet18-small" for that dry run),
 # GPU_LIMIT_SCALE (1; multiplies the stage limits, for a dry run on a slow CPU), GPU_CHECK_VARIANTS=1
-# (also the compute step without channels-last and in bf16: about 100 s more).
+# (also the compute step without channels-last and in bf16: about 100 s more), GPU_CHECK_MULTICROP=1
+# (also SwAV's multi-crop, 2 x 224 + 6 x 96, on every backend: compute, loader, e2e; up to 150 s more).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -135,6 +136,15 @@ if [ "${GPU_CHECK_VARIANTS:-0}" = 1 ]; then
   stage compute-nchw 50 "$PY" "${THROUGHPUT[@]}" --mode compute --set model.channels_last=false \
     --json "$OUT/compute_nchw.json" $EXTRA_ARGS
   stage compute-bf16 50 "$PY" "${THROUGHPUT[@]}" --mode compute --precision bf16 --json "$OUT/compute_bf16.json" $EXTRA_ARGS
+fi
+
+# Optional (GPU_CHECK_MULTICROP=1): the multi-crop shape of SwAV and PAWS, against the run above.
+if [ "${GPU_CHECK_MULTICROP:-0}" = 1 ]; then
+  MULTI=${JSON%.json}-multicrop.json
+  stage throughput-multicrop 150 "$PY" "${THROUGHPUT[@]}" --mode compute,loader,e2e \
+    --backend "$(IFS=,; [ ${#BACKENDS[@]} = 3 ] && echo all || echo "${BACKENDS[0]}")" \
+    --views 2x224:0.14-1,6x96:0.05-0.14 --json "$MULTI" $EXTRA_ARGS
+  [ -f "$MULTI" ] && cp "$MULTI" "$OUT/"
 fi
 
 {

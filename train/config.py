@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from model import ENCODERS
-from pipelines.augment.recipe import SimCLRRecipe
+from pipelines.augment.recipe import AugmentConfig, SimCLRRecipe, views_per_image
 from pipelines.bad_images import POLICIES as BAD_IMAGE_POLICIES
 from pipelines.spec import BACKENDS
 from train.step import HOST_SYNCS
@@ -39,10 +39,11 @@ class DataConfig:
     val_split: str = "val"
     labeled_list: str | None = None  # one relative path (or file name) per line, SimCLR's 10% list format
     labeled_fraction: float = 0.1  # used when labeled_list is None: class-stratified draw with run.seed
-    unlabeled_batch_size: int = 44  # per rank, images (each gives 2 views)
+    unlabeled_batch_size: int = 44  # per rank, images (each gives the views of augment.views: 2 by default)
     support_classes: int = 20  # C, per rank
     support_images_per_class: int = 2  # K
     support_views: int = 1  # V augmented views of each support image
+    support_view_group: int = 0  # whose recipe (and resolution) the support views take: an index into augment.views
     unique_classes: bool = False  # each rank draws disjoint classes
     num_workers: int = 8
     prefetch_factor: int = 2
@@ -124,7 +125,7 @@ class ComputeConfig:
 @dataclass
 class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    augment: SimCLRRecipe = field(default_factory=SimCLRRecipe)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -135,6 +136,16 @@ class PretrainConfig:
     def support_batch_size(self) -> int:
         d = self.data
         return d.support_classes * d.support_images_per_class * d.support_views
+
+    @property
+    def views_per_image(self) -> int:
+        """Views of each unlabeled image, over all view groups (2 for SimCLR)."""
+        return views_per_image(self.augment.view_groups())
+
+    @property
+    def eval_recipe(self) -> SimCLRRecipe:
+        """The first view group's recipe: the resolution and normalisation evaluation uses."""
+        return self.augment.view_groups()[0].recipe
 
     def validate(self, world_size: int = 1) -> None:
         """Refuse impossible values, naming the key. Data-dependent checks
@@ -177,6 +188,10 @@ class PretrainConfig:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
         if d.unlabeled_batch_size < 2:
             raise ConfigError("data.unlabeled_batch_size must be >= 2 (NT-Xent needs negatives)")
+        groups = len(self.augment.view_groups())
+        if not 0 <= d.support_view_group < groups:
+            raise ConfigError(f"data.support_view_group must be the index of a view group in augment.views "
+                              f"(0 .. {groups - 1}), got {d.support_view_group}")
         if d.support_classes < 0 or d.num_workers < 0:
             raise ConfigError("data.support_classes and data.num_workers must be >= 0")
         if l.suncet_weight > 0 and d.support_classes < 2:
@@ -221,14 +236,15 @@ PAPER_VIEWS, PAPER_SUPPORT = 88, 40
 def effective_suncet_weight(cfg: PretrainConfig) -> float:
     """The SuNCEt weight of the loss (``loss.suncet_weight_rule``).
 
-    NT-Xent is a mean over the step's ``2 B`` view anchors and SuNCEt a mean over its ``S``
-    support images, so one support anchor weighs ``w 2B / S`` view anchors: 2.2 at the paper's
-    shapes, 6.4 with 64 x 2 views and 10 x 2 support images. ``paper_ratio`` scales ``w`` by
-    ``(88 / 40) / (2B / S)`` to keep the paper's 2.2 at any shapes (x1 at the paper's)."""
+    NT-Xent is a mean over the step's ``V B`` view anchors (``V`` views per image: 2 for SimCLR)
+    and SuNCEt a mean over its ``S`` support images, so one support anchor weighs ``w VB / S``
+    view anchors: 2.2 at the paper's shapes, 6.4 with 64 x 2 views and 10 x 2 support images.
+    ``paper_ratio`` scales ``w`` by ``(88 / 40) / (VB / S)`` to keep the paper's 2.2 at any
+    shapes (x1 at the paper's)."""
     loss, d = cfg.loss, cfg.data
     if loss.suncet_weight_rule == "fixed":
         return loss.suncet_weight
-    views, support = 2 * d.unlabeled_batch_size, cfg.support_batch_size
+    views, support = cfg.views_per_image * d.unlabeled_batch_size, cfg.support_batch_size
     return loss.suncet_weight * (PAPER_VIEWS / PAPER_SUPPORT) * support / views
 
 
@@ -251,6 +267,13 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is tuple and typing.get_args(annotation)[-1] is Ellipsis:  # a list of any length
+        item = typing.get_args(annotation)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        if dataclasses.is_dataclass(item):
+            return tuple(_build(item, v, f"{key}[{i}].") for i, v in enumerate(value))
+        return tuple(_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     if origin is tuple:
         args = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -11,6 +11,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from pipelines.augment.recipe import describe_views
 from train.config import effective_suncet_weight
 
 
@@ -27,7 +28,7 @@ def banner(cfg, world_size: int, device, precision_name: str, loaders, steps_per
     classes, per_class = ((d.support_classes * world_size, d.support_images_per_class) if d.unique_classes
                           else (d.support_classes, d.support_images_per_class * world_size))
     loss = cfg.loss
-    step = (f"{d.unlabeled_batch_size * world_size} images x 2 views"
+    step = (f"{d.unlabeled_batch_size * world_size} images x {describe_views(cfg.augment.view_groups())}"
             + (f" + {classes} classes x {per_class} images x {d.support_views} view(s) support, SuNCEt weight "
                f"{effective_suncet_weight(cfg):.3g} ({loss.suncet_weight:g}, {loss.suncet_weight_rule})" if support
                else " (SimCLR alone)"))

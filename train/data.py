@@ -26,7 +26,8 @@ def support_spec(cfg) -> SupportSpec | None:
     d = cfg.data
     if cfg.loss.suncet_weight == 0 or d.support_classes == 0:
         return None
-    return SupportSpec(d.support_classes, d.support_images_per_class, d.support_views, d.unique_classes)
+    return SupportSpec(d.support_classes, d.support_images_per_class, d.support_views, d.unique_classes,
+                       d.support_view_group)
 
 
 def labeled_spec(cfg) -> LabeledSpec:
@@ -39,8 +40,8 @@ def loader_spec(cfg, rank: int, world_size: int, device: torch.device,
     d = cfg.data
     return LoaderSpec(
         backend=d.backend, root=Path(d.root), train_split=d.train_split, labeled=labeled_spec(cfg),
-        batch_size=d.unlabeled_batch_size, support=support_spec(cfg), recipe=cfg.augment, seed=cfg.run.seed,
-        rank=rank, world_size=world_size, device=torch.device(device), dtype=dtype,
+        batch_size=d.unlabeled_batch_size, support=support_spec(cfg), views=cfg.augment.view_groups(),
+        seed=cfg.run.seed, rank=rank, world_size=world_size, device=torch.device(device), dtype=dtype,
         channels_last=cfg.model.channels_last, host_workers=d.num_workers, prefetch=d.prefetch_factor,
         on_bad_image=d.on_bad_image,
     )
@@ -69,7 +70,7 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device,
     if cfg.run.knn_every_epochs > 0 and rank == 0:  # only the main rank evaluates
         try:
             knn = knn_data(d.root, d.train_split, d.val_split, data.labeled, d.knn_max_samples,
-                           eval_transform(cfg.augment), cfg.run.seed, d.on_bad_image)
+                           eval_transform(cfg.eval_recipe), cfg.run.seed, d.on_bad_image)
         except NoEvalSplit as exc:
             knn_off = str(exc)
         else:

@@ -144,7 +144,7 @@ def build_eval_data(cfg: PretrainConfig, root: Path, s: EvalSettings) -> EvalDat
     """Labeled train subset and held-out split of ``root`` (an ImageFolder tree, or a conversion's shards)."""
     d = cfg.data
     train_split, val_split = s.train_split or d.train_split, s.val_split or d.val_split
-    recipe = cfg.augment
+    recipe = cfg.eval_recipe
     if not root.is_dir():
         raise DataError(f"data root not found: {root}")
     train, val = open_split_images(root, train_split), open_split_images(root, val_split)

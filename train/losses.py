@@ -86,41 +86,64 @@ def _check_gathered(name: str, gathered_rows: int, expected_rows: int, world_siz
 # --------------------------------------------------------------------------- NT-Xent
 
 
+def view_positives(local_images: int, views: int, world_size: int,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """int64 ``[V*N*W, V-1]``: the gathered rows that are each row's positives, for the row order
+    documented in ``init_nt_xent_loss``: row ``r*VN + v*N + i`` (view ``v`` of image ``i`` of rank
+    ``r``) has the other views of its image, ``r*VN + u*N + i`` for ``u != v`` in increasing ``u``."""
+    n, v = local_images, views
+    rows = torch.arange(v * n * world_size, device=device)
+    block, view, image = rows // (v * n), (rows // n) % v, rows % n
+    others = torch.arange(v - 1, device=device)
+    other_views = others[None, :] + (others[None, :] >= view[:, None]).long()  # skip the row's own view
+    return block[:, None] * (v * n) + other_views * n + image[:, None]
+
+
 def nt_xent_positives(local_pairs: int, world_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Index of each gathered row's positive, for the row order documented in
-    ``init_nt_xent_loss``: row ``r*2N + j`` pairs with ``r*2N + (j+N) % 2N``."""
-    n = local_pairs
-    rows = torch.arange(2 * n * world_size, device=device)
-    block, j = rows // (2 * n), rows % (2 * n)
-    return block * (2 * n) + (j + n) % (2 * n)
+    """Index of each gathered row's positive with two views: row ``r*2N + j`` pairs with
+    ``r*2N + (j+N) % 2N`` (``view_positives`` with V = 2)."""
+    return view_positives(local_pairs, 2, world_size, device)[:, 0]
 
 
 GATHERS = ("grad", "detached")
 
 
+def _nt_xent_terms(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Mean over anchors of ``logsumexp_k(logits_ik) - mean_p logits_ip`` (the anchor itself is
+    already ``-inf`` in ``logits``); with one positive per row, F.cross_entropy's value."""
+    return (torch.logsumexp(logits, dim=1) - logits.gather(1, positives).mean(dim=1)).mean()
+
+
 def init_nt_xent_loss(
-    local_pairs: int,
+    local_images: int,
     temperature: float,
     world_size: int | None = None,
     device: torch.device | str | None = None,
     gather: str = "grad",
+    views: int = 2,
 ) -> NTXentFn:
-    """Build the NT-Xent loss for ``local_pairs`` images (``2*local_pairs`` rows) per rank.
+    """Build the NT-Xent loss for ``local_images`` images with ``views`` views each per rank.
 
-    Row order. Each rank passes ``z = [view1; view2]`` with shape ``[2N, D]``:
-    rows ``i`` and ``i+N`` are the two views of local image ``i``. After the
-    gather the global tensor is the rank blocks in rank order,
-    ``[v1_r0; v2_r0; v1_r1; v2_r1; ...]``, so global row ``r*2N + j`` has its
-    positive at ``r*2N + (j+N) % 2N``. Since the loss is a mean over anchors
-    it does not depend on this order, and equals the single-process loss on
-    ``[v1_r0; v1_r1; ...; v2_r0; v2_r1; ...]``.
+    Row order. Each rank passes ``z = [view 0; view 1; ...]`` with shape
+    ``[V*N, D]``: rows ``v*N + i`` are the views of local image ``i`` (the
+    contract's view-major order, groups concatenated). After the gather the
+    global tensor is the rank blocks in rank order, so global row
+    ``r*VN + v*N + i`` has its positives at ``r*VN + u*N + i``, ``u != v``
+    (``view_positives``). Since the loss is a mean over anchors it does not
+    depend on this order, and equals the single-process loss on all ranks'
+    rows.
 
     The loss: cosine similarities ``s_ij`` of the L2-normalised rows; for each
-    of the ``2NW`` anchors ``i`` with positive ``p(i)``,
-    ``l_i = -log( exp(s_ip/t) / sum_{k != i} exp(s_ik/t) )`` (the positive is
-    in the denominator, the other ``2NW-2`` rows are negatives); the result
-    is the mean of ``l_i`` over all global anchors, identical on every rank.
-    ``world_size`` defaults to the current process group's.
+    of the ``VNW`` anchors ``i`` with positives ``P(i)`` (the other views of its
+    image), ``l_i = mean_{p in P(i)} -log( exp(s_ip/t) / sum_{k != i} exp(s_ik/t) )``;
+    the result is the mean of ``l_i`` over all global anchors, identical on
+    every rank. With two views (SimCLR) ``P(i)`` is the one other view and this
+    is SimCLR's NT-Xent (the positive in the denominator, the other ``2NW-2``
+    rows negatives). With more views (multi-crop) it is SupCon's ``L_out``
+    with the image as the label: every view of an image pulls towards every
+    other view of it, and the other views of the same image stay in the
+    denominator, as SimCLR's positive does. ``world_size`` defaults to the
+    current process group's.
 
     ``gather`` (``loss.ntxent_gather``): ``"grad"`` (default) passes gradients
     through the gather, so a W-rank step equals one process on the whole batch
@@ -130,45 +153,52 @@ def init_nt_xent_loss(
     mean, identical on every rank, so decisions on it agree). With one
     process the two are the same.
     """
-    if isinstance(local_pairs, bool) or not isinstance(local_pairs, int) or local_pairs < 1:
-        raise ValueError(f"local_pairs must be an integer >= 1, got {local_pairs!r}")
+    if isinstance(local_images, bool) or not isinstance(local_images, int) or local_images < 1:
+        raise ValueError(f"local_images must be an integer >= 1, got {local_images!r}")
+    if isinstance(views, bool) or not isinstance(views, int) or views < 2:
+        raise ValueError(f"views must be an integer >= 2 (NT-Xent pairs an image's views), got {views!r}")
     if gather not in GATHERS:
         raise ValueError(f"gather (loss.ntxent_gather) must be one of {GATHERS}, got {gather!r}")
     inv_t = 1.0 / _check_temperature(temperature)
     world = _world_size(world_size)
-    rows = 2 * local_pairs * world
-    positives = nt_xent_positives(local_pairs, world, device)
+    local_rows = views * local_images
+    rows = local_rows * world
+    positives = view_positives(local_images, views, world, device)
     self_mask = torch.eye(rows, dtype=torch.bool, device=device)
     if gather == "detached" and world > 1:
-        return _detached_nt_xent(local_pairs, inv_t, world, positives, self_mask)
+        return _detached_nt_xent(local_rows, inv_t, world, positives, self_mask)
 
     def loss(z: torch.Tensor) -> torch.Tensor:
-        _check_embeddings(z, "nt_xent")
-        if z.shape[0] != 2 * local_pairs:
-            raise ValueError(f"nt_xent: expected {2 * local_pairs} rows ([view1; view2]), got {z.shape[0]}")
-        if z.device != positives.device:
-            raise ValueError(f"nt_xent: z is on {z.device} but the loss was built for {positives.device}")
-        # 1. normalise and gather: [2NW, D], rank blocks of [view1; view2]
+        _check_rows(z, local_rows, views, positives.device)
+        # 1. normalise and gather: [VNW, D], rank blocks of [view 0; view 1; ...]
         zg = _normalize_and_gather(z)
         _check_gathered("nt_xent", zg.shape[0], rows, world)
         # 2. cosine-similarity logits, the anchor itself removed from the softmax
         logits = (zg @ zg.T * inv_t).masked_fill(self_mask, float("-inf"))
-        # 3. cross-entropy against the positive, mean over all global anchors
-        return F.cross_entropy(logits, positives)
+        # 3. the mean over positives of the cross-entropy, mean over all global anchors
+        return _nt_xent_terms(logits, positives)
 
     return loss
 
 
-def _detached_nt_xent(local_pairs: int, inv_t: float, world: int, positives: torch.Tensor,
+def _check_rows(z: torch.Tensor, local_rows: int, views: int, device: torch.device) -> None:
+    _check_embeddings(z, "nt_xent")
+    if z.shape[0] != local_rows:
+        raise ValueError(f"nt_xent: expected {local_rows} rows ({views} views x {local_rows // views} images, "
+                         f"view-major), got {z.shape[0]}")
+    if z.device != device:
+        raise ValueError(f"nt_xent: z is on {z.device} but the loss was built for {device}")
+
+
+def _detached_nt_xent(local_rows: int, inv_t: float, world: int, positives: torch.Tensor,
                       self_mask: torch.Tensor) -> NTXentFn:
     """NT-Xent whose gradient flows through this rank's rows only (see ``init_nt_xent_loss``)."""
     rank = get_rank_and_world()[0]
-    mine = slice(rank * 2 * local_pairs, (rank + 1) * 2 * local_pairs)
+    mine = slice(rank * local_rows, (rank + 1) * local_rows)
+    views = positives.shape[1] + 1
 
     def loss(z: torch.Tensor) -> torch.Tensor:
-        _check_embeddings(z, "nt_xent")
-        if z.shape[0] != 2 * local_pairs:
-            raise ValueError(f"nt_xent: expected {2 * local_pairs} rows ([view1; view2]), got {z.shape[0]}")
+        _check_rows(z, local_rows, views, positives.device)
         # 1. normalise; gather every rank's rows as constants, then put this rank's own back with gradient
         zn = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
         keys = all_gather_no_grad(zn.detach())
@@ -176,7 +206,7 @@ def _detached_nt_xent(local_pairs: int, inv_t: float, world: int, positives: tor
         keys = torch.cat([keys[: mine.start], zn, keys[mine.stop :]])
         # 2. this rank's anchors against every row, itself removed from the softmax
         logits = (zn @ keys.T * inv_t).masked_fill(self_mask[mine], float("-inf"))
-        local = F.cross_entropy(logits, positives[mine])
+        local = _nt_xent_terms(logits, positives[mine])
         # 3. the value of the global mean, the gradient of this rank's mean
         total = all_reduce_no_grad(local.detach()) / world
         return local + (total - local.detach())
@@ -184,14 +214,14 @@ def _detached_nt_xent(local_pairs: int, inv_t: float, world: int, positives: tor
     return loss
 
 
-def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent of ``z = [view1; view2]`` (``[2N, D]``); see ``init_nt_xent_loss``
-    for the loss and the distributed row order. Returns a float32 (or float64)
-    scalar, the same on every rank."""
+def nt_xent(z: torch.Tensor, temperature: float, views: int = 2) -> torch.Tensor:
+    """NT-Xent of ``z = [view 0; view 1; ...]`` (``[V*N, D]``, view-major); see
+    ``init_nt_xent_loss`` for the loss and the distributed row order. Returns a float32 (or
+    float64) scalar, the same on every rank."""
     _check_embeddings(z, "nt_xent")
-    if z.shape[0] % 2:
-        raise ValueError(f"nt_xent: z must have an even number of rows ([view1; view2]), got {z.shape[0]}")
-    return init_nt_xent_loss(z.shape[0] // 2, temperature, device=z.device)(z)
+    if z.shape[0] % views:
+        raise ValueError(f"nt_xent: z must have a multiple of {views} rows ([view 0; view 1; ...]), got {z.shape[0]}")
+    return init_nt_xent_loss(z.shape[0] // views, temperature, device=z.device, views=views)(z)
 
 
 # --------------------------------------------------------------------------- SuNCEt

@@ -65,21 +65,21 @@ class StepResult:
 
 
 class TrainStep:
-    """Forward, backward and LARS step for batches of ``unlabeled`` images (two
-    views each) and ``support`` labelled rows. Returns a ``StepResult``; read it
+    """Forward, backward and LARS step for batches of ``unlabeled`` images (``views`` views each,
+    over all view groups) and ``support`` labelled rows. Returns a ``StepResult``; read it
     through ``StepRecords``."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                  settings: StepSettings, unlabeled: int, support: int, world_size: int, device: torch.device,
-                 channels_last: bool = True):
+                 channels_last: bool = True, views: int = 2):
         if settings.cuda_graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device.type}")
         self.model, self.optimizer, self.scaler, self.settings = model, optimizer, scaler, settings
-        self.unlabeled = unlabeled
+        self.unlabeled, self.views = unlabeled, views
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.use_support = settings.suncet_weight > 0 and support > 0
         self.nt_xent = init_nt_xent_loss(unlabeled, settings.temperature, world_size, device,
-                                         gather=settings.ntxent_gather)
+                                         gather=settings.ntxent_gather, views=views)
         self.suncet = init_suncet_loss(support, settings.temperature, world_size, device) if self.use_support else None
         self.names = ("loss_ntxent", "loss_suncet", "loss") if self.use_support else ("loss_ntxent", "loss")
         # (loss non-finite, gradients non-finite) as device tensors, for the host-synced path
@@ -93,28 +93,40 @@ class TrainStep:
     def syncs_every_step(self) -> bool:
         return self.settings.host_sync == "step"
 
-    def _forward(self, view1: torch.Tensor, view2: torch.Tensor, support: torch.Tensor,
+    def _forward(self, views: tuple[torch.Tensor, ...], support: torch.Tensor,
                  labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Encode views and support images in one forward (shared BN statistics,
-        one kernel launch stream), then NT-Xent on the views and SuNCEt on the
-        support. Returns the losses in the order of ``self.names``."""
-        parts = [view1, view2] + ([support] if self.use_support else [])
-        images = torch.cat(parts).contiguous(memory_format=self.memory_format)
-        precision = self.settings.precision
-        with torch.autocast(images.device.type, dtype=precision.autocast_dtype or torch.float32,
-                            enabled=precision.autocast_dtype is not None):
-            z = self.model(images)
+        """Encode every view group and the support images, one forward per resolution (the
+        images of one resolution share BN statistics and one kernel launch stream, as in SwAV;
+        SimCLR's two views and the support set are one forward), then NT-Xent over the views
+        and SuNCEt on the support. Returns the losses in the order of ``self.names``."""
+        parts = list(views) + ([support] if self.use_support else [])
+        sides = list(dict.fromkeys(tuple(x.shape[-2:]) for x in parts))  # resolutions, in order of first use
+        embeddings: list[torch.Tensor | None] = [None] * len(parts)
+        for side in sides:
+            members = [k for k, x in enumerate(parts) if tuple(x.shape[-2:]) == side]
+            z = self._encode(torch.cat([parts[k] for k in members]))
+            for k, chunk in zip(members, z.split([parts[k].shape[0] for k in members])):
+                embeddings[k] = chunk
+        z = z if len(sides) == 1 else torch.cat(embeddings)  # one resolution: already in order
         z = z.to(torch.promote_types(z.dtype, torch.float32))  # fp16/bf16 -> fp32; an fp64 model stays fp64
-        loss_unsup = self.nt_xent(z[: 2 * self.unlabeled])
+        view_rows = self.views * self.unlabeled
+        loss_unsup = self.nt_xent(z[:view_rows])
         if not self.use_support:
             return loss_unsup, loss_unsup
-        loss_sup = self.suncet(z[2 * self.unlabeled :], labels)
+        loss_sup = self.suncet(z[view_rows:], labels)
         return loss_unsup, loss_sup, loss_unsup + self.settings.suncet_weight * loss_sup
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        precision = self.settings.precision
+        images = images.contiguous(memory_format=self.memory_format)
+        with torch.autocast(images.device.type, dtype=precision.autocast_dtype or torch.float32,
+                            enabled=precision.autocast_dtype is not None):
+            return self.model(images)
 
     def __call__(self, batch: PretrainBatch) -> StepResult:
         if self.settings.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        losses = self.forward(batch.view1, batch.view2, batch.support_images, batch.support_labels)
+        losses = self.forward(batch.views, batch.support_images, batch.support_labels)
         self.optimizer.zero_grad(set_to_none=True)
         verdict = None
         if self.syncs_every_step:

@@ -78,7 +78,8 @@ class StepKit:
             self._steps[supervised] = TrainStep(
                 self.model, self.optimizer, self.scaler, self.step_settings(epoch),
                 unlabeled=self.cfg.data.unlabeled_batch_size, support=self.cfg.support_batch_size,
-                world_size=self.ctx.world_size, device=self.ctx.device, channels_last=self.cfg.model.channels_last)
+                world_size=self.ctx.world_size, device=self.ctx.device, channels_last=self.cfg.model.channels_last,
+                views=self.cfg.views_per_image)
         return self._steps[supervised]
 
     def host_lead(self) -> HostLead:

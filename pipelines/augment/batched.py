@@ -41,7 +41,7 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Columns of the single uniform draw made by ``sample_params``.
-_N_UNIFORMS = 13  # flip, jitter, 4 factors, 4 order keys, gray, blur, sigma
+_N_UNIFORMS = 15  # flip, jitter, 4 factors, 4 order keys, gray, blur, sigma, solarize, threshold
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,9 @@ class ColorAugParams:
       (``BRIGHTNESS, CONTRAST, SATURATION, HUE``): ``order[i, k]`` is the op
       applied ``k``-th to sample ``i``;
     - ``sigma``: float32 [B], Gaussian blur standard deviation in pixels, used
-      only where ``blur`` is set.
+      only where ``blur`` is set;
+    - ``solarize``: bool [B], and ``threshold``: float32 [B] on [0, 1] pixel
+      values: where set, values at or above the threshold become ``1 - v``.
     """
 
     flip: Tensor
@@ -71,10 +73,13 @@ class ColorAugParams:
     grayscale: Tensor
     blur: Tensor
     sigma: Tensor
+    solarize: Tensor
+    threshold: Tensor
 
     def __post_init__(self) -> None:
         b = self.flip.shape[0]
-        for name in ("flip", "jitter", "brightness", "contrast", "saturation", "hue", "grayscale", "blur", "sigma"):
+        for name in ("flip", "jitter", "brightness", "contrast", "saturation", "hue", "grayscale", "blur", "sigma",
+                     "solarize", "threshold"):
             if getattr(self, name).shape != (b,):
                 raise ValueError(f"ColorAugParams.{name} must have shape ({b},), got {tuple(getattr(self, name).shape)}")
         if self.order.shape != (b, 4):
@@ -83,6 +88,21 @@ class ColorAugParams:
     @property
     def batch_size(self) -> int:
         return self.flip.shape[0]
+
+    @classmethod
+    def from_draws(cls, draws, device: torch.device | str, flip: bool = True) -> ColorAugParams:
+        """The parameters of planned views (``pipelines.augment.draws.ViewDraws``) on ``device``;
+        ``flip=False``: the flip was done where the views were cropped."""
+
+        def put(a, dtype):
+            return torch.as_tensor(a).to(device=device, dtype=dtype, non_blocking=True)
+
+        return cls(flip=put(draws.flip & flip, torch.bool), jitter=put(draws.jitter, torch.bool),
+                   brightness=put(draws.brightness, torch.float32), contrast=put(draws.contrast, torch.float32),
+                   saturation=put(draws.saturation, torch.float32), hue=put(draws.hue, torch.float32),
+                   order=put(draws.order, torch.int64), grayscale=put(draws.grayscale, torch.bool),
+                   blur=put(draws.blur, torch.bool), sigma=put(draws.sigma, torch.float32),
+                   solarize=put(draws.solarize, torch.bool), threshold=put(draws.threshold, torch.float32))
 
 
 # ---------------------------------------------------------------------------
@@ -172,6 +192,13 @@ def grayscale(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), rgb_to_gray(x).expand_as(x), x)
 
 
+def solarize(x: Tensor, mask: Tensor, threshold: Tensor) -> Tensor:
+    """Where ``mask`` [B] is set, values at or above the sample's ``threshold`` become ``1 - v``
+    (torchvision's ``solarize`` on [0, 1] images)."""
+    hit = mask.view(-1, 1, 1, 1) & (x >= threshold.to(x.dtype).view(-1, 1, 1, 1))
+    return torch.where(hit, 1.0 - x, x)
+
+
 def hflip(x: Tensor, mask: Tensor) -> Tensor:
     """Mirror left-right the samples where ``mask`` [B] is set."""
     return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
@@ -242,7 +269,7 @@ def _check_dtype(dtype: torch.dtype) -> None:
 
 
 class BatchColorAugment:
-    """SimCLR flip + colour jitter + grayscale + blur + normalise, per sample.
+    """SimCLR flip + colour jitter + grayscale + blur (+ solarize) + normalise, per sample.
 
     Built from a ``SimCLRRecipe``; ``flip=False`` leaves flipping to a CPU
     stage that already did it (FFCV). Output: ``dtype`` (float32, float16 or
@@ -275,7 +302,8 @@ class BatchColorAugment:
         for that device). Factors are uniform in ``recipe.factor_range(x)`` with x
         the recipe's brightness/contrast/saturation; hue uniform in [-h, h];
         sigma uniform in ``recipe.blur_sigma``; ``order`` is a uniformly random
-        permutation per sample (argsort of 4 uniforms).
+        permutation per sample (argsort of 4 uniforms); solarize with
+        ``recipe.solarize_prob``, its threshold uniform in ``recipe.solarize_threshold``.
         """
         r = self.recipe
         device = torch.device("cpu") if device is None else torch.device(device)
@@ -298,6 +326,8 @@ class BatchColorAugment:
             grayscale=u[:, 10] < r.grayscale_prob,
             blur=u[:, 11] < r.blur_prob,
             sigma=uniform(12, r.blur_sigma[0], r.blur_sigma[1]),
+            solarize=u[:, 13] < r.solarize_prob,
+            threshold=uniform(14, *r.solarize_threshold),
         )
 
     def apply(self, images: Tensor, params: ColorAugParams) -> Tensor:
@@ -318,6 +348,8 @@ class BatchColorAugment:
                     x[idx] = gaussian_blur(x[idx], params.sigma[idx], self.recipe.blur_kernel_size)
             else:
                 x = gaussian_blur(x, params.sigma, self.recipe.blur_kernel_size, mask=params.blur)
+        if self.recipe.solarize_prob > 0:
+            x = solarize(x, params.solarize, params.threshold)
         return normalize(x, self.recipe.mean, self.recipe.std, self.dtype)
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:

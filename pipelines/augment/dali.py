@@ -1,23 +1,24 @@
-"""The SimCLR recipe as one DALI graph whose random parameters come from numpy.
+"""The recipe as one DALI graph whose random parameters are the plan's draws.
 
-Two steps, as in ``batch_augment``, so that randomness and maths are tested
-apart:
+Two steps, as in ``batched``, so that randomness and maths are tested apart:
 
-1. ``sample_view_params`` draws every per-view parameter of a batch on the
-   host from a numpy Generator (torchvision's distributions, vectorised) and
-   turns them into the arguments of the DALI ops (``ViewParams``);
+1. ``view_params`` turns the planned draws of a batch of views
+   (``pipelines.augment.draws.ViewDraws``, from the images' seeds) into the
+   arguments of the DALI ops (``ViewParams``);
 2. ``augment_view`` is the DALI graph of one view, deterministic given those
-   arguments: ROI resize (crop), one affine colour transform (jitter and
-   grayscale), Gaussian blur, then flip + normalise + cast.
+   arguments: ROI resize (crop) from the once-decoded image, one affine colour
+   transform (jitter and grayscale), Gaussian blur, solarize when the recipe
+   has it, then flip + normalise + cast.
 
-Drawing on the host makes the stream a pure function of the generator's seed,
-so a run resumed at (epoch, step) sees exactly the views it would have seen,
-with no DALI operator state to checkpoint.
+Drawing on the host from the plan makes the stream a pure function of
+(seed, epoch, step), the same crops as the other backends, and a run resumed
+at (epoch, step) sees exactly the views it would have seen, with no DALI
+operator state to checkpoint.
 
 Conventions, from torchvision's to DALI's
 -----------------------------------------
-- Crop: torchvision's ``RandomResizedCrop.get_params`` (10 tries, log-uniform
-  aspect ratio, centre-crop fallback) on the encoded image's size, then
+- Crop: the planned box (torchvision's ``RandomResizedCrop.get_params`` on the
+  encoded image's size, ``pipelines.augment.draws``), then
   ``fn.resize`` with an absolute ROI ``[top, left] .. [top + h, left + w]``
   (pixels, HW order), linear interpolation with antialiasing.
 - Colour jitter: factors are drawn as torchvision's ``ColorJitter`` (uniform
@@ -39,23 +40,24 @@ Conventions, from torchvision's to DALI's
   at ``min(recipe.blur_kernel_size, 2 ceil(3 sigma) + 1)`` taps, so small
   sigmas cost less (the dropped taps weigh under 0.3 %); window 1 (identity)
   where the blur is not applied. DALI's border mode is torchvision's reflect.
+- Solarize (only in the graph when the recipe's ``solarize_prob`` > 0): values
+  at or above 255 x the drawn threshold become ``255 - v``, on the blurred
+  float image.
 - Normalisation: ``crop_mirror_normalize`` with mean and std scaled by 255,
   horizontal flip as its ``mirror`` flag, output fp16 or fp32, HWC or CHW.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
+from typing import Sequence
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines.augment.batched import LUMA_WEIGHTS
-from pipelines.augment.recipe import SimCLRRecipe
+from pipelines.augment.batched import BRIGHTNESS, CONTRAST, LUMA_WEIGHTS, SATURATION
+from pipelines.augment.draws import ViewDraws, draw_views
+from pipelines.augment.recipe import SimCLRRecipe, ViewGroup
 
-# Jitter op ids, as in ``batch_augment``: ``order[i, k]`` is the op applied k-th to view i.
-BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
-CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop
 BLUR_RADIUS_SIGMAS = 3.0  # Gaussian taps kept on each side, in sigmas (capped by the recipe's kernel)
 
 _LUMA = np.asarray(LUMA_WEIGHTS, dtype=np.float64)
@@ -73,7 +75,8 @@ class ViewParams:
       additive term of the colour transform (contrast's pull towards the mean);
     - ``blur_window``: int32 [n], odd kernel taps (1: no blur);
     - ``blur_sigma``: float32 [n], pixels;
-    - ``flip``: int32 [n], 1 to mirror left-right.
+    - ``flip``: int32 [n], 1 to mirror left-right;
+    - ``solarize``: int32 [n], 1 to solarize at ``solarize_level`` (float32 [n], 0..255).
     """
 
     roi_start: np.ndarray
@@ -83,59 +86,35 @@ class ViewParams:
     blur_window: np.ndarray
     blur_sigma: np.ndarray
     flip: np.ndarray
+    solarize: np.ndarray
+    solarize_level: np.ndarray
 
     def __post_init__(self) -> None:
         n = len(self.flip)
         shapes = {"roi_start": (n, 2), "roi_end": (n, 2), "color": (n, 3, 3), "offset": (n, 3, 3),
-                  "blur_window": (n,), "blur_sigma": (n,), "flip": (n,)}
+                  "blur_window": (n,), "blur_sigma": (n,), "flip": (n,), "solarize": (n,), "solarize_level": (n,)}
         for name, shape in shapes.items():
             if getattr(self, name).shape != shape:
                 raise ValueError(f"ViewParams.{name} must have shape {shape}, got {getattr(self, name).shape}")
 
-    def as_tuple(self) -> tuple[np.ndarray, ...]:
-        """The arrays in ``VIEW_FIELDS`` order, C-contiguous, with the dtypes DALI expects."""
-        dtypes = (np.float32, np.float32, np.float32, np.float32, np.int32, np.float32, np.int32)
-        return tuple(np.ascontiguousarray(getattr(self, name), dtype=dtype) for name, dtype in zip(VIEW_FIELDS, dtypes))
+    def as_tuple(self, recipe: SimCLRRecipe) -> tuple[np.ndarray, ...]:
+        """The arrays ``view_fields(recipe)`` names, in order, C-contiguous, with the dtypes DALI expects."""
+        return tuple(np.ascontiguousarray(getattr(self, name), dtype=_DTYPES[name]) for name in view_fields(recipe))
 
 
 VIEW_FIELDS = tuple(f.name for f in fields(ViewParams))
+_DTYPES = dict(zip(VIEW_FIELDS, (np.float32, np.float32, np.float32, np.float32, np.int32, np.float32, np.int32,
+                                 np.int32, np.float32)))
+
+
+def view_fields(recipe: SimCLRRecipe) -> tuple[str, ...]:
+    """The parameters a view of ``recipe`` feeds to the graph: all but solarize's without solarize."""
+    return VIEW_FIELDS if recipe.solarize_prob > 0 else VIEW_FIELDS[:-2]
 
 
 # ---------------------------------------------------------------------------
 # Host side: parameters
 # ---------------------------------------------------------------------------
-
-
-def random_resized_crop(rng: np.random.Generator, heights: np.ndarray, widths: np.ndarray,
-                        scale: tuple[float, float], ratio: tuple[float, float]) -> np.ndarray:
-    """torchvision's ``RandomResizedCrop.get_params`` for n images at once.
-
-    Returns int64 [n, 4] rows ``(top, left, height, width)`` in pixels: up to
-    10 tries of an area fraction uniform in ``scale`` and a log-uniform aspect
-    ratio (width / height) in ``ratio``, the first that fits placed uniformly;
-    otherwise the largest centred crop with its ratio clamped to ``ratio``.
-    """
-    h_img = np.asarray(heights, dtype=np.float64)
-    w_img = np.asarray(widths, dtype=np.float64)
-    n = len(h_img)
-    area = (h_img * w_img)[:, None] * rng.uniform(scale[0], scale[1], (n, CROP_ATTEMPTS))
-    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), (n, CROP_ATTEMPTS)))
-    w = np.round(np.sqrt(area * aspect))
-    h = np.round(np.sqrt(area / aspect))
-    fits = (w > 0) & (w <= w_img[:, None]) & (h > 0) & (h <= h_img[:, None])
-    first = fits.argmax(axis=1)
-    found = fits.any(axis=1)
-    rows = np.arange(n)
-    # Fallback: whole image, ratio clamped to the range (torchvision rounds the clamped side).
-    in_ratio = w_img / h_img
-    fw = np.where(in_ratio > ratio[1], np.round(h_img * ratio[1]), w_img)
-    fh = np.where(in_ratio < ratio[0], np.round(w_img / ratio[0]), h_img)
-    ch = np.where(found, h[rows, first], fh)
-    cw = np.where(found, w[rows, first], fw)
-    u = rng.random((n, 2))
-    top = np.where(found, np.floor(u[:, 0] * (h_img - ch + 1)), (h_img - ch) // 2)
-    left = np.where(found, np.floor(u[:, 1] * (w_img - cw + 1)), (w_img - cw) // 2)
-    return np.stack([top, left, ch, cw], axis=1).astype(np.int64)
 
 
 def hue_rotation(shift: np.ndarray) -> np.ndarray:
@@ -192,60 +171,33 @@ def blur_window(sigma: np.ndarray, kernel_size: int) -> np.ndarray:
     return np.minimum(taps, kernel_size)
 
 
-@dataclass(frozen=True)
-class ViewDraws:
-    """The random draws behind one batch of views, in torchvision's terms."""
-
-    crop: np.ndarray  # int64 [n, 4] (top, left, height, width)
-    flip: np.ndarray  # bool [n]
-    jitter: np.ndarray  # bool [n]
-    brightness: np.ndarray  # float [n], 1 where not jittered (likewise below)
-    contrast: np.ndarray
-    saturation: np.ndarray
-    hue: np.ndarray  # fraction of the circle, 0 where not jittered
-    order: np.ndarray  # int64 [n, 4], permutation of the jitter op ids
-    grayscale: np.ndarray  # bool [n]
-    blur: np.ndarray  # bool [n]
-    sigma: np.ndarray  # float [n], pixels (drawn for every view, used where blur)
-
-
-def draw_views(rng: np.random.Generator, sizes: np.ndarray, recipe: SimCLRRecipe) -> ViewDraws:
-    """Draw one view's parameters for each image; ``sizes`` is int [n, 2] (height, width)."""
-    sizes = np.asarray(sizes)
-    n = len(sizes)
-    crop = random_resized_crop(rng, sizes[:, 0], sizes[:, 1], recipe.crop_scale, recipe.crop_ratio)
-    u = rng.random((n, 5))
-    flip, jitter, gray, blur = (u[:, 0] < recipe.flip_prob, u[:, 1] < recipe.jitter_prob,
-                                u[:, 2] < recipe.grayscale_prob, u[:, 3] < recipe.blur_prob)
-
-    def factor(spread: float) -> np.ndarray:
-        f = rng.uniform(*recipe.factor_range(spread), n)
-        return np.where(jitter, f, 1.0)
-
-    brightness, contrast, saturation = factor(recipe.brightness), factor(recipe.contrast), factor(recipe.saturation)
-    hue = np.where(jitter, rng.uniform(-recipe.hue, recipe.hue, n), 0.0)
-    order = np.argsort(rng.random((n, 4)), axis=1)
-    lo, hi = recipe.blur_sigma
-    sigma = lo + (hi - lo) * u[:, 4]
-    return ViewDraws(crop, flip, jitter, brightness, contrast, saturation, hue, order, gray, blur, sigma)
-
-
 def view_params(draws: ViewDraws, recipe: SimCLRRecipe) -> ViewParams:
-    """Turn draws into the DALI ops' arguments (deterministic)."""
+    """Turn planned draws (one view of each of n images) into the DALI ops' arguments."""
     top, left, h, w = draws.crop.T
-    color, offset = color_transform(draws.brightness, draws.contrast, draws.saturation, draws.hue,
+    j = draws.jitter
+    color, offset = color_transform(np.where(j, draws.brightness, 1.0), np.where(j, draws.contrast, 1.0),
+                                    np.where(j, draws.saturation, 1.0), np.where(j, draws.hue, 0.0),
                                     draws.order, draws.grayscale)
     window = np.where(draws.blur, blur_window(draws.sigma, recipe.blur_kernel_size), 1)
     return ViewParams(
         roi_start=np.stack([top, left], axis=1), roi_end=np.stack([top + h, left + w], axis=1),
         color=color, offset=offset, blur_window=window, blur_sigma=draws.sigma, flip=draws.flip.astype(np.int32),
+        solarize=draws.solarize.astype(np.int32), solarize_level=255.0 * draws.threshold,
     )
 
 
-def sample_view_params(rng: np.random.Generator, sizes: np.ndarray, recipe: SimCLRRecipe,
-                       views: int) -> list[ViewParams]:
-    """``views`` independent views of each image (draws in view order from ``rng``)."""
-    return [view_params(draw_views(rng, sizes, recipe), recipe) for _ in range(views)]
+def group_view_params(seeds: np.ndarray, sizes: np.ndarray, groups: Sequence[ViewGroup]) -> list[ViewParams]:
+    """The arguments of every view of every group, in view order, for images with plan seeds
+    ``seeds`` and encoded ``sizes`` (int [n, 2], height and width)."""
+    params, first, n = [], 0, len(seeds)
+    for group in groups:
+        draws = draw_views(seeds, first, group.count, sizes, group.recipe)
+        for v in range(group.count):
+            rows = slice(v * n, (v + 1) * n)
+            params.append(view_params(ViewDraws(*(getattr(draws, f.name)[rows] for f in fields(ViewDraws))),
+                                      group.recipe))
+        first += group.count
+    return params
 
 
 # ---------------------------------------------------------------------------
@@ -256,7 +208,7 @@ def sample_view_params(rng: np.random.Generator, sizes: np.ndarray, recipe: SimC
 def augment_view(images, params: dict, recipe: SimCLRRecipe, float16: bool, channels_last: bool):
     """One normalised view of decoded uint8 HWC ``images`` (DALI DataNodes, any device).
 
-    ``params`` maps each name of ``VIEW_FIELDS`` to a CPU DataNode (external
+    ``params`` maps each name of ``view_fields(recipe)`` to a CPU DataNode (external
     source). Runs where ``images`` live; the mean colour of each crop goes to
     the host (``.cpu()``, a small transfer) because DALI's named arguments
     must be CPU tensors.
@@ -271,6 +223,11 @@ def augment_view(images, params: dict, recipe: SimCLRRecipe, float16: bool, chan
     views = fn.coord_transform(views, M=params["color"], T=shift, dtype=types.UINT8)  # rounds and clamps
     # Float out: a blurred clamped image stays in [0, 255], and skipping the rounding saves ~10 % of the CPU.
     views = fn.gaussian_blur(views, window_size=params["blur_window"], sigma=params["blur_sigma"], dtype=types.FLOAT)
+    if recipe.solarize_prob > 0:
+        level, on = params["solarize_level"], params["solarize"]
+        if views.device == "gpu":
+            level, on = level.gpu(), on.gpu()
+        views = views + (views >= level) * on * (255.0 - 2.0 * views)
     return fn.crop_mirror_normalize(
         views, mirror=params["flip"],
         mean=[255.0 * m for m in recipe.mean], std=[255.0 * s for s in recipe.std],
@@ -278,21 +235,30 @@ def augment_view(images, params: dict, recipe: SimCLRRecipe, float16: bool, chan
     )
 
 
-@pipeline_def
-def simclr_pipeline(source, views: int, recipe: SimCLRRecipe, decoder_device: str, float16: bool,
-                    channels_last: bool):
-    """Encoded images -> ``views`` augmented views of each, plus the sample ids.
+def view_recipes(groups: Sequence[ViewGroup]) -> list[SimCLRRecipe]:
+    """The recipe of every view, in view order (a group's recipe repeated ``count`` times)."""
+    return [g.recipe for g in groups for _ in range(g.count)]
 
+
+@pipeline_def
+def simclr_pipeline(source, recipes: Sequence[SimCLRRecipe], decoder_device: str, float16: bool,
+                    channels_last: bool):
+    """Encoded images -> one augmented view per entry of ``recipes`` (``view_recipes``), plus the ids.
+
+    Each image is decoded once; every view is cropped from that decode.
     ``source`` is a batch callback returning ``(encoded images, int64 ids,
-    *params)`` with ``len(VIEW_FIELDS)`` parameter arrays per view, in view
-    order (see ``dali_backend.StreamFeed``). ``decoder_device`` is ``"mixed"``
-    (GPU decode; every later op then runs on the GPU) or ``"cpu"``; nothing
-    else differs between the two. Outputs: ``views`` image batches, then ids.
-    batch_size, num_threads, device_id and seed are given when it is called.
+    *params)`` with the ``view_fields`` parameter arrays of each view, in view
+    order (see ``pipelines.backends.dali.StreamFeed``). ``decoder_device`` is
+    ``"mixed"`` (GPU decode; every later op then runs on the GPU) or ``"cpu"``;
+    nothing else differs between the two. Outputs: one image batch per view,
+    then ids. batch_size, num_threads, device_id and seed are given when it is called.
     """
-    jpegs, ids, *flat = fn.external_source(source=source, num_outputs=2 + views * len(VIEW_FIELDS), batch=True)
+    names = [view_fields(recipe) for recipe in recipes]
+    jpegs, ids, *flat = fn.external_source(source=source, num_outputs=2 + sum(map(len, names)), batch=True)
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, adjust_orientation=False)
-    n = len(VIEW_FIELDS)
-    outputs = [augment_view(images, dict(zip(VIEW_FIELDS, flat[v * n : (v + 1) * n])), recipe, float16, channels_last)
-               for v in range(views)]
+    outputs, first = [], 0
+    for recipe, fields_of_view in zip(recipes, names):
+        params = dict(zip(fields_of_view, flat[first : first + len(fields_of_view)]))
+        outputs.append(augment_view(images, params, recipe, float16, channels_last))
+        first += len(fields_of_view)
     return (*outputs, ids)

@@ -1,21 +1,42 @@
-"""The SimCLR augmentation recipe, defined once as data.
+"""The augmentation recipe, defined once as data: SimCLR's colour recipe and the view groups.
 
-Every backend (torchvision reference, batched torch ops, DALI, FFCV) reads this
-dataclass and nothing else, so that the distributions cannot drift apart.
-Units follow torchvision's conventions; backends with other conventions (DALI:
-hue in degrees, contrast centred on mid-grey) convert from these fields.
+Every backend (torch, DALI, FFCV) and every reference (torchvision, batched
+torch ops) reads these dataclasses and nothing else, so that the
+distributions cannot drift apart. Units follow torchvision's conventions;
+backends with other conventions (DALI: hue in degrees) convert from these
+fields.
+
+View groups (multi-crop)
+    A training step sees each unlabeled image as ``ViewGroup``s: SimCLR's two
+    224 px views are one group (``count`` 2), SwAV's and PAWS's multi-crop adds
+    a second (6 x 96 px at area scale (0.05, 0.14)). A group is a count and a
+    full ``SimCLRRecipe`` (resolution, crop range, colour, blur, solarize).
+    ``AugmentConfig`` is the config's ``augment`` section: a recipe (the
+    default of every group) plus ``views``, a list of ``ViewGroupSpec``
+    overrides; an empty list means SimCLR's one group of two views, so every
+    config and checkpoint written before groups existed means what it meant.
 """
 from __future__ import annotations
 
+import dataclasses
+import types
 from dataclasses import dataclass, field
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _check_range(key: str, value: tuple[float, float], low: float, high: float | None, open_low: bool = True) -> None:
+    lo, hi = value
+    ok_low = lo > low if open_low else lo >= low
+    if not (ok_low and lo <= hi and (high is None or hi <= high)):
+        bound = f"{low} {'<' if open_low else '<='} lo <= hi" + (f" <= {high}" if high is not None else "")
+        raise ValueError(f"{key} must satisfy {bound}, got {list(value)}")
+
+
 @dataclass(frozen=True)
 class SimCLRRecipe:
-    """SimCLR's augmentation (Chen et al. 2020, appendix A) with strength ``s``.
+    """SimCLR's augmentation (Chen et al. 2020, appendix A) with strength ``s``, for one view.
 
     - random resized crop: area fraction in ``crop_scale``, aspect ratio in
       ``crop_ratio`` (log-uniform), resized to ``resolution`` x ``resolution``;
@@ -26,6 +47,9 @@ class SimCLRRecipe:
     - grayscale with ``grayscale_prob`` (ITU-R 601 luma, kept 3-channel);
     - Gaussian blur with ``blur_prob``, sigma uniform in ``blur_sigma`` pixels,
       kernel side ``blur_kernel_fraction`` of the resolution (made odd);
+    - solarize with ``solarize_prob`` (BYOL; 0 in SimCLR): values at or above a
+      threshold drawn uniformly in ``solarize_threshold`` (on [0, 1] pixel values;
+      BYOL's is 0.5, PAWS's CIFAR-10 recipe draws it in [0, 1]) become ``1 - v``;
     - normalisation by ``mean`` / ``std`` on [0, 1] pixel values.
     """
 
@@ -39,23 +63,13 @@ class SimCLRRecipe:
     blur_prob: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel_fraction: float = 0.1
+    solarize_prob: float = 0.0
+    solarize_threshold: tuple[float, float] = (0.5, 0.5)
     mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
     std: tuple[float, float, float] = field(default=IMAGENET_STD)
 
     def __post_init__(self) -> None:
-        if self.resolution < 8:
-            raise ValueError(f"augment.resolution must be >= 8, got {self.resolution}")
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"augment.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
-        for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"augment.{name} must be a probability in [0, 1], got {p}")
-        if self.jitter_strength < 0:
-            raise ValueError(f"augment.jitter_strength must be >= 0, got {self.jitter_strength}")
-        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
-            raise ValueError(f"augment.blur_sigma must satisfy 0 < lo <= hi, got {self.blur_sigma}")
+        check_recipe(self, "augment.")
 
     # Derived jitter ranges (torchvision conventions).
     @property
@@ -85,3 +99,121 @@ class SimCLRRecipe:
     def blur_kernel_size(self) -> int:
         k = max(3, int(round(self.blur_kernel_fraction * self.resolution)))
         return k if k % 2 == 1 else k + 1
+
+
+def check_recipe(r, prefix: str) -> None:
+    """Refuse impossible recipe values of ``r`` (a recipe, or the same fields on any object),
+    naming the key as ``prefix + field``."""
+    if r.resolution < 8:
+        raise ValueError(f"{prefix}resolution must be >= 8, got {r.resolution}")
+    _check_range(f"{prefix}crop_scale", r.crop_scale, 0.0, 1.0)
+    _check_range(f"{prefix}crop_ratio", r.crop_ratio, 0.0, None)
+    for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+        p = getattr(r, name)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{prefix}{name} must be a probability in [0, 1], got {p}")
+    if not r.jitter_strength >= 0:
+        raise ValueError(f"{prefix}jitter_strength must be >= 0, got {r.jitter_strength}")
+    _check_range(f"{prefix}blur_sigma", r.blur_sigma, 0.0, None)
+    if not 0 < r.blur_kernel_fraction <= 1:
+        raise ValueError(f"{prefix}blur_kernel_fraction must be in (0, 1] (of the resolution), "
+                         f"got {r.blur_kernel_fraction}")
+    _check_range(f"{prefix}solarize_threshold", r.solarize_threshold, 0.0, 1.0, open_low=False)
+    if any(not s > 0 for s in r.std):
+        raise ValueError(f"{prefix}std must be > 0 in every channel, got {list(r.std)}")
+
+
+RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(SimCLRRecipe))
+
+
+@dataclass(frozen=True)
+class ViewGroup:
+    """``count`` views of every image, each drawn independently from ``recipe``."""
+
+    count: int
+    recipe: SimCLRRecipe
+
+    def __post_init__(self) -> None:
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+            raise ValueError(f"a view group needs count >= 1, got {self.count!r}")
+
+    @property
+    def resolution(self) -> int:
+        return self.recipe.resolution
+
+
+@dataclass(frozen=True)
+class ViewGroupSpec:
+    """One entry of the config's ``augment.views``: a count, and the recipe fields that differ
+    from the ``augment`` section's (None: as there)."""
+
+    count: int = 2
+    resolution: int | None = None
+    crop_scale: tuple[float, float] | None = None
+    crop_ratio: tuple[float, float] | None = None
+    flip_prob: float | None = None
+    jitter_strength: float | None = None
+    jitter_prob: float | None = None
+    grayscale_prob: float | None = None
+    blur_prob: float | None = None
+    blur_sigma: tuple[float, float] | None = None
+    blur_kernel_fraction: float | None = None
+    solarize_prob: float | None = None
+    solarize_threshold: tuple[float, float] | None = None
+
+    def overrides(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "count" and getattr(self, f.name) is not None}
+
+
+MAX_VIEWS = 64  # per image, over all groups: far beyond any published recipe (SwAV's largest is 2 + 6)
+
+
+@dataclass(frozen=True)
+class AugmentConfig(SimCLRRecipe):
+    """The config's ``augment`` section: the recipe every view group starts from, and the groups.
+
+    ``views`` empty: SimCLR's one group of two views with this recipe. Otherwise the groups in
+    order; the first holds the global views (its count must be at least 2: the unsupervised
+    losses pair an image's views), and ``view_groups()`` resolves each entry against this recipe.
+    """
+
+    views: tuple[ViewGroupSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.view_groups()  # refuse impossible groups now, naming them
+
+    def base_recipe(self) -> SimCLRRecipe:
+        return SimCLRRecipe(**{name: getattr(self, name) for name in RECIPE_FIELDS})
+
+    def view_groups(self) -> tuple[ViewGroup, ...]:
+        base = self.base_recipe()
+        if not self.views:
+            return (ViewGroup(2, base),)
+        groups = []
+        for g, spec in enumerate(self.views):
+            key = f"augment.views[{g}]"
+            if isinstance(spec.count, bool) or spec.count < 1:
+                raise ValueError(f"{key}.count must be >= 1, got {spec.count}")
+            values = {name: getattr(base, name) for name in RECIPE_FIELDS} | spec.overrides()
+            check_recipe(types.SimpleNamespace(**values), f"{key}.")
+            groups.append(ViewGroup(spec.count, SimCLRRecipe(**values)))
+        if groups[0].count < 2:
+            raise ValueError(f"augment.views[0].count must be >= 2 (the first group holds the views the losses pair), "
+                             f"got {groups[0].count}")
+        total = sum(g.count for g in groups)
+        if total > MAX_VIEWS:
+            raise ValueError(f"augment.views ask for {total} views per image; at most {MAX_VIEWS}")
+        return tuple(groups)
+
+
+def views_per_image(groups: tuple[ViewGroup, ...]) -> int:
+    return sum(g.count for g in groups)
+
+
+def describe_views(groups: tuple[ViewGroup, ...]) -> str:
+    """``2 views`` for SimCLR's one group, ``2 x 224 px + 6 x 96 px views`` for multi-crop."""
+    if len(groups) == 1:
+        return f"{groups[0].count} views"
+    return " + ".join(f"{g.count} x {g.resolution} px" for g in groups) + " views"

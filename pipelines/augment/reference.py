@@ -8,6 +8,21 @@ from torchvision.transforms import v2
 from pipelines.augment.recipe import SimCLRRecipe
 
 
+class RandomSolarize(torch.nn.Module):
+    """With probability ``p``, torchvision's ``solarize`` at a threshold uniform in ``threshold``
+    (on [0, 1] values; v2.RandomSolarize takes one fixed threshold)."""
+
+    def __init__(self, p: float, threshold: tuple[float, float]):
+        super().__init__()
+        self.p, self.threshold = p, threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.rand(1).item() >= self.p:
+            return x
+        lo, hi = self.threshold
+        return v2.functional.solarize(x, lo + (hi - lo) * torch.rand(1).item())
+
+
 def simclr_transform(recipe: SimCLRRecipe) -> v2.Compose:
     """PIL image -> one normalised float32 [3,H,W] view, drawn with torch's RNG."""
     return v2.Compose(
@@ -22,6 +37,7 @@ def simclr_transform(recipe: SimCLRRecipe) -> v2.Compose:
             v2.RandomGrayscale(recipe.grayscale_prob),
             v2.RandomApply([v2.GaussianBlur(recipe.blur_kernel_size, sigma=recipe.blur_sigma)], p=recipe.blur_prob),
             v2.ToDtype(torch.float32, scale=True),
+            *([RandomSolarize(recipe.solarize_prob, recipe.solarize_threshold)] if recipe.solarize_prob > 0 else []),
             v2.Normalize(recipe.mean, recipe.std),
         ]
     )

@@ -1,4 +1,4 @@
-"""DALI backend: decode and the two-view SimCLR recipe in a DALI graph, on the GPU when there is one.
+"""DALI backend: decode once and cut every planned view in a DALI graph, on the GPU when there is one.
 
 ``pipelines.build`` hands ``build`` the split's encoded images (the
 converter's webdataset shards, or the files of an ImageFolder tree: see
@@ -8,14 +8,15 @@ converter's webdataset shards, or the files of an ImageFolder tree: see
 Design
 ------
 - One pipeline definition, ``simclr_pipeline``: ``fn.external_source`` ->
-  ``fn.decoders.image`` (``mixed`` on CUDA, ``cpu`` otherwise) -> per view
-  ``pipelines.augment.dali.augment_view`` (runs where the decoded images are). It is
-  instantiated twice: the unlabeled stream (2 views of each image, decoded
-  once) and the support stream (``data.support_views`` views).
-- Which images a step holds is the shared plan's (``pipelines.plan``), as
-  for every backend. The encoded bytes are read on the host (shards or
-  files) and fed with their per-view augmentation parameters, drawn by numpy
-  from ``(seed, stream, epoch, step, rank)``.
+  ``fn.decoders.image`` (``mixed`` on CUDA, ``cpu`` otherwise), once per
+  image -> per view ``pipelines.augment.dali.augment_view`` (runs where the
+  decoded images are; each view group at its own resolution). It is
+  instantiated twice: the unlabeled stream (every view of every group) and
+  the support stream (``data.support_views`` views of the support group).
+- Which images a step holds, and every view's crop, flip and colour, are the
+  shared plan's (``pipelines.plan``, ``pipelines.augment.draws``), as for
+  every backend. The encoded bytes are read on the host (shards or files)
+  and fed with their per-view parameters, drawn from the images' seeds.
 - Hence the whole stream is a pure function of (seed, rank, world size,
   epoch, step): ``set_epoch(epoch, start_step)`` resumes it exactly, and no
   DALI state needs checkpointing (the loader has no ``state_dict``).
@@ -30,51 +31,48 @@ samples in random order (cheap from page cache or local disk).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from pipelines.augment.dali import sample_view_params, simclr_pipeline
-from pipelines.augment.recipe import SimCLRRecipe
+from pipelines.augment.dali import group_view_params, simclr_pipeline, view_recipes
+from pipelines.augment.recipe import ViewGroup
 from pipelines.bad_images import ReplacementPools, read_or_replace
 from pipelines.contract import PretrainBatch
 from pipelines.encoded_images import EncodedImages
 from pipelines.errors import BadImageError, DataError
-from pipelines.plan import SUPPORT_STREAM, UNLABELED_STREAM, Position, SamplePlan
+from pipelines.plan import Position, SamplePlan
 from pipelines.spec import LoaderSpec
 
 # ---------------------------------------------------------------------------
-# Host side: the plan's images of each step, and a generator for their view parameters
+# Host side: the plan's images of each step, and their seeds
 # ---------------------------------------------------------------------------
 
 
-def step_rng(seed: int, stream: int, a: int, b: int, rank: int) -> np.random.Generator:
-    """The generator of one step's view parameters (stream 0: (epoch, step); 1: (global step, 0))."""
-    return np.random.default_rng([seed, stream, a, b, rank])
-
-
 class UnlabeledSteps:
-    """Step -> (this rank's unlabeled images, view-parameter generator) for ``epoch``."""
+    """Step -> (this rank's unlabeled images, their image seeds) for ``epoch``."""
 
-    def __init__(self, plan: SamplePlan, rank: int, seed: int):
-        self.plan, self.rank, self.seed = plan.unlabeled, rank, seed
+    def __init__(self, plan: SamplePlan):
+        self.plan = plan.unlabeled
         self.epoch = 0
 
-    def __call__(self, step: int) -> tuple[np.ndarray, np.random.Generator]:
-        return self.plan.batches(self.epoch)[step], step_rng(self.seed, UNLABELED_STREAM, self.epoch, step, self.rank)
+    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.plan.batches(self.epoch)[step]
+        return ids, self.plan.image_seeds(self.epoch, ids)
 
 
 class SupportSteps:
-    """Step -> (this rank's support images, view-parameter generator) at global step ``epoch * steps + step``."""
+    """Step -> (this rank's support images, their image seeds) at global step ``epoch * steps + step``."""
 
-    def __init__(self, plan: SamplePlan, rank: int, seed: int):
-        self.plan, self.rank, self.seed = plan, rank, seed
+    def __init__(self, plan: SamplePlan):
+        self.plan = plan
         self.epoch = 0
 
-    def __call__(self, step: int) -> tuple[np.ndarray, np.random.Generator]:
+    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         g = self.plan.global_step(self.epoch, step)
-        return self.plan.support.batch(g), step_rng(self.seed, SUPPORT_STREAM, g, 0, self.rank)
+        ids = self.plan.support.batch(g)
+        return ids, self.plan.support.image_seeds(g, ids)
 
 
 class StreamFeed:
@@ -85,12 +83,14 @@ class StreamFeed:
     raises StopIteration after the last step, which ends DALI's epoch.
     Images that fail the host-side checks (``EncodedImages.checked``) follow
     ``on_bad_image`` (``pipelines.bad_images``); the names of those replaced
-    wait in ``bad_images[step]`` until the loader yields that step.
+    wait in ``bad_images[step]`` until the loader yields that step. A
+    replacement keeps the planned image's seed (its views are drawn on its own size).
     """
 
-    def __init__(self, images: EncodedImages, plan: Callable[[int], tuple[np.ndarray, np.random.Generator]],
-                 recipe: SimCLRRecipe, views: int, pools: ReplacementPools, on_bad_image: str = "error"):
-        self.images, self.plan, self.recipe, self.views = images, plan, recipe, views
+    def __init__(self, images: EncodedImages, plan: Callable[[int], tuple[np.ndarray, np.ndarray]],
+                 groups: Sequence[ViewGroup], pools: ReplacementPools, on_bad_image: str = "error"):
+        self.images, self.plan, self.groups = images, plan, tuple(groups)
+        self.views = sum(g.count for g in self.groups)
         self.pools, self.on_bad_image = pools, on_bad_image
         self.bad_images: dict[int, tuple[str, ...]] = {}
         self.used_ids: dict[int, np.ndarray] = {}  # images fed per step, until the loader yields it
@@ -103,7 +103,7 @@ class StreamFeed:
 
     def __call__(self) -> tuple:
         step = next(self._steps)  # StopIteration ends DALI's epoch
-        ids, rng = self.plan(step)
+        ids, seeds = self.plan(step)
         read = [read_or_replace(int(i), self.images.checked, self.on_bad_image, self.pools) for i in ids]
         data = [d for (d, _), _, _ in read]
         sizes = np.stack([size for (_, size), _, _ in read])
@@ -112,8 +112,8 @@ class StreamFeed:
         if bad:
             self.bad_images[step] = bad
         self.used_ids[step] = used
-        params = sample_view_params(rng, sizes, self.recipe, self.views)
-        return (data, used, *(a for p in params for a in p.as_tuple()))
+        params = group_view_params(seeds, sizes, self.groups)
+        return (data, used, *(a for p, recipe in zip(params, view_recipes(self.groups)) for a in p.as_tuple(recipe)))
 
 
 # ---------------------------------------------------------------------------
@@ -132,7 +132,7 @@ class DaliStream:
         self.feed = feed
         self.output_map = [f"view{v}" for v in range(feed.views)] + ["ids"]
         pipe = simclr_pipeline(
-            feed, feed.views, spec.recipe, decoder_device="mixed" if cuda else "cpu",
+            feed, view_recipes(feed.groups), decoder_device="mixed" if cuda else "cpu",
             float16=spec.dtype in (torch.float16, torch.bfloat16), channels_last=spec.channels_last,
             batch_size=batch_size, num_threads=max(1, spec.host_workers), prefetch_queue_depth=max(1, spec.prefetch),
             device_id=(device.index if device.index is not None else torch.cuda.current_device()) if cuda else None,
@@ -186,20 +186,21 @@ class DaliStream:
 
 
 class DaliPretrainLoader:
-    """Yields ``PretrainBatch`` from two DALI pipelines (unlabeled: 2 views, support: V views) that follow ``plan``."""
+    """Yields ``PretrainBatch`` from two DALI pipelines (unlabeled: every view group, support: V
+    views) that follow ``plan``."""
 
     def __init__(self, spec: LoaderSpec, images: EncodedImages, labeled: np.ndarray, plan: SamplePlan):
         self.spec, self.device, self.images, self.plan = spec, spec.device, images, plan
         self.position = Position(plan.steps_per_epoch)
         pipe_seed = int(np.random.SeedSequence([spec.seed, spec.rank]).generate_state(1)[0] & 0x7FFFFFFF)
-        self.unlabeled_steps = UnlabeledSteps(plan, spec.rank, spec.seed)
-        feed = StreamFeed(images, self.unlabeled_steps, spec.recipe, 2, ReplacementPools.single(len(images)),
+        self.unlabeled_steps = UnlabeledSteps(plan)
+        feed = StreamFeed(images, self.unlabeled_steps, spec.views, ReplacementPools.single(len(images)),
                           spec.on_bad_image)
         self.unlabeled = DaliStream(feed, spec.batch_size, spec, pipe_seed)
         self.support_steps = self.support = None
         if plan.support is not None:
-            self.support_steps = SupportSteps(plan, spec.rank, spec.seed)
-            feed = StreamFeed(images, self.support_steps, spec.recipe, spec.support.views,
+            self.support_steps = SupportSteps(plan)
+            feed = StreamFeed(images, self.support_steps, [ViewGroup(spec.support.views, spec.support_recipe)],
                               ReplacementPools.by_class(images.labels, labeled), spec.on_bad_image)
             self.support = DaliStream(feed, plan.support.batch_size, spec, pipe_seed)
 
@@ -218,11 +219,15 @@ class DaliPretrainLoader:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def _batch(self, views: list[torch.Tensor]) -> torch.Tensor:
+    def _batch(self, views: list[torch.Tensor], image_major: bool = False) -> torch.Tensor:
         """DALI outputs (one per view, each [n, H, W, 3], or [n, 3, H, W] without channels-last)
-        as one [n * len(views), 3, H, W] batch, image-major (an image's views adjacent).
-        One view in the requested dtype is DALI's buffer itself, not a copy."""
-        x = views[0] if len(views) == 1 else torch.stack(views, dim=1).flatten(0, 1)
+        as one [n * len(views), 3, H, W] batch, view-major (the contract's view groups), or
+        image-major (an image's views adjacent: the support set). One view in the requested
+        dtype is DALI's buffer itself, not a copy."""
+        if len(views) == 1:
+            x = views[0]
+        else:
+            x = torch.stack(views, dim=1).flatten(0, 1) if image_major else torch.cat(views)
         if self.spec.channels_last:
             x = x.permute(0, 3, 1, 2)  # NHWC buffer -> NCHW shape with channels-last strides
         return x if x.dtype == self.spec.dtype else x.to(self.spec.dtype)
@@ -238,23 +243,25 @@ class DaliPretrainLoader:
         for stream in (self.unlabeled, self.support):
             if stream is not None:
                 stream.start(steps)
+        firsts = np.cumsum([0] + [g.count for g in self.spec.views])
         for step in steps:
             u = self.unlabeled.next()
-            view1, view2 = self._batch([u["view0"]]), self._batch([u["view1"]])
+            groups = tuple(self._batch([u[f"view{v}"] for v in range(a, b)]) for a, b in zip(firsts[:-1], firsts[1:]))
             if self.support is not None:
                 out = self.support.next()
                 views = self.spec.support.views
-                support = self._batch([out[f"view{v}"] for v in range(views)])
+                support = self._batch([out[f"view{v}"] for v in range(views)], image_major=True)
                 ids = out["ids"].to(torch.int64)
                 labels = torch.from_numpy(self.images.labels[ids.numpy()]).repeat_interleave(views)
             else:
-                support = view1.new_zeros((0, *view1.shape[1:]))
+                r = self.spec.support_recipe.resolution
+                support = groups[0].new_zeros((0, 3, r, r))
                 labels = torch.zeros(0, dtype=torch.int64)
             streams = [s for s in (self.unlabeled, self.support) if s is not None]
             bad = sum((s.feed.bad_images.pop(step, ()) for s in streams), ())
             for s in streams:
                 s.feed.used_ids.pop(step, None)
-            yield PretrainBatch(view1=view1, view2=view2, support_images=support,
+            yield PretrainBatch(views=groups, support_images=support,
                                 support_labels=labels.to(self.device, non_blocking=True),
                                 sample_ids=u["ids"].to(torch.int64), epoch=epoch, step=step, bad_images=bad)
 

@@ -1,9 +1,13 @@
-"""Reference backend: torchvision ImageFolder + DataLoader workers.
+"""The torch backend: PIL decode and the planned views in DataLoader workers.
 
-Slow but simple; it is the baseline the DALI and FFCV backends must beat and
-the statistics they are checked against. Every sample's augmentation is
-seeded from (seed, epoch, sample index, stream), so the stream does not depend
-on the number of workers and a resumed run sees exactly the same views.
+Needs nothing beyond torch and its core dependencies; it is what the demo and
+every user without DALI or FFCV trains with. Each sample is decoded once and
+all its planned views (every view group; ``pipelines.augment.host_views``)
+are cut, flipped and coloured on uint8 in the worker; the main process only
+moves each group to the device and normalises it. The views are a function
+of the plan's image seeds (``pipelines.plan``), not of the worker that ran
+them, so the stream does not depend on the number of workers and a resumed
+run sees exactly the same views.
 """
 from __future__ import annotations
 
@@ -14,15 +18,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines.augment.recipe import SimCLRRecipe
-from pipelines.augment.reference import simclr_transform
+from pipelines.augment.batched import normalize_only
+from pipelines.augment.host_views import PlannedViews
+from pipelines.augment.recipe import SimCLRRecipe, ViewGroup
 from pipelines.bad_images import ReplacementPools, read_or_replace
 from pipelines.contract import PretrainBatch
 from pipelines.errors import LoaderFailure
 from pipelines.image_folder import ImageFolderIndex
 from pipelines.images import open_rgb
-from pipelines.plan import (SUPPORT_STREAM, UNLABELED_STREAM, Position, SamplePlan, SupportPlan, UnlabeledPlan,
-                            sample_seed)
+from pipelines.plan import Position, SamplePlan, SupportPlan, UnlabeledPlan
 from pipelines.spec import LoaderSpec
 
 
@@ -37,12 +41,13 @@ class _ImageSource:
         return read_or_replace(i, lambda j: open_rgb(self.paths[j]), self.on_bad_image, self.pools)
 
 
-class TwoViewDataset(Dataset):
-    """key (index, seed) -> (view1, view2, index used, bad files skipped), both views from one decode."""
+class UnlabeledDataset(Dataset):
+    """key (index, image seed) -> (one uint8 [count, r, r, 3] array per view group, index used,
+    bad files skipped), every view from one decode."""
 
-    def __init__(self, index: ImageFolderIndex, recipe: SimCLRRecipe, on_bad_image: str = "error"):
+    def __init__(self, index: ImageFolderIndex, groups: tuple[ViewGroup, ...], on_bad_image: str = "error"):
         self.source = _ImageSource(index, ReplacementPools.single(len(index)), on_bad_image)
-        self.transform = simclr_transform(recipe)
+        self.views = PlannedViews(groups)
 
     def __len__(self) -> int:
         return len(self.source.paths)
@@ -50,31 +55,28 @@ class TwoViewDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         i, seed = key
         img, used, bad = self.source.load(i)
-        torch.manual_seed(seed)
-        return self.transform(img), self.transform(img), used, bad
+        return self.views(img, seed), used, bad
 
 
 class SupportDataset(Dataset):
-    """key (index, seed) -> ([V,3,H,W] views, label, bad files skipped). Replacements
-    come from the labeled images (``labeled``) of the same class."""
+    """key (index, image seed) -> (uint8 [V, r, r, 3] views, label, bad files skipped).
+    Replacements come from the labeled images (``labeled``) of the same class."""
 
     def __init__(self, index: ImageFolderIndex, recipe: SimCLRRecipe, views: int, labeled: np.ndarray,
                  on_bad_image: str = "error"):
         self.source = _ImageSource(index, ReplacementPools.by_class(index.labels, labeled), on_bad_image)
         self.labels = index.labels
-        self.transform = simclr_transform(recipe)
-        self.views = views
+        self.views = PlannedViews([ViewGroup(views, recipe)])
 
     def __getitem__(self, key: tuple[int, int]):
         i, seed = key
         img, used, bad = self.source.load(i)
-        torch.manual_seed(seed)
-        return torch.stack([self.transform(img) for _ in range(self.views)]), int(self.labels[used]), bad
+        return self.views(img, seed)[0], int(self.labels[used]), bad
 
 
 class UnlabeledBatches:
-    """The plan's unlabeled stream of one epoch, from a start step, as DataLoader
-    batches of (index, seed) keys; each sample's views are seeded by (seed, epoch, index)."""
+    """The plan's unlabeled stream of one epoch, from a start step, as DataLoader batches of
+    (index, image seed) keys."""
 
     def __init__(self, plan: UnlabeledPlan):
         self.plan = plan
@@ -86,24 +88,15 @@ class UnlabeledBatches:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch = self.position.epoch
         for batch in self.plan.batches(epoch)[self.position.start_step :]:
-            yield [(int(i), sample_seed(self.plan.seed, epoch, int(i), UNLABELED_STREAM)) for i in batch]
+            yield list(zip(batch.tolist(), self.plan.image_seeds(epoch, batch).tolist()))
 
 
 class SupportBatches:
     """The plan's support stream for a range of global steps, as DataLoader batches of (index,
-    seed) keys. Each image's views are seeded by (seed, global step, index, position), where
-    position is the image's place in its class's block of the step's *global* support set:
-    ``rank * K + k`` when the ranks share the step's classes (each rank takes its K of the class's
-    ``world size x K``), ``k`` with ``unique_classes``. When a class has fewer than world size x K
-    labeled images two ranks get the same image, and the position keeps their views apart
-    (identical rows in the gathered SuNCEt batch would be free positives); on one rank with
-    ``world size x K`` images per class the positions, hence the views, are the same."""
+    image seed) keys (the seeds' positions: ``pipelines.plan``)."""
 
-    def __init__(self, plan: SupportPlan, seed: int, rank: int, shared_classes: bool):
-        self.plan, self.seed = plan, seed
-        k = plan.sampler.images_per_class
-        offset = rank * k if shared_classes else 0
-        self.positions = [offset + e % k for e in range(plan.batch_size)]  # class-major: K per class
+    def __init__(self, plan: SupportPlan):
+        self.plan = plan
         self.first_step, self.num_steps = 0, 0
 
     def set_range(self, first_global_step: int, num_steps: int) -> None:
@@ -114,21 +107,24 @@ class SupportBatches:
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for g, idx in enumerate(self.plan.batches(self.first_step, self.num_steps), start=self.first_step):
-            yield [(int(i), sample_seed(self.seed, g, int(i), pos, SUPPORT_STREAM))
-                   for i, pos in zip(idx, self.positions)]
+            yield list(zip(idx.tolist(), self.plan.image_seeds(g, idx).tolist()))
+
+
+def view_major(images: list[np.ndarray]) -> torch.Tensor:
+    """B arrays [count, r, r, 3] -> uint8 [count * B, r, r, 3], row ``v * B + i`` = view v of image i."""
+    return torch.from_numpy(np.stack(images, axis=1)).flatten(0, 1)
 
 
 def _collate_unlabeled(items):
-    v1, v2, ids, bad = zip(*items)
-    return torch.stack(v1), torch.stack(v2), torch.tensor(ids, dtype=torch.int64), sum(bad, ())
+    groups, ids, bad = zip(*items)
+    return [view_major(list(g)) for g in zip(*groups)], torch.tensor(ids, dtype=torch.int64), sum(bad, ())
 
 
 def _collate_support(items):
     views, labels, bad = zip(*items)
-    views = torch.stack(views)  # [C*K, V, 3, H, W], class-major
+    images = torch.from_numpy(np.stack(views))  # [C*K, V, r, r, 3], class-major
     labels = torch.tensor(labels, dtype=torch.int64)
-    v = views.shape[1]
-    return views.flatten(0, 1), labels.repeat_interleave(v), sum(bad, ())
+    return images.flatten(0, 1), labels.repeat_interleave(images.shape[1]), sum(bad, ())
 
 
 def _next_batch(batches: Iterator, stream: str):
@@ -153,13 +149,13 @@ class TorchPretrainLoader:
                        persistent_workers=spec.host_workers > 0)
         if spec.host_workers > 0:
             workers["prefetch_factor"] = spec.prefetch
-        self.unlabeled = DataLoader(TwoViewDataset(index, spec.recipe, spec.on_bad_image),
+        self.unlabeled = DataLoader(UnlabeledDataset(index, spec.views, spec.on_bad_image),
                                     batch_sampler=self.unlabeled_batches, collate_fn=_collate_unlabeled, **workers)
         self.support_batches = None
         self.support = None
         if plan.support is not None:
-            self.support_batches = SupportBatches(plan.support, spec.seed, spec.rank, not spec.support.unique_classes)
-            self.support = DataLoader(SupportDataset(index, spec.recipe, spec.support.views, labeled,
+            self.support_batches = SupportBatches(plan.support)
+            self.support = DataLoader(SupportDataset(index, spec.support_recipe, spec.support.views, labeled,
                                                      spec.on_bad_image),
                                       batch_sampler=self.support_batches, collate_fn=_collate_support, **workers)
         self.position = self.unlabeled_batches.position  # the loader's one (epoch, start step)
@@ -173,9 +169,10 @@ class TorchPretrainLoader:
         if self.support_batches is not None:
             self.support_batches.set_range(self.plan.global_step(epoch, start_step), len(self) - start_step)
 
-    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        fmt = torch.channels_last if self.spec.channels_last else torch.contiguous_format
-        return x.to(self.device, dtype=self.spec.dtype, non_blocking=True, memory_format=fmt)
+    def _to_device(self, x: torch.Tensor, recipe: SimCLRRecipe) -> torch.Tensor:
+        """uint8 [n, r, r, 3] -> normalised ``spec.dtype`` [n, 3, r, r] on the device."""
+        x = normalize_only(x.to(self.device, non_blocking=True).permute(0, 3, 1, 2), recipe, self.spec.dtype)
+        return x if self.spec.channels_last else x.contiguous()
 
     def __iter__(self) -> Iterator[PretrainBatch]:
         self._pass = self._batches()
@@ -185,16 +182,18 @@ class TorchPretrainLoader:
         unlabeled = iter(self.unlabeled)
         support = iter(self.support) if self.support is not None else None
         epoch = self.position.epoch
+        groups, support_recipe = self.spec.views, self.spec.support_recipe
         for step in range(self.position.start_step, len(self)):
-            v1, v2, ids, bad = _next_batch(unlabeled, "unlabeled")
+            views, ids, bad = _next_batch(unlabeled, "unlabeled")
             if support is not None:
                 s_img, s_lab, s_bad = _next_batch(support, "support")
                 bad += s_bad
             else:
-                s_img, s_lab = v1.new_zeros((0, *v1.shape[1:])), torch.zeros(0, dtype=torch.int64)
+                r = support_recipe.resolution
+                s_img, s_lab = torch.zeros((0, r, r, 3), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
             yield PretrainBatch(
-                view1=self._to_device(v1), view2=self._to_device(v2),
-                support_images=self._to_device(s_img),
+                views=tuple(self._to_device(x, g.recipe) for x, g in zip(views, groups)),
+                support_images=self._to_device(s_img, support_recipe),
                 support_labels=s_lab.to(self.device, non_blocking=True),
                 sample_ids=ids, epoch=epoch, step=step, bad_images=bad,
             )

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="shortcut for --set model.arch=...")
     p.add_argument("--batch-size", type=int, help="shortcut for --set data.unlabeled_batch_size=...")
     p.add_argument("--resolution", type=int, help="shortcut for --set augment.resolution=...")
+    p.add_argument("--views", metavar="GROUPS",
+                   help="view groups, shortcut for --set augment.views=...: COUNTxRES[:LO-HI] per group, comma-"
+                        "separated, e.g. 2x224:0.14-1,6x96:0.05-0.14 (SwAV's multi-crop); default: the config's")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="shortcut for --set run.precision=...")
     p.add_argument("--workers", type=int, help="shortcut for --set data.num_workers=...")
     p.add_argument("--step-variants", default=CONFIG,
@@ -95,11 +98,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_views(text: str) -> str:
+    """``--views 2x224:0.14-1,6x96:0.05-0.14`` as the YAML list ``augment.views`` takes."""
+    groups = []
+    for item in text.split(","):
+        shape, _, scale = item.strip().partition(":")
+        count, x, resolution = shape.partition("x")
+        try:
+            group = {"count": int(count), "resolution": int(resolution)}
+            if scale:
+                lo, hi = scale.split("-")
+                group["crop_scale"] = [float(lo), float(hi)]
+        except ValueError:
+            raise ValueError(f"--views: expected COUNTxRES[:LO-HI] per group, e.g. 2x224:0.14-1, got {item!r}") from None
+        if not x:
+            raise ValueError(f"--views: expected COUNTxRES[:LO-HI] per group, e.g. 2x224:0.14-1, got {item!r}")
+        groups.append("{" + ", ".join(f"{k}: {v}" for k, v in group.items()) + "}")
+    return "[" + ", ".join(groups) + "]"
+
+
 def config_overrides(args: argparse.Namespace) -> list[str]:
     """``--set`` items for the shortcut flags, after the user's own ``--set``."""
     shortcuts = {"model.arch": args.model, "data.unlabeled_batch_size": args.batch_size,
                  "augment.resolution": args.resolution, "run.precision": args.precision,
-                 "data.num_workers": args.workers, "data.root": args.data}
+                 "data.num_workers": args.workers, "data.root": args.data,
+                 "augment.views": parse_views(args.views) if args.views else None}
     return list(args.set) + [f"{k}={v}" for k, v in shortcuts.items() if v is not None] + ["run.knn_every_epochs=0"]
 
 
@@ -218,6 +241,9 @@ def shape_summary(cfg: PretrainConfig, precision: Precision, args: argparse.Name
             "resolution": s.resolution, "unlabeled_batch_size": s.unlabeled, "support_classes": s.support_classes,
             "support_images_per_class": s.support_per_class, "support_views": s.support_views,
             "support_images": s.support_images, "views_per_step": s.views, "decodes_per_step": s.decodes,
+            "view_groups": [{"count": c, "resolution": r} for c, r in s.groups],
+            "network_images_per_unlabeled": s.network_images_per_unlabeled,
+            "pixels_per_unlabeled_in_global_views": s.pixels_per_unlabeled,
             "precision": precision.name, "channels_last": cfg.model.channels_last,
             "num_workers": cfg.data.num_workers}
 

@@ -41,11 +41,21 @@ from tools.bench.meter import ResourceMeter
 class StepShape:
     """What one training step consumes, derived from the config."""
 
-    unlabeled: int  # B images, 2 views each
+    unlabeled: int  # B images, ``views_per_image`` views each
     support_classes: int  # C, 0 without SuNCEt
     support_per_class: int  # K images per class
     support_views: int  # V views per support image
-    resolution: int
+    groups: tuple[tuple[int, int], ...]  # (count, resolution) of each view group
+    support_resolution: int
+
+    @property
+    def resolution(self) -> int:
+        """The first (global) group's side."""
+        return self.groups[0][1]
+
+    @property
+    def views_per_image(self) -> int:
+        return sum(count for count, _ in self.groups)
 
     @property
     def support_images(self) -> int:
@@ -53,7 +63,18 @@ class StepShape:
 
     @property
     def views(self) -> int:
-        return 2 * self.unlabeled + self.support_images
+        return self.views_per_image * self.unlabeled + self.support_images
+
+    @property
+    def network_images_per_unlabeled(self) -> float:
+        """Images through the network per unlabeled image: every view and the step's share of support images."""
+        return self.views / self.unlabeled
+
+    @property
+    def pixels_per_unlabeled(self) -> float:
+        """Pixels through the network per unlabeled image, in units of one global view."""
+        pixels = sum(c * r * r for c, r in self.groups) * self.unlabeled + self.support_images * self.support_resolution ** 2
+        return pixels / self.unlabeled / self.resolution ** 2
 
     @property
     def decodes(self) -> int:
@@ -64,8 +85,10 @@ def step_shape(cfg: PretrainConfig) -> StepShape:
     """The shape of the run's first steps (SuNCEt as in epoch 0)."""
     d = cfg.data
     use_support = suncet_active(cfg.loss, 0) and d.support_classes > 0
+    groups = cfg.augment.view_groups()
     return StepShape(d.unlabeled_batch_size, d.support_classes if use_support else 0,
-                     d.support_images_per_class, d.support_views, cfg.augment.resolution)
+                     d.support_images_per_class, d.support_views, tuple((g.count, g.resolution) for g in groups),
+                     groups[d.support_view_group].resolution)
 
 
 @dataclass(frozen=True)
@@ -224,15 +247,21 @@ def measure_loader(batches: Iterator[PretrainBatch], shape: StepShape, timing: T
 
 
 def measure_augment(cfg: PretrainConfig, shape: StepShape, timing: Timing, device: torch.device) -> dict:
-    """``BatchColorAugment`` on uint8 channels-last batches of all the step's views."""
+    """``BatchColorAugment`` on uint8 channels-last batches of all the step's views, one call per
+    view group (the support images with their group's)."""
     from pipelines.augment.batched import BatchColorAugment
 
-    augment = BatchColorAugment(cfg.augment, dtype=resolve_precision(cfg.run.precision, device).input_dtype)
-    r = shape.resolution
-    images = torch.randint(0, 256, (shape.views, r, r, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
+    dtype = resolve_precision(cfg.run.precision, device).input_dtype
+    groups = cfg.augment.view_groups()
+    counts = [g.count * shape.unlabeled for g in groups]
+    counts[cfg.data.support_view_group] += shape.support_images
+    work = [(BatchColorAugment(g.recipe, dtype=dtype),
+             torch.randint(0, 256, (n, g.resolution, g.resolution, 3), dtype=torch.uint8,
+                           device=device).permute(0, 3, 1, 2)) for g, n in zip(groups, counts)]
 
     def step() -> None:
-        augment(images)
+        for augment, images in work:
+            augment(images)
 
     ((windows, resources),) = run_windows([Timed(step)], timing, device_sync(device))
     return window_figures(windows, resources, {"images_per_s": shape.views})
@@ -272,12 +301,13 @@ def synthetic_batch(shape: StepShape, device: torch.device, dtype: torch.dtype, 
     """Random normalised-looking images of the step's shape, already on the device."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
-    def images(n: int) -> torch.Tensor:
-        return torch.randn(n, 3, shape.resolution, shape.resolution, device=device).to(dtype, memory_format=fmt)
+    def images(n: int, side: int) -> torch.Tensor:
+        return torch.randn(n, 3, side, side, device=device).to(dtype, memory_format=fmt)
 
     labels = torch.arange(shape.support_classes, device=device).repeat_interleave(
         shape.support_per_class * shape.support_views)  # class-major, as the loaders deliver them
-    return PretrainBatch(images(shape.unlabeled), images(shape.unlabeled), images(shape.support_images), labels,
+    views = tuple(images(count * shape.unlabeled, side) for count, side in shape.groups)
+    return PretrainBatch(views, images(shape.support_images, shape.support_resolution), labels,
                          torch.arange(shape.unlabeled), epoch=0, step=0)
 
 

@@ -36,8 +36,8 @@ LOADER_BOUND_WAIT = 0.10
 BACKEND_NAMES = ("torch", "dali", "ffcv")
 
 # What the main figure counts, by mode.
-FIGURE_NOTE = ("main figure: loader/compute/e2e = unlabeled images/s (each gives 2 views; views/s adds the support); "
-               "decode = images decoded/s; augment = views augmented/s")
+FIGURE_NOTE = ("main figure: loader/compute/e2e = unlabeled images/s (each gives the shape's views; views/s adds "
+               "the support); decode = images decoded/s; augment = views augmented/s")
 
 SUMMED_KEYS = ("images_per_s", "views_per_s", "decodes_per_s", "cpu_cores_used", "peak_rss_mb")
 
@@ -304,6 +304,16 @@ def variant_lines(rows: Sequence[dict]) -> list[str]:
     return lines
 
 
+def describe_groups(shape: dict) -> str:
+    """``2 views at 224 px`` or ``2 x 224 px + 6 x 96 px views`` (older reports: two views)."""
+    groups = shape.get("view_groups") or [{"count": 2, "resolution": shape["resolution"]}]
+    if len(groups) == 1:
+        return f"{groups[0]['count']} views at {groups[0]['resolution']} px"
+    return " + ".join(f"{g['count']} x {g['resolution']} px" for g in groups) + " views; " \
+        f"{shape['network_images_per_unlabeled']:.2f} images and {shape['pixels_per_unlabeled_in_global_views']:.2f} " \
+        "global views of pixels through the network per unlabeled image"
+
+
 def markdown_report(report: dict) -> str:
     """Header (device, versions, shapes), the table, aggregates and verdicts."""
     env, shape = report["environment"], report["shape"]
@@ -311,7 +321,7 @@ def markdown_report(report: dict) -> str:
     lines = [
         f"device: {env['device']}  (world size {env['world_size']}, {env['torch_threads']} torch threads per process)",
         f"versions: {versions}",
-        f"shape: {shape['arch']} at {shape['resolution']} px, {shape['unlabeled_batch_size']} x 2 views"
+        f"shape: {shape['arch']}, {shape['unlabeled_batch_size']} x ({describe_groups(shape)})"
         f" + {shape['support_images']} support ({shape['support_classes']} classes"
         f" x {shape['support_images_per_class']}"
         f" x {shape['support_views']} views), {shape['precision']}, channels-last {shape['channels_last']}, "

@@ -1,42 +1,35 @@
-"""FFCV backend: ``.beton`` files decoded and cropped on the CPU by FFCV, colour
-augmentation as batched torch ops on the training device (GPU) or inside FFCV's
-compiled pipeline (CPU).
+"""FFCV backend: ``.beton`` files decoded and cropped on the CPU by FFCV's threads, colour
+augmentation inside FFCV's compiled pipeline (CPU) or as batched torch ops on the training device (GPU).
 
 Reads the output of ``tools.convert_imagenet`` (``pipelines.format``):
 ``ffcv/<split>.beton`` with fields ``image``, ``label``, ``index``.
 
 Two FFCV loaders feed one ``PretrainBatch`` per step:
 
-- *unlabeled*: two random-resized-crop decoder pipelines
-  (``decode.CheckedRandomResizedCropDecoder``: FFCV's, but a JPEG that
-  fails to decode raises and is named instead of becoming noise) on the one
-  image field (FFCV 1.0.2 decodes once per pipeline, so each view is an
-  independent crop), a CPU flip, then ``ToDevice`` and channels-last uint8;
-  plus the ``index`` field, which becomes ``sample_ids``;
-- *support*: ``support_views`` such pipelines plus ``label`` over the labeled
-  images, ``C * K`` per step in the class-balanced order.
+- *unlabeled*: one ``decode.PlannedCropDecoder`` pipeline on the image field
+  (one read and one JPEG decode per image; every view of every view group
+  cut from it, as the plan draws them, into one packed row per image), plus
+  the ``index`` field, which becomes ``sample_ids``;
+- *support*: the same decoder with ``support_views`` views of the support
+  group, plus ``label`` and ``index``, over the labeled images, ``C * K`` per
+  step in the class-balanced order.
 
 Both follow the rank's ``SamplePlan`` (``pipelines.plan``) through the
-schedules of ``orders``, so
-``set_epoch(epoch, start_step)`` resumes without decoding the skipped steps.
-Where the colour stage (jitter, grayscale, blur) runs is decided once, by
-``colour_on_loader(device)``:
+schedules of ``orders``, so ``set_epoch(epoch, start_step)`` resumes without
+decoding the skipped steps. Where the colour stage (jitter, grayscale, blur,
+solarize) runs is decided once, by ``colour_on_loader(device)``:
 
-- on a GPU, all images of a step go through one ``BatchColorAugment`` call
-  on the device (jitter, grayscale, blur, normalisation, cast to ``dtype``),
-  each with its own parameters;
-- on the CPU, where those batched torch ops are the bottleneck, each view
-  pipeline runs ``pipelines.augment.ffcv_colour.FFCVColorAugment`` after the flip
-  (numba, on FFCV's worker threads, per-image parameters, uint8 out), and the
-  step only normalises and casts (``normalize_only``).
+- on the CPU, where batched torch ops are the bottleneck, the decoder colours
+  each view right after cropping it (``colour_kernels.finish_view``, numba, on
+  FFCV's worker threads), and the step only normalises and casts;
+- on a GPU, the decoder only crops and flips; each view group goes through one
+  ``BatchColorAugment`` call on the device with the views' planned parameters
+  (``ColorAugParams.from_draws``), which the host draws from the batch's
+  sample ids.
 
-Randomness: on a GPU, colour parameters come from a generator on the device
-seeded with (seed, epoch, rank, step); crops and flips, and on the CPU the
-colour parameters too, come from FFCV's compiled code, which draws from
-numba's per-thread state, seeded per batch with (seed, rank, stream, global
-step) by ``orders.FailFastEpochIterator``. Sample orders and augmentations
-are therefore both reproducible, and a resumed pass repeats the batches of
-an uninterrupted one.
+Every random choice is the plan's (``pipelines.augment.draws``), so the
+views are those of the other backends (within decode tolerance), and a
+resumed pass repeats the batches of an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -46,15 +39,15 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from pipelines.augment.batched import BatchColorAugment, normalize_only
-from pipelines.augment.ffcv_colour import FFCVColorAugment
-from pipelines.augment.recipe import SimCLRRecipe
-from pipelines.backends.ffcv.decode import CheckedRandomResizedCropDecoder, sample_of_decode_error
+from pipelines.augment.batched import BatchColorAugment, ColorAugParams, normalize_only
+from pipelines.augment.draws import draw_views
+from pipelines.augment.recipe import ViewGroup
+from pipelines.backends.ffcv.decode import PackedViews, PlannedCropDecoder, sample_of_decode_error
 from pipelines.backends.ffcv.orders import PipelineFailure, ScheduledLoader, SupportSchedule, UnlabeledSchedule
 from pipelines.contract import PretrainBatch
 from pipelines.errors import BadImageError, DataError
 from pipelines.format.converted import CONVERT_HINT, ConvertedSplit
-from pipelines.plan import COLOUR_STREAM, SUPPORT_STREAM, UNLABELED_STREAM, SamplePlan, sample_seed
+from pipelines.plan import SamplePlan
 from pipelines.spec import LoaderSpec
 from pipelines.torch_threads import keep_torch_threads
 
@@ -62,7 +55,7 @@ with keep_torch_threads():
     from ffcv.fields.basics import IntDecoder
     from ffcv.pipeline import PipelineSpec
     from ffcv.types import CURRENT_VERSION, HeaderType
-    from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+    from ffcv.transforms import ToDevice, ToTensor
 
 
 # --------------------------------------------------------------------------- the converted dataset
@@ -99,21 +92,9 @@ def colour_on_loader(device: torch.device) -> bool:
     return torch.device(device).type == "cpu"
 
 
-def view_pipeline(recipe: SimCLRRecipe, device: torch.device, colour: bool) -> PipelineSpec:
-    """One augmented view of the ``image`` field: random resized crop (area
-    fraction ``recipe.crop_scale``, aspect ratio ``recipe.crop_ratio``) to
-    ``recipe.resolution`` and a flip with ``recipe.flip_prob`` on the CPU, with
-    ``colour`` also the recipe's jitter, grayscale and blur
-    (``FFCVColorAugment``), then uint8 ``[B, 3, H, W]`` channels-last on ``device``."""
-    size = (recipe.resolution, recipe.resolution)
-    decoder = CheckedRandomResizedCropDecoder(size, scale=tuple(recipe.crop_scale), ratio=tuple(recipe.crop_ratio))
-    return PipelineSpec("image", decoder=decoder, transforms=[
-        RandomHorizontalFlip(recipe.flip_prob),
-        *([FFCVColorAugment(recipe)] if colour else []),
-        ToTensor(),
-        ToDevice(device, non_blocking=True),
-        ToTorchImage(channels_last=True),
-    ])
+def views_pipeline(decoder: PlannedCropDecoder, device: torch.device) -> PipelineSpec:
+    """Every view of the ``image`` field, packed, as uint8 ``[B, row bytes]`` on ``device``."""
+    return PipelineSpec("image", decoder=decoder, transforms=[ToTensor(), ToDevice(device, non_blocking=True)])
 
 
 def int_pipeline(field: str, device: torch.device | None) -> PipelineSpec:
@@ -122,25 +103,27 @@ def int_pipeline(field: str, device: torch.device | None) -> PipelineSpec:
     return PipelineSpec(field, decoder=IntDecoder(), transforms=transforms)
 
 
-def view_names(views: int) -> list[str]:
-    return [f"view{v}" for v in range(views)]
+class ColourStage:
+    """The step's colour stage of one view group: normalise only when the decoder coloured the
+    views (CPU), else ``BatchColorAugment`` on the device with the views' planned parameters."""
 
+    def __init__(self, group: ViewGroup, first_view: int, dtype: torch.dtype, on_loader: bool):
+        self.group, self.first_view, self.dtype, self.on_loader = group, first_view, dtype, on_loader
+        self.augment = None if on_loader else BatchColorAugment(group.recipe, flip=False, dtype=dtype)
 
-# --------------------------------------------------------------------------- the PretrainLoader
-
-
-class NormalizeOnly:
-    """The step's colour stage when the colour ops ran inside FFCV: normalise
-    and cast to ``dtype`` only (same call signature as ``BatchColorAugment``)."""
-
-    def __init__(self, recipe: SimCLRRecipe, dtype: torch.dtype):
-        self.recipe, self.dtype = recipe, dtype
-
-    def __repr__(self) -> str:
-        return f"NormalizeOnly(recipe={self.recipe!r}, dtype={self.dtype})"
-
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return normalize_only(images, self.recipe, self.dtype)
+    def __call__(self, images: torch.Tensor, seeds: np.ndarray, image_major: bool = False) -> torch.Tensor:
+        """uint8 [count * n, r, r, 3] views of the images with plan seeds ``seeds`` -> normalised
+        [count * n, 3, r, r], channels-last."""
+        x = images.permute(0, 3, 1, 2)
+        if self.on_loader:
+            return normalize_only(x, self.group.recipe, self.dtype)
+        ones = np.ones((len(seeds), 2), np.int64)  # colour draws do not depend on the image's size
+        draws = draw_views(seeds, self.first_view, self.group.count, ones, self.group.recipe)
+        params = ColorAugParams.from_draws(draws, images.device, flip=False)
+        if image_major:  # draws are view-major (v * n + i); the images, image-major (i * count + v)
+            rows = torch.arange(len(draws), device=images.device).view(self.group.count, -1).T.reshape(-1)
+            params = ColorAugParams(**{f: getattr(params, f)[rows] for f in params.__dataclass_fields__})
+        return self.augment.apply(x, params)
 
 
 class FFCVPretrainLoader:
@@ -155,31 +138,30 @@ class FFCVPretrainLoader:
         self.spec, self.device, self.rank = spec, spec.device, spec.rank
         self.plan = plan
         self.beton, self.sample_names = Path(beton), sample_names
-        device, recipe = spec.device, spec.recipe
+        device = spec.device
         self.colour_on_loader = colour = colour_on_loader(device)
         common = dict(num_workers=max(1, spec.host_workers), batches_ahead=max(1, spec.prefetch), seed=spec.seed)
         self.unlabeled_schedule = UnlabeledSchedule(plan.unlabeled)
-        self.unlabeled = ScheduledLoader(str(beton), self.unlabeled_schedule,
-                                         sample_seed(spec.seed, spec.rank, UNLABELED_STREAM),
-                                         distributed=spec.world_size > 1,
+        self.packed = PackedViews(spec.views)
+        self.unlabeled = ScheduledLoader(str(beton), self.unlabeled_schedule, distributed=spec.world_size > 1,
                                          pipelines={
-            "image": None, "label": None,
-            **{name: view_pipeline(recipe, device, colour) for name in view_names(2)},
+            "image": views_pipeline(PlannedCropDecoder(spec.views, colour), device), "label": None,
             "index": int_pipeline("index", None),
         }, **common)
+        firsts = np.cumsum([0] + [g.count for g in spec.views])
+        self.stages = [ColourStage(g, int(first), spec.dtype, colour) for g, first in zip(spec.views, firsts)]
         self.support_schedule = self.support = None
         if plan.support is not None:
+            support_group = ViewGroup(spec.support.views, spec.support_recipe)
+            self.support_packed = PackedViews([support_group])
+            self.support_stage = ColourStage(support_group, 0, spec.dtype, colour)
             self.support_schedule = SupportSchedule(plan.support)
-            self.support = ScheduledLoader(str(beton), self.support_schedule,
-                                           sample_seed(spec.seed, spec.rank, SUPPORT_STREAM), pipelines={
-                "image": None, "index": None,
-                **{name: view_pipeline(recipe, device, colour) for name in view_names(spec.support.views)},
+            decoder = PlannedCropDecoder([support_group], colour, position_offset=int(plan.support.positions[0]),
+                                         position_period=plan.support.sampler.images_per_class)
+            self.support = ScheduledLoader(str(beton), self.support_schedule, pipelines={
+                "image": views_pipeline(decoder, device), "index": int_pipeline("index", None),
                 "label": int_pipeline("label", device),
             }, **common)
-        # flipped on the CPU; on the CPU also coloured there
-        self.augment = (NormalizeOnly(recipe, spec.dtype) if colour
-                        else BatchColorAugment(recipe, flip=False, dtype=spec.dtype))
-        self.generator = torch.Generator(device=device)
         self.position = self.unlabeled_schedule.position  # the loader's one (epoch, start step)
         self._passes: list = []
 
@@ -232,21 +214,23 @@ class FFCVPretrainLoader:
     def _batch(self, outputs: list[tuple], epoch: int, step: int) -> PretrainBatch:
         # FFCV outputs are views into its ring buffers: everything kept below is a copy.
         u = dict(zip(self.unlabeled.pipeline_specs, outputs[0]))
-        b = self.spec.batch_size
-        images = [u["view0"], u["view1"]]
+        ids = u["index"].view(-1).clone()
+        seeds = self.plan.unlabeled.image_seeds(epoch, ids.numpy())
+        views = tuple(stage(self.packed.group(u["image"], g), seeds) for g, stage in enumerate(self.stages))
         if self.support is not None:
             s = dict(zip(self.support.pipeline_specs, outputs[1]))
-            views = [s[name] for name in view_names(self.spec.support.views)]
-            images.append(torch.stack(views, dim=1).flatten(0, 1))  # [C*K*V, ...], image-major like the reference
-            support_labels = s["label"].view(-1).repeat_interleave(len(views))
+            support_ids = s["index"].view(-1).numpy()
+            support_seeds = self.plan.support.image_seeds(self.plan.global_step(epoch, step), support_ids)
+            # [C*K*V, ...], image-major like the other backends
+            support = self.support_stage(self.support_packed.group(s["image"], 0, image_major=True), support_seeds,
+                                         image_major=True)
+            support_labels = s["label"].view(-1).repeat_interleave(self.spec.support.views)
         else:
+            r = self.spec.support_recipe.resolution
+            support = torch.zeros((0, 3, r, r), dtype=self.spec.dtype, device=self.device)
             support_labels = torch.zeros(0, dtype=torch.int64, device=self.device)
-        self.generator.manual_seed(sample_seed(self.spec.seed, epoch, self.rank, COLOUR_STREAM, step))
-        out = self.augment(torch.cat(images), generator=self.generator)  # one draw per image, or normalisation only
-        return PretrainBatch(
-            view1=out[:b], view2=out[b : 2 * b], support_images=out[2 * b :], support_labels=support_labels,
-            sample_ids=u["index"].view(-1).clone(), epoch=epoch, step=step,
-        )
+        return PretrainBatch(views=views, support_images=support, support_labels=support_labels, sample_ids=ids,
+                             epoch=epoch, step=step)
 
 
 def build(spec: LoaderSpec, split: ConvertedSplit, plan: SamplePlan) -> FFCVPretrainLoader:

@@ -18,10 +18,10 @@ owned by the backend instead:
   there ends the thread while the consumer waits on its queue forever; this
   iterator hands the exception to the consumer instead, and its thread can be
   joined after the consumer stops early. Before each batch it seeds numba's
-  random state in that thread from (the loader's ``augment_seed``, the batch's
-  global step): FFCV's flip and our colour op draw there, before their parallel
-  loops, and the crop decoder draws one seed per image there
-  (``pipelines.backends.ffcv.decode``). The augmentations, like the order, are
+  random state in that thread with the schedule's key seed of that batch
+  (``pipelines.plan.step_key_seed``): the decoder
+  (``pipelines.backends.ffcv.decode``) reads the step's key from it, and with
+  it draws every view from the plan. The augmentations, like the order, are
   then a function of the step, and a resumed run repeats them.
 
 The schedules hold the only mutable state, their position in the stream
@@ -38,7 +38,7 @@ import numpy as np
 from numba import njit
 
 from pipelines.errors import LoaderFailure
-from pipelines.plan import Position, SupportPlan, UnlabeledPlan, sample_seed
+from pipelines.plan import SUPPORT_STREAM, UNLABELED_STREAM, Position, SupportPlan, UnlabeledPlan, step_key_seed
 from pipelines.torch_threads import keep_torch_threads
 
 
@@ -72,9 +72,8 @@ class Schedule(Protocol):
         """Flat dataset indices of ``num_batches`` batches."""
         ...
 
-    @property
-    def first_global_step(self) -> int:
-        """The global step of ``order()``'s first batch."""
+    def key_seed(self, batch: int) -> int:
+        """The 32-bit key seed of the ``batch``-th batch of ``order()`` (``pipelines.plan``)."""
         ...
 
 
@@ -100,9 +99,8 @@ class UnlabeledSchedule:
     def order(self) -> np.ndarray:
         return self.plan.batches(self.position.epoch)[self.position.start_step :].reshape(-1)
 
-    @property
-    def first_global_step(self) -> int:
-        return self.position.epoch * self.plan.steps_per_epoch + self.position.start_step
+    def key_seed(self, batch: int) -> int:
+        return step_key_seed(self.plan.seed, UNLABELED_STREAM, self.position.epoch)
 
 
 class SupportSchedule:
@@ -123,9 +121,8 @@ class SupportSchedule:
     def order(self) -> np.ndarray:
         return self.plan.batches(self.first_step, self.num_steps).reshape(-1)
 
-    @property
-    def first_global_step(self) -> int:
-        return self.first_step
+    def key_seed(self, batch: int) -> int:
+        return step_key_seed(self.plan.seed, SUPPORT_STREAM, self.first_step + batch)
 
 
 # --------------------------------------------------------------------------- FFCV adapter
@@ -180,8 +177,8 @@ class FailFastEpochIterator(EpochIterator):
 
     _FAILED = object()
 
-    def __init__(self, loader: "ScheduledLoader", order: np.ndarray, first_global_step: int):
-        self.first_global_step = first_global_step  # before FFCV's __init__ starts the thread
+    def __init__(self, loader: "ScheduledLoader", order: np.ndarray, key_seeds: list[int]):
+        self.key_seeds = key_seeds  # before FFCV's __init__ starts the thread
         super().__init__(loader, order)
 
     def start(self) -> None:  # FFCV's __init__ calls this last, after making its queue
@@ -196,8 +193,7 @@ class FailFastEpochIterator(EpochIterator):
             self.output_queue.put(self._FAILED)
 
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
-        step = self.first_global_step + b_ix
-        seed_numba_random(np.uint32(sample_seed(self.loader.augment_seed, step) & 0xFFFFFFFF))
+        seed_numba_random(np.uint32(self.key_seeds[b_ix]))
         return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
 
     def __next__(self):
@@ -223,12 +219,12 @@ class ScheduledLoader(Loader):
     batches_ahead, distributed, ...); ``order`` and ``batch_size`` come from
     the schedule, and ``drop_last`` is moot (orders hold whole batches). Both
     construction and ``iter()`` leave torch's thread count as they found it.
-    ``augment_seed`` seeds the augmentation draws of every batch, with its
-    global step (see ``FailFastEpochIterator``).
+    The schedule's key seeds seed the augmentation draws of every batch (see
+    ``FailFastEpochIterator``).
     """
 
-    def __init__(self, fname: str, schedule: Schedule, augment_seed: int, **kwargs):
-        self.schedule, self.augment_seed = schedule, augment_seed
+    def __init__(self, fname: str, schedule: Schedule, **kwargs):
+        self.schedule = schedule
         ORDER_MAP.setdefault(ScheduledOrder, ScheduledOrder)  # FFCV builds only the orders listed there
         with keep_torch_threads(), ffcv_fixes():
             super().__init__(fname, batch_size=schedule.batch_size, order=ScheduledOrder, drop_last=True, **kwargs)
@@ -247,5 +243,5 @@ class ScheduledLoader(Loader):
             self.next_epoch += 1
             if self.code is None or self.recompile:
                 self.generate_code()
-            first = self.schedule.first_global_step
-            return FailFastEpochIterator(self, order[: len(self) * self.batch_size], first)
+            keys = [self.schedule.key_seed(b) for b in range(len(self))]
+            return FailFastEpochIterator(self, order[: len(self) * self.batch_size], keys)

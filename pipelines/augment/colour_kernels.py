@@ -1,36 +1,34 @@
-"""The colour part of the SimCLR recipe as an FFCV operation (CPU path).
+"""The colour part of the recipe on one uint8 image, compiled with numba: the CPU path of
+every backend that colours on the host (torch's workers, FFCV's decoder threads).
 
-``pipelines.batch_augment.BatchColorAugment`` runs jitter, grayscale and blur
-as batched torch ops on the training device. On a GPU that is right; on a
-CPU-only machine it is the FFCV backend's bottleneck (several full passes over
-the batch per op, in the training process, after FFCV's threads are done).
-``FFCVColorAugment`` runs the same recipe inside FFCV's compiled
-pipeline instead: numba code, one image per iteration of FFCV's parallel loop
-(``Compiler.get_iterator()``), so it runs GIL-free on FFCV's worker threads,
-overlapped with decoding, like FFCV's own flip and jitter operations.
+``pipelines.augment.batched.BatchColorAugment`` runs jitter, grayscale, blur
+and solarize as batched torch ops on the training device. On a GPU that is
+right; on a CPU it is the bottleneck (several full passes over the batch per
+op, in the training process). ``finish_view`` runs the same recipe on one
+image, GIL-free, where the image was just cropped: in a DataLoader worker of
+the torch backend, or in an iteration of FFCV's parallel loop.
 
 Per image (``color_augment_image``) the maths is that of
-``BatchColorAugment.apply(images, params)`` with ``flip=False`` before its
-normalisation: values in [0, 1], float32, the jitter ops in the image's
-random order with a clamp after each (brightness scales, contrast blends with
-the image's mean luma at that point, saturation with each pixel's luma, hue
-rotates in torchvision's HSV hexcone), grayscale as luma on three channels,
-then a separable Gaussian blur with ``recipe.blur_kernel_size`` normalised
-taps and reflect padding (no edge repeat). It is fused into few passes: the
-ops before contrast are pointwise, so one pass applies them and sums the luma;
-a second applies contrast, the ops after it and grayscale (each pass works on
-one row at a time, held planar so that the loops vectorise); the blur runs
-vertically then horizontally one output row at a time through a row buffer
-and writes uint8. Without contrast (or with contrast first) one pointwise pass
-is enough.
+``BatchColorAugment.apply(images, params)`` before its normalisation:
+values in [0, 1], float32, the jitter ops in the image's random order with a
+clamp after each (brightness scales, contrast blends with the image's mean
+luma at that point, saturation with each pixel's luma, hue rotates in
+torchvision's HSV hexcone), grayscale as luma on three channels, then a
+separable Gaussian blur with ``recipe.blur_kernel_size`` normalised taps and
+reflect padding (no edge repeat). It is fused into few passes: the ops before
+contrast are pointwise, so one pass applies them and sums the luma; a second
+applies contrast, the ops after it and grayscale (each pass works on one row
+at a time, held planar so that the loops vectorise); the blur runs vertically
+then horizontally one output row at a time through a row buffer and writes
+uint8. Without contrast (or with contrast first) one pointwise pass is enough.
 
 Deviations from ``BatchColorAugment``:
 
 - the result is rounded to uint8 once, at the end (``floor(255 v + 0.5)``, i.e.
-  round half up), so that FFCV's ``ToTensor``/``ToDevice``/``ToTorchImage``
-  follow unchanged; the loader then only normalises
-  (``batch_augment.normalize_only``). The error is at most half a grey level
-  plus float rounding;
+  round half up), and the loader then only normalises
+  (``batched.normalize_only``). The error is at most half a grey level plus
+  float rounding; solarize then compares the uint8 value with ``255 t``, so a
+  pixel within half a level of the threshold may fall on the other side;
 - an op with a neutral value (factor exactly 1, hue shift exactly 0) is
   skipped. For factors this is exact; for hue it is what
   ``BatchColorAugment`` does when the recipe's hue range is 0 (a drawn shift
@@ -38,30 +36,19 @@ Deviations from ``BatchColorAugment``:
 - float rounding only: the contrast mean is summed in float32 per row and
   float64 across rows (torch: one float32 reduction), hue uses v s = max - min
   (torch: v * (delta / v)), multiply-adds may fuse, and the blur sums
-  vertically first (torch: horizontally first);
-- randomness comes from numba's ``np.random`` state of the thread that runs
-  the pipeline, as FFCV's own flips do, not from a torch generator. The FFCV
-  backend's loader seeds that state per batch from its global step
-  (``pipelines.backends.ffcv.orders``), so the draws are reproducible there;
-  in an FFCV pipeline of your own they follow whatever seeds that thread.
+  vertically first (torch: horizontally first).
+
+The parameters are one view's draws (``pipelines.augment.draws.colour_draw``),
+so every backend colours a planned view the same way.
 """
 from __future__ import annotations
-
-from dataclasses import replace
-from typing import Callable, Optional, Tuple
 
 import numpy as np
 from numba import njit
 
 from pipelines.augment.batched import BRIGHTNESS, CONTRAST, HUE, LUMA_WEIGHTS, SATURATION
-from pipelines.augment.recipe import SimCLRRecipe
-from pipelines.torch_threads import keep_torch_threads
-
-with keep_torch_threads():  # importing FFCV sets torch's thread count to 1
-    from ffcv.pipeline.allocation_query import AllocationQuery
-    from ffcv.pipeline.compiler import Compiler
-    from ffcv.pipeline.operation import Operation
-    from ffcv.pipeline.state import State
+from pipelines.augment.draws import (C_BLUR, C_BRIGHTNESS, C_CONTRAST, C_FLIP, C_GRAY, C_HUE, C_JITTER, C_ORDER,
+                                     C_SATURATION, C_SIGMA, C_SOLARIZE, C_THRESHOLD)
 
 # float32 constants, so that numba keeps the per-pixel maths in float32.
 _F0 = np.float32(0.0)
@@ -73,10 +60,6 @@ _INV255 = np.float32(1.0 / 255.0)
 _F255 = np.float32(255.0)
 _HALF = np.float32(0.5)
 _LR, _LG, _LB = (np.float32(w) for w in LUMA_WEIGHTS)
-
-# Columns of the per-batch uniform draw made by FFCVColorAugment.
-_N_UNIFORMS = 12  # jitter, 4 factors, 4 order keys, gray, blur, sigma
-
 
 # --------------------------------------------------------------------------- row-wise maths
 #
@@ -367,70 +350,43 @@ def color_augment_image(src, dst, jitter, brightness, contrast, saturation, hue,
         _blur_to_u8(img.reshape(h, w, 3), dst, gaussian_taps(sigma, kernel_size))
 
 
-# --------------------------------------------------------------------------- the FFCV operation
+# --------------------------------------------------------------------------- one view
 
 
-class FFCVColorAugment(Operation):
-    """SimCLR colour jitter, grayscale and blur on uint8 [B, H, W, 3] inside FFCV.
+@njit(cache=True)
+def hflip(img):
+    """Mirror uint8 [H, W, 3] ``img`` left-right, in place."""
+    h, w = img.shape[0], img.shape[1]
+    for y in range(h):
+        for x in range(w // 2):
+            for c in range(3):
+                img[y, x, c], img[y, w - 1 - x, c] = img[y, w - 1 - x, c], img[y, x, c]
 
-    Every parameter comes from ``recipe``, drawn per image inside the compiled
-    code with the distributions of ``BatchColorAugment.sample_params``:
-    jitter with ``jitter_prob``; brightness/contrast/saturation factors
-    uniform in ``recipe.factor_range``; hue shift uniform in [-h, h]; the op
-    order a uniform random permutation (argsort of 4 uniforms); grayscale
-    with ``grayscale_prob``; blur with ``blur_prob``, sigma uniform in
-    ``blur_sigma``, ``blur_kernel_size`` taps. Ops whose range is 0 are skipped.
-    Place it after the decoder (and flip), before ``ToTensor``; its output is a
-    new uint8 [B, H, W, 3] buffer. Not normalised.
 
-    The draw is one ``np.random.random((B, 12))`` from numba's state of the
-    calling thread, before the parallel loop; its columns are jitter,
-    brightness, contrast, saturation, hue, 4 order keys, grayscale, blur,
-    sigma (the tests replay it with numba's RNG seeded).
-    """
+@njit(cache=True)
+def solarize(img, threshold):
+    """Invert (``255 - v``) the values of uint8 ``img`` at or above ``255 * threshold``, in place."""
+    flat = img.reshape(-1)
+    level = 255.0 * threshold
+    for j in range(flat.shape[0]):
+        if flat[j] >= level:
+            flat[j] = np.uint8(255 - flat[j])
 
-    def __init__(self, recipe: SimCLRRecipe):
-        super().__init__()
-        self.recipe = recipe
 
-    def __repr__(self) -> str:
-        return f"FFCVColorAugment(recipe={self.recipe!r})"
-
-    def generate_code(self) -> Callable:
-        my_range = Compiler.get_iterator()
-        r = self.recipe
-        kernel = color_augment_image
-        jitter_prob, gray_prob, blur_prob = float(r.jitter_prob), float(r.grayscale_prob), float(r.blur_prob)
-        (b_lo, b_hi), (c_lo, c_hi), (s_lo, s_hi) = (r.factor_range(x) for x in (r.brightness, r.contrast,
-                                                                                   r.saturation))
-        h_lo, h_hi = -float(r.hue), float(r.hue)
-        sig_lo, sig_hi = float(r.blur_sigma[0]), float(r.blur_sigma[1])
-        kernel_size = int(r.blur_kernel_size)
-        n_uniforms = _N_UNIFORMS
-
-        def color_augment(images, dst):
-            n = images.shape[0]
-            u = np.random.random((n, n_uniforms))  # numba's per-thread state (see the class docstring)
-            for i in my_range(n):
-                ui = u[i]
-                kernel(images[i], dst[i], ui[0] < jitter_prob,
-                       b_lo + (b_hi - b_lo) * ui[1], c_lo + (c_hi - c_lo) * ui[2],
-                       s_lo + (s_hi - s_lo) * ui[3], h_lo + (h_hi - h_lo) * ui[4],
-                       np.argsort(ui[5:9]), ui[9] < gray_prob, ui[10] < blur_prob,
-                       sig_lo + (sig_hi - sig_lo) * ui[11], kernel_size)
-            return dst
-
-        color_augment.is_parallel = True
-        return color_augment
-
-    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
-        shape = previous_state.shape
-        if not previous_state.jit_mode or np.dtype(previous_state.dtype) != np.uint8 or len(shape) != 3 \
-                or shape[2] != 3:
-            raise ValueError(f"FFCVColorAugment needs uint8 [H, W, 3] numpy images before ToTensor, got "
-                             f"{previous_state}")
-        radius = self.recipe.blur_kernel_size // 2
-        if self.recipe.blur_prob > 0 and radius >= min(shape[0], shape[1]):
-            raise ValueError(f"blur kernel {self.recipe.blur_kernel_size} needs images larger than {radius} "
-                             f"pixels, got {shape[0]}x{shape[1]}")
-        return replace(previous_state, jit_mode=True), AllocationQuery(shape, previous_state.dtype)
+@njit(cache=True)
+def finish_view(img, c, kernel_size, colour):
+    """One cropped view, uint8 [H, W, 3], in place: the flip of its draws ``c``
+    (``draws.colour_draw``'s slots) and, with ``colour``, the jitter, grayscale, blur
+    (``kernel_size`` taps) and solarize of the recipe. Without ``colour`` (that stage runs on
+    the training device) only the flip."""
+    if c[C_FLIP] > 0.5:
+        hflip(img)
+    if not colour:
+        return
+    order = np.empty(4, np.int64)
+    for k in range(4):
+        order[k] = np.int64(c[C_ORDER + k])
+    color_augment_image(img, img, c[C_JITTER] > 0.5, c[C_BRIGHTNESS], c[C_CONTRAST], c[C_SATURATION], c[C_HUE],
+                        order, c[C_GRAY] > 0.5, c[C_BLUR] > 0.5, c[C_SIGMA], kernel_size)
+    if c[C_SOLARIZE] > 0.5:
+        solarize(img, c[C_THRESHOLD])

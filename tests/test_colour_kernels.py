@@ -1,4 +1,5 @@
-"""The FFCV backend's CPU colour stage (``pipelines.ffcv_color``) against ``BatchColorAugment``.
+"""The host colour stage (``pipelines.augment.colour_kernels``: the torch backend's workers and
+FFCV's decoder threads) against ``BatchColorAugment`` (the device stage).
 
 The numba kernel is checked image by image against ``BatchColorAugment.apply``
 (flip off) with the same ``ColorAugParams``, compared in [0, 1] after undoing
@@ -6,11 +7,10 @@ the reference's normalisation: the kernel rounds to uint8 once, at the end, so
 it may differ by half a grey level plus float noise. Images are smooth
 gradients with noise, with saturated, grey and channel-tie regions.
 
-The compiled FFCV operation is checked for its parameter distributions on
-structured images where each op leaves a signature (5-sigma binomial
-tolerances), and, with numba's RNG seeded, against the reference on the
-parameters its documented uniform draw stands for. numba compiles the kernel
-once per process (~10 s); the operations are compiled once per module.
+``finish_view`` with planned draws (``pipelines.augment.draws``) is checked
+against the device stage on the same draws (``ColorAugParams.from_draws``),
+and its distributions on structured images where each op leaves a signature
+(5-sigma binomial tolerances). numba compiles the kernel once (cached on disk).
 """
 from __future__ import annotations
 
@@ -21,16 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("ffcv")
-
-from numba import njit  # noqa: E402
-
-from pipelines.augment.batched import BatchColorAugment, ColorAugParams, gaussian_kernels  # noqa: E402
-from pipelines.augment.ffcv_colour import FFCVColorAugment, color_augment_image  # noqa: E402  (imports FFCV)
-from pipelines.augment.recipe import SimCLRRecipe  # noqa: E402
-from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
-from ffcv.pipeline.compiler import Compiler  # noqa: E402
-from ffcv.pipeline.state import State  # noqa: E402
+from pipelines.augment.batched import BatchColorAugment, ColorAugParams, gaussian_kernels
+from pipelines.augment.colour_kernels import color_augment_image, finish_view
+from pipelines.augment.draws import draw_rows, draw_views, image_seeds, recipe_vector
+from pipelines.augment.recipe import SimCLRRecipe
 
 H, W = 40, 48  # not square, so that a swapped axis shows
 RECIPE = SimCLRRecipe(resolution=W, blur_kernel_fraction=0.3)  # 15 taps: the reflect padding matters
@@ -68,7 +62,8 @@ def make_params(b: int, **fields) -> ColorAugParams:
     base = dict(flip=torch.zeros(b, dtype=torch.bool), jitter=torch.zeros(b, dtype=torch.bool),
                 brightness=torch.ones(b), contrast=torch.ones(b), saturation=torch.ones(b), hue=torch.zeros(b),
                 order=torch.arange(4).repeat(b, 1), grayscale=torch.zeros(b, dtype=torch.bool),
-                blur=torch.zeros(b, dtype=torch.bool), sigma=torch.ones(b))
+                blur=torch.zeros(b, dtype=torch.bool), sigma=torch.ones(b), solarize=torch.zeros(b, dtype=torch.bool),
+                threshold=torch.full((b,), 0.5))
     base.update({k: torch.as_tensor(v) for k, v in fields.items()})
     return ColorAugParams(**base)
 
@@ -176,69 +171,45 @@ def test_kernel_may_write_in_place(images):
     assert np.array_equal(x / 255, expected)
 
 
-# --------------------------------------------------------------------------- the FFCV operation
+# --------------------------------------------------------------------------- planned views
 
 
-def compile_op(recipe: SimCLRRecipe, threads: int):
-    """The operation's code as FFCV compiles it with ``threads`` worker threads."""
-    saved = Compiler.num_threads
-    Compiler.num_threads = threads  # not set_num_threads: that also changes torch's thread count
-    try:
-        return Compiler.compile(FFCVColorAugment(recipe).generate_code())
-    finally:
-        Compiler.num_threads = saved
+def _seeds(n: int, key: int = 5) -> np.ndarray:
+    return image_seeds(np.uint64(key), np.arange(n, dtype=np.int64), np.zeros(n, np.int64))
 
 
-@njit
-def _seed_numba(seed):
-    np.random.seed(seed)
+def run_planned(images: np.ndarray, recipe: SimCLRRecipe, key: int = 5, colour: bool = True) -> np.ndarray:
+    """``finish_view`` on each image with its planned draws (view 0 of image i's seed)."""
+    n = len(images)
+    _, rows = draw_rows(_seeds(n, key), 0, 1, np.full(n, images.shape[1]), np.full(n, images.shape[2]),
+                        recipe_vector(recipe))
+    out = images.copy()
+    for i in range(n):
+        finish_view(out[i], rows[i], recipe.blur_kernel_size, colour)
+    return out
 
 
-@njit
-def _numba_uniforms(n, cols):
-    return np.random.random((n, cols))
-
-
-def test_operation_contract():
-    op = FFCVColorAugment(RECIPE)
-    state = State(jit_mode=True, device=torch.device("cpu"), shape=(H, W, 3), dtype=np.dtype("u1"))
-    next_state, alloc = op.declare_state_and_memory(state)
-    assert next_state == state
-    assert alloc == AllocationQuery((H, W, 3), np.dtype("u1"))
-    with pytest.raises(ValueError, match="uint8"):
-        op.declare_state_and_memory(dataclasses.replace(state, dtype=np.dtype("f4")))
-    with pytest.raises(ValueError, match="uint8"):
-        op.declare_state_and_memory(dataclasses.replace(state, shape=(3, H, W)))
-    with pytest.raises(ValueError, match="blur kernel"):
-        op.declare_state_and_memory(dataclasses.replace(state, shape=(6, 6, 3)))
-
-
-def test_seeded_operation_matches_the_reference_on_its_draw():
-    """Serial FFCV code draws one [B, 12] uniform array from numba's state:
-    columns jitter, brightness, contrast, saturation, hue, 4 order keys,
-    grayscale, blur, sigma (the documented distributions)."""
-    recipe = RECIPE
-    fn = compile_op(recipe, threads=1)
-    b = 32
+def test_planned_views_match_the_device_stage_on_the_same_draws():
+    """The host stage and ``BatchColorAugment`` read a view's draws the same way: flip, jitter in
+    the drawn order, grayscale, blur and solarize."""
+    recipe = dataclasses.replace(RECIPE, solarize_prob=0.5, solarize_threshold=(0.3, 0.8))
+    b = 64
     images = natural_images(b, seed=7)
-    _seed_numba(11)
-    out = fn(images, np.empty_like(images))
-    _seed_numba(11)
-    u = torch.from_numpy(_numba_uniforms(b, 12)).float()
-
-    def uniform(col, lo, hi):
-        return lo + (hi - lo) * u[:, col]
-
-    p = make_params(b, jitter=u[:, 0] < recipe.jitter_prob,
-                    brightness=uniform(1, max(0, 1 - recipe.brightness), 1 + recipe.brightness),
-                    contrast=uniform(2, max(0, 1 - recipe.contrast), 1 + recipe.contrast),
-                    saturation=uniform(3, max(0, 1 - recipe.saturation), 1 + recipe.saturation),
-                    hue=uniform(4, -recipe.hue, recipe.hue), order=u[:, 5:9].argsort(dim=1),
-                    grayscale=u[:, 9] < recipe.grayscale_prob, blur=u[:, 10] < recipe.blur_prob,
-                    sigma=uniform(11, *recipe.blur_sigma))
-    assert out.shape == images.shape and out.dtype == np.uint8
-    err = np.abs(out / 255 - reference(images, p, recipe))
-    assert err.max() <= MAX_ERR and err.mean() <= MEAN_ERR
+    out = run_planned(images, recipe)
+    draws = draw_views(_seeds(b), 0, 1, np.full((b, 2), (H, W)), recipe)
+    params = ColorAugParams.from_draws(draws, "cpu")
+    assert params.flip.any() and params.solarize.any() and params.jitter.any() and params.blur.any()
+    ref = BatchColorAugment(recipe).apply(torch.from_numpy(images).permute(0, 3, 1, 2), params)
+    ref = ref * torch.tensor(recipe.std).view(1, 3, 1, 1) + torch.tensor(recipe.mean).view(1, 3, 1, 1)
+    err = np.abs(out / 255 - ref.permute(0, 2, 3, 1).double().numpy())
+    # solarize may invert a pixel within half a level of its threshold on one side only
+    v, t = ref.permute(0, 2, 3, 1).numpy(), draws.threshold[:, None, None, None]
+    near = (np.abs(v - t) < 1 / 255) | (np.abs(1 - v - t) < 1 / 255)  # before solarize: v or 1 - v
+    assert (err[~near] <= MAX_ERR).all(), err[~near].max() * 255
+    assert err.mean() <= MEAN_ERR
+    # without the colour stage only the flip is applied
+    flipped = run_planned(images, recipe, colour=False)
+    assert np.array_equal(flipped, np.where(draws.flip[:, None, None, None], images[:, :, ::-1], images))
 
 
 N_STATS = 4000  # images per statistics batch
@@ -252,9 +223,9 @@ def binomial_ok(count: int, n: int, p: float) -> bool:
 @pytest.fixture(scope="module")
 def parallel_grey_run():
     """Default probabilities on a constant grey image (level 100): only brightness changes it."""
-    recipe = SimCLRRecipe(resolution=RES)
+    recipe = SimCLRRecipe(resolution=RES, flip_prob=0.0)
     images = np.full((N_STATS, RES, RES, 3), 100, np.uint8)
-    return recipe, compile_op(recipe, threads=2)(images, np.empty_like(images))
+    return recipe, run_planned(images, recipe)
 
 
 def test_jitter_fraction_and_brightness_distribution(parallel_grey_run):
@@ -279,10 +250,10 @@ STRIPE_A, STRIPE_B = (255, 40, 0), (0, 200, 255)  # luma 99.7 and 146.5
 def parallel_stripes_run():
     """No jitter; grayscale and blur on colour stripes one pixel wide (even columns A, odd B).
     With sigma >= 0.5 (3 taps) a blur at least halves the stripes' contrast."""
-    recipe = SimCLRRecipe(resolution=RES, jitter_prob=0.0, blur_sigma=(0.5, 2.0))
+    recipe = SimCLRRecipe(resolution=RES, jitter_prob=0.0, blur_sigma=(0.5, 2.0), flip_prob=0.0)
     images = np.empty((N_STATS, RES, RES, 3), np.uint8)
     images[:, :, 0::2], images[:, :, 1::2] = STRIPE_A, STRIPE_B
-    out = compile_op(recipe, threads=2)(images, np.empty_like(images))
+    out = run_planned(images, recipe)
     x = out.astype(np.float64)
     gray = ((x[..., 0] == x[..., 1]) & (x[..., 1] == x[..., 2])).all(axis=(1, 2))
     c = RES // 2

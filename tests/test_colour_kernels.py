@@ -285,3 +285,16 @@ def test_blur_sigma_distribution(parallel_stripes_run):
     assert sigma.min() > lo - 0.05 and sigma.max() < hi + 0.15
     for q in (0.25, 0.5, 0.75):
         assert abs(np.quantile(sigma, q) - (lo + q * (hi - lo))) < 0.1, q
+
+
+def test_host_normalisation_equals_the_device_ops():
+    from pipelines.augment.batched import normalize_only
+    from pipelines.augment.colour_kernels import normalize_on_host
+
+    recipe = SimCLRRecipe()
+    images = torch.from_numpy(natural_images(5))  # [5, H, W, 3] uint8
+    ours = normalize_on_host(images, recipe.mean, recipe.std)
+    ref = normalize_only(images.permute(0, 3, 1, 2), recipe)
+    assert ours.shape == (5, 3, H, W) and ours.dtype == torch.float32
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)

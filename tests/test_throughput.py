@@ -78,13 +78,17 @@ def test_ratios_and_verdicts_from_rows():
         _ok("loader", "dali", 150.0, decodes_per_s=Spread.of([300.0]).as_dict()),
         _ok("e2e", "dali", 140.0, data_wait_frac=Spread.of([0.05]).as_dict()),
         {"mode": "loader", "backend": "ffcv", "status": "unavailable", "reason": "ImportError: no ffcv"},
+        _ok("loader", "pil-reference", 75.0),
     ]
     rep.add_ratios(rows)
     assert rows[2]["vs_torch"] == pytest.approx(1.0) and rows[2]["vs_decode"] == pytest.approx(0.1)
     assert rows[3]["vs_torch"] == pytest.approx(3.0) and rows[3]["vs_decode"] == pytest.approx(0.3)
     assert rows[5]["vs_torch"] is None and rows[0]["vs_torch"] is None
+    # against the PIL baseline, same mode only
+    assert rows[3]["vs_pil"] == pytest.approx(2.0) and rows[2]["vs_pil"] == pytest.approx(50 / 75)
+    assert rows[4]["vs_pil"] is None and rows[6]["vs_pil"] == pytest.approx(1.0)
     by_backend = {v["backend"]: v for v in rep.verdicts(rows)}
-    assert set(by_backend) == {"torch", "dali"}  # ffcv has no figure
+    assert set(by_backend) == {"torch", "dali", "pil-reference"}  # ffcv has no figure
     assert by_backend["torch"]["bound"] == "loader" and by_backend["torch"]["factor"] == pytest.approx(4.0)
     assert by_backend["dali"]["bound"] == "compute"
 
@@ -183,12 +187,31 @@ def test_every_mode_on_generated_data(tmp_path, capsys, monkeypatch, tiny_data):
     loader = rows[("loader", "torch")]
     assert set(loader["figures"]) >= {"images_per_s", "views_per_s", "decodes_per_s", "cpu_cores_used", "peak_rss_mb"}
     assert loader["vs_torch"] == pytest.approx(1.0) and loader["vs_decode"] > 0
+    baseline = rows[("loader", "pil-reference")]  # measured in the same run, every ratio against it too
+    assert baseline["status"] == "ok" and baseline["vs_pil"] == pytest.approx(1.0) and loader["vs_pil"] > 0
     wait = rows[("e2e", "torch")]["figures"]["data_wait_frac"]
     assert 0 <= wait["min"] <= wait["median"] <= wait["max"] <= 1
-    (v,) = report["verdicts"]
-    assert v["backend"] == "torch" and v["bound"] in ("loader", "compute")
-    assert "verdict torch: " in stdout
+    verdicts = {v["backend"]: v for v in report["verdicts"]}
+    assert set(verdicts) == {"pil-reference", "torch"} and verdicts["torch"]["bound"] in ("loader", "compute")
+    assert "verdict torch: " in stdout and "vs PIL baseline" in stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_multicrop_shape_counts_every_view(tmp_path, capsys, tiny_data):
+    argv = ["--mode", "compute,loader", "--backend", "torch", "--data", str(tiny_data), "--workers", "0",
+            "--views", "2x16,3x8:0.1-0.4"] + TINY
+    code, report, stdout = _run(argv, tmp_path, capsys)
+    assert code == 0, [r.get("reason") for r in report["results"]]
+    shape = report["shape"]
+    assert shape["view_groups"] == [{"count": 2, "resolution": 16}, {"count": 3, "resolution": 8}]
+    assert shape["views_per_step"] == 5 * 4 + 2 * 2  # 5 views of 4 images + 2 classes x 2 support images
+    assert shape["network_images_per_unlabeled"] == pytest.approx(6.0)
+    assert shape["pixels_per_unlabeled_in_global_views"] == pytest.approx((2 + 3 / 4 + 1) / 1)
+    assert "4 x (2 x 16 px + 3 x 8 px views" in stdout
+    for bad in ("2y16", "2x16:0.1", "x16"):
+        with pytest.raises(SystemExit):
+            throughput.main(["--mode", "compute", "--views", bad] + TINY)
+        assert "--views" in capsys.readouterr().err
 
 
 def test_data_modes_refuse_to_run_without_data(capsys):

@@ -390,3 +390,30 @@ def finish_view(img, c, kernel_size, colour):
                         order, c[C_GRAY] > 0.5, c[C_BLUR] > 0.5, c[C_SIGMA], kernel_size)
     if c[C_SOLARIZE] > 0.5:
         solarize(img, c[C_THRESHOLD])
+
+
+# --------------------------------------------------------------------------- normalisation on the host
+
+
+@njit(cache=True, fastmath=_FAST)
+def _normalize_u8(src, dst, lut):
+    """dst[j] = lut[j % 3, src[j]] over flat HWC-interleaved arrays: one pass, no float maths."""
+    n = src.shape[0] // 3
+    for p in range(n):
+        dst[3 * p] = lut[0, src[3 * p]]
+        dst[3 * p + 1] = lut[1, src[3 * p + 1]]
+        dst[3 * p + 2] = lut[2, src[3 * p + 2]]
+
+
+def normalize_on_host(images, mean, std):
+    """uint8 views ``[n, r, r, 3]`` (a CPU torch tensor, contiguous) -> float32 ``(v / 255 - mean) / std``
+    as ``[n, 3, r, r]`` with channels-last strides, in one pass through a per-channel table: the
+    CPU path's normalisation (torch's ops make four passes over a float copy, 10x slower on 2 cores)."""
+    import torch
+
+    x = images.contiguous()
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    lut = ((levels[None, :] - np.asarray(mean)[:, None]) / np.asarray(std)[:, None]).astype(np.float32)
+    out = torch.empty(x.shape, dtype=torch.float32)
+    _normalize_u8(x.numpy().reshape(-1), out.numpy().reshape(-1), lut)
+    return out.permute(0, 3, 1, 2)

@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines.augment.batched import normalize_only
+from pipelines.augment.colour_kernels import normalize_on_host
 from pipelines.augment.host_views import PlannedViews
 from pipelines.augment.recipe import SimCLRRecipe, ViewGroup
 from pipelines.bad_images import ReplacementPools, read_or_replace
@@ -170,8 +171,12 @@ class TorchPretrainLoader:
             self.support_batches.set_range(self.plan.global_step(epoch, start_step), len(self) - start_step)
 
     def _to_device(self, x: torch.Tensor, recipe: SimCLRRecipe) -> torch.Tensor:
-        """uint8 [n, r, r, 3] -> normalised ``spec.dtype`` [n, 3, r, r] on the device."""
-        x = normalize_only(x.to(self.device, non_blocking=True).permute(0, 3, 1, 2), recipe, self.spec.dtype)
+        """uint8 [n, r, r, 3] -> normalised ``spec.dtype`` [n, 3, r, r] on the device (uint8 crosses to
+        a GPU; on the CPU one table lookup per value)."""
+        if self.device.type == "cpu":
+            x = normalize_on_host(x, recipe.mean, recipe.std).to(self.spec.dtype)
+        else:
+            x = normalize_only(x.to(self.device, non_blocking=True).permute(0, 3, 1, 2), recipe, self.spec.dtype)
         return x if self.spec.channels_last else x.contiguous()
 
     def __iter__(self) -> Iterator[PretrainBatch]:

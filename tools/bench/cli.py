@@ -52,11 +52,11 @@ from typing import Callable
 import torch
 
 from train.config import BACKENDS, ConfigError, PretrainConfig, load_config
-from train.data import build_loaders
+from train.data import build_loaders, loader_spec
 from train.distributed import DeviceError, DistContext, init_distributed, shutdown_distributed
 from train.precision import Precision, resolve_precision
 from train.wiring import build_step_kit, configure_backends, host_lead_steps
-from tools.bench import measure
+from tools.bench import measure, pil_reference
 from tools.bench import report as report_lib
 from tools.bench.env import environment, usable_cores
 from tools.bench.variants import CONFIG, parse_variants
@@ -67,7 +67,10 @@ DATA_MODES = ("decode", "loader", "e2e")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.throughput", description=__doc__.splitlines()[0])
-    p.add_argument("--backend", choices=[*BACKENDS, "all"], help="loader backend(s) to measure (default: the config's)")
+    p.add_argument("--backend", choices=[*BACKENDS, pil_reference.NAME, "all"],
+                   help="loader backend(s) to measure (default: the config's); pil-reference is the baseline users "
+                        "run today (solo-learn's torchvision-on-PIL pipeline, tools/bench/pil_reference.py); all: "
+                        "the baseline and every backend")
     p.add_argument("--mode", default="all", help=f"one of {', '.join(MODES)}, a comma-separated list, or all")
     p.add_argument("--data", help="ImageFolder root holding the train split (data.root); needed by decode/loader/e2e")
     p.add_argument("--data-for", action="append", default=[], metavar="BACKEND=DIR",
@@ -165,6 +168,14 @@ def with_backend(cfg: PretrainConfig, backend: str, data_for: dict[str, str]) ->
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backend=backend, root=root))
 
 
+def train_stream(cfg: PretrainConfig, backend: str, data_for: dict[str, str], ctx: DistContext, dtype: torch.dtype):
+    """The stream ``backend`` feeds a step with; the PIL baseline reads the ImageFolder tree (``--data``)."""
+    if backend == pil_reference.NAME:
+        tree = with_backend(cfg, "torch", {"torch": data_for.get(backend, cfg.data.root)})
+        return pil_reference.build_train_data(loader_spec(tree, ctx.rank, ctx.world_size, ctx.device, dtype)).loader
+    return build_loaders(with_backend(cfg, backend, data_for), ctx.rank, ctx.world_size, ctx.device, dtype).train
+
+
 def run_modes(cfg: PretrainConfig, ctx: DistContext, modes: tuple[str, ...], backends: tuple[str, ...],
               data_for: dict[str, str], timing: measure.Timing, args: argparse.Namespace) -> list[dict]:
     """Every requested measurement on this rank, in a fixed order, as result rows."""
@@ -187,9 +198,8 @@ def run_modes(cfg: PretrainConfig, ctx: DistContext, modes: tuple[str, ...], bac
     kit = None
     for backend in backends if fed else ():
         try:
-            loaders = build_loaders(with_backend(cfg, backend, data_for), ctx.rank, ctx.world_size, ctx.device,
-                                    precision.input_dtype)
-            batches = measure.endless(loaders.train)
+            stream = train_stream(cfg, backend, data_for, ctx, precision.input_dtype)
+            batches = measure.endless(stream)
         except Exception as exc:  # ImportError: backend not installed (unavailable); else an error (missing data, ...)
             rows += [measure.failure_row(m, exc, dist, backend=backend) for m in fed]
             continue
@@ -209,7 +219,7 @@ def run_modes(cfg: PretrainConfig, ctx: DistContext, modes: tuple[str, ...], bac
             rows.append(result_row("e2e", backend,
                                    lambda: measure.measure_e2e(kit, batches, shape, e2e_timing, ctx.device), dist))
         batches.close()
-        del loaders, batches
+        del stream, batches
         gc.collect()  # stop this backend's workers before measuring the next
     return rows
 
@@ -292,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data and any(m in DATA_MODES for m in modes):
         parser.error(f"--mode {','.join(m for m in modes if m in DATA_MODES)} needs --data DIR "
                      "(compute and augment need none)")
-    backends = BACKENDS if args.backend == "all" else (args.backend or cfg.data.backend,)
+    backends = (pil_reference.NAME, *BACKENDS) if args.backend == "all" else (args.backend or cfg.data.backend,)
     try:
         ctx = init_distributed(args.device)
     except DeviceError as exc:

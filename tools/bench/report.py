@@ -14,6 +14,7 @@ report::
      "ranks": [FIGURES, ...],          # one per rank, only under torchrun
      "aggregate": {"images_per_s": float, ...},  # sum over ranks of the medians
      "vs_torch": float | None,         # images_per_s / the torch row's, same mode
+     "vs_pil": float | None,           # images_per_s / the PIL baseline's (pil-reference), same mode
      "vs_decode": float | None}        # loader decodes_per_s / the decode ceiling
 
 where ``SPREAD`` is ``{"median", "min", "max", "windows": [...]}`` over the
@@ -34,6 +35,7 @@ from typing import Iterable, Sequence
 LOADER_BOUND_WAIT = 0.10
 
 BACKEND_NAMES = ("torch", "dali", "ffcv")
+BASELINE = "pil-reference"  # the loader users run today (tools/bench/pil_reference.py)
 
 # What the main figure counts, by mode.
 FIGURE_NOTE = ("main figure: loader/compute/e2e = unlabeled images/s (each gives the shape's views; views/s adds "
@@ -199,8 +201,9 @@ def compute_reference(rows: Sequence[dict]) -> dict | None:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Fill ``vs_torch`` (same mode), ``vs_decode`` (loader decodes vs the
-    decode ceiling) and, with several compute variants, ``vs_eager``."""
+    """Fill ``vs_torch`` and ``vs_pil`` (same mode: against our torch backend and against the PIL
+    baseline), ``vs_decode`` (loader decodes vs the decode ceiling) and, with several compute
+    variants, ``vs_eager``."""
     eager = next((r for r in rows if r["mode"] == "compute" and r.get("variant") == "eager"), None)
     variants = [r for r in rows if r["mode"] == "compute"]
     for row in variants:
@@ -208,12 +211,15 @@ def add_ratios(rows: list[dict]) -> None:
             mine, ref = row["figures"]["images_per_s"]["windows"], eager["figures"]["images_per_s"]["windows"]
             row["vs_eager"] = Spread.of(a / b for a, b in zip(mine, ref)).as_dict()
     torch_rows = {r["mode"]: r for r in rows if r["backend"] == "torch"}
+    baseline_rows = {r["mode"]: r for r in rows if r["backend"] == BASELINE}
     decode = next((r for r in rows if r["mode"] == "decode"), None)
     ceiling = median(decode) if decode is not None else None
     for row in rows:
-        ref = torch_rows.get(row["mode"])
-        mine, theirs = median(row), (median(ref) if ref is not None else None)
-        row["vs_torch"] = mine / theirs if mine is not None and theirs and row["backend"] != "-" else None
+        mine = median(row)
+        for key, refs in (("vs_torch", torch_rows), ("vs_pil", baseline_rows)):
+            ref = refs.get(row["mode"])
+            theirs = median(ref) if ref is not None else None
+            row[key] = mine / theirs if mine is not None and theirs and row["backend"] != "-" else None
         decodes = median(row, "decodes_per_s") if row["mode"] == "loader" else None
         row["vs_decode"] = decodes / ceiling if decodes is not None and ceiling else None
 
@@ -263,14 +269,14 @@ def markdown_table(rows: Sequence[dict], unit: str) -> str:
     """The result rows as a Markdown table; ``unit`` names the per-device
     figure (``img/s/GPU`` or ``img/s/process``)."""
     head = (f"| mode | backend | {unit} (median) | min–max | views/s | decodes/s | img/s/core | CPU cores | "
-            "peak RSS MB | data wait | vs torch | vs decode |")
+            "peak RSS MB | data wait | vs PIL baseline | vs torch | vs decode |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         if row["status"] != "ok":
             label = "error" if row["status"] == "error" else "unavailable"
             if row["status"] == "unavailable" and row["backend"] in BACKEND_NAMES:
                 label = "backend unavailable"
-            cells = [_mode_cell(row), row["backend"], f"{label}: {row['reason']}"] + [""] * 9
+            cells = [_mode_cell(row), row["backend"], f"{label}: {row['reason']}"] + [""] * 10
             lines.append("| " + " | ".join(cells) + " |")
             continue
         f = row["figures"]
@@ -281,7 +287,7 @@ def markdown_table(rows: Sequence[dict], unit: str) -> str:
             _spread_cell(f.get("views_per_s"))[0], _spread_cell(f.get("decodes_per_s"))[0],
             _num(f.get("images_per_s_per_core")), _num(f.get("cpu_cores_used"), 2), _num(f.get("peak_rss_mb"), 0),
             "" if wait is None else f"{100 * wait['median']:.0f}%",
-            _ratio(row.get("vs_torch")), _ratio(row.get("vs_decode")),
+            _ratio(row.get("vs_pil")), _ratio(row.get("vs_torch")), _ratio(row.get("vs_decode")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -39,7 +39,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from pipelines.augment.batched import BatchColorAugment, ColorAugParams, normalize_only
+from pipelines.augment.batched import BatchColorAugment, ColorAugParams
+from pipelines.augment.colour_kernels import normalize_on_host
 from pipelines.augment.draws import draw_views
 from pipelines.augment.recipe import ViewGroup
 from pipelines.backends.ffcv.decode import PackedViews, PlannedCropDecoder, sample_of_decode_error
@@ -114,9 +115,9 @@ class ColourStage:
     def __call__(self, images: torch.Tensor, seeds: np.ndarray, image_major: bool = False) -> torch.Tensor:
         """uint8 [count * n, r, r, 3] views of the images with plan seeds ``seeds`` -> normalised
         [count * n, 3, r, r], channels-last."""
+        if self.on_loader:  # the CPU: one table lookup per value
+            return normalize_on_host(images, self.group.recipe.mean, self.group.recipe.std).to(self.dtype)
         x = images.permute(0, 3, 1, 2)
-        if self.on_loader:
-            return normalize_only(x, self.group.recipe, self.dtype)
         ones = np.ones((len(seeds), 2), np.int64)  # colour draws do not depend on the image's size
         draws = draw_views(seeds, self.first_view, self.group.count, ones, self.group.recipe)
         params = ColorAugParams.from_draws(draws, images.device, flip=False)

@@ -1,12 +1,14 @@
-"""Encoders, projection head and the SimCLR model wrapper."""
-from model.build import SimCLRModel, build_model, export_torchvision_state_dict, unwrap_model
+"""Encoders, the objectives' heads and the model wrapper."""
+from model.build import PretrainModel, build_model, export_torchvision_state_dict, unwrap_model
 from model.encoder import ENCODERS, TORCHVISION_ARCHS, build_encoder
-from model.head import projection_head
+from model.head import PAWSHead, SwAVHead, projection_head
 
 __all__ = [
     "ENCODERS",
+    "PAWSHead",
+    "PretrainModel",
+    "SwAVHead",
     "TORCHVISION_ARCHS",
-    "SimCLRModel",
     "build_encoder",
     "build_model",
     "export_torchvision_state_dict",

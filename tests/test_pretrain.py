@@ -80,7 +80,7 @@ def test_loss_decreases_on_learnable_toy_set(tmp_path):
 
 def _poison_nt_xent(monkeypatch, factor):
     """Multiply the NT-Xent loss of the n-th call (1-based) by ``factor(n)``."""
-    import train.step as step_module
+    import train.objectives.simclr as step_module
 
     real = step_module.init_nt_xent_loss
     calls = {"n": 0}

@@ -248,7 +248,7 @@ def test_records_report_the_last_losses_and_count_skips():
 
 
 def test_loss_closures_and_steps_are_built_once_per_phase(monkeypatch):
-    import train.step as step_module
+    import train.objectives.simclr as step_module
 
     built = []
     real = step_module.init_nt_xent_loss
@@ -402,9 +402,9 @@ def test_paper_ratio_weights_a_support_anchor_as_at_the_papers_shapes():
 
 
 def test_each_resolution_is_one_forward_and_the_loss_sees_every_view():
-    """Multi-crop: 2 x 16 px views with the support set in one forward, 3 x 8 px views in another
-    (SwAV's grouping); the embeddings are put back in the contract's order and NT-Xent pairs all
-    five views of each image, SuNCEt the support rows."""
+    """Multi-crop: the encoder runs once on the 2 x 16 px views with the support set and once on
+    the 3 x 8 px views (SwAV's grouping), the head once on every feature in the contract's order;
+    NT-Xent pairs all five views of each image, SuNCEt the support rows."""
     from train.config import effective_suncet_weight
     from train.losses import nt_xent, suncet
 
@@ -417,17 +417,21 @@ def test_each_resolution_is_one_forward_and_the_loss_sees_every_view():
     shape = dataclasses.replace(SHAPE, groups=((2, 16), (3, 8)))
     batch = synthetic_batch(shape, CPU.device, torch.float32, channels_last=True)
     seen = []
-    hook = kit.core.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    hooks = [module.register_forward_pre_hook(lambda module, args, name=name: seen.append((name, tuple(args[0].shape))))
+             for name, module in (("encoder", kit.core.encoder), ("head", kit.core.head))]
     step = kit.step_for_epoch(0)
     with torch.no_grad():
         losses = step._forward(batch.views, batch.support_images, batch.support_labels)
-        hook.remove()
-        assert seen == [(2 * 6 + 6, 3, 16, 16), (3 * 6, 3, 8, 8)]
-        big = kit.core(torch.cat([batch.views[0], batch.support_images]))
-        small = kit.core(batch.views[1])
+        for hook in hooks:
+            hook.remove()
+        assert seen == [("encoder", (2 * 6 + 6, 3, 16, 16)), ("encoder", (3 * 6, 3, 8, 8)),
+                        ("head", (5 * 6 + 6, kit.core.feature_dim))]
+        big = kit.core.encoder(torch.cat([batch.views[0], batch.support_images]))
+        small = kit.core.encoder(batch.views[1])
+        z = kit.core.head(torch.cat([big[:12], small, big[12:]]))
     t = cfg.loss.temperature
-    expected_nt = nt_xent(torch.cat([big[:12], small]), t, views=5)
-    expected_sc = suncet(big[12:], batch.support_labels, t)
+    expected_nt = nt_xent(z[:30], t, views=5)
+    expected_sc = suncet(z[30:], batch.support_labels, t)
     torch.testing.assert_close(losses[0], expected_nt)
     torch.testing.assert_close(losses[1], expected_sc)
     torch.testing.assert_close(losses[2], expected_nt + effective_suncet_weight(cfg) * expected_sc)

@@ -55,7 +55,8 @@ class DataConfig:
 class ModelConfig:
     arch: str = "resnet50"
     head_hidden_dim: int = 2048
-    head_out_dim: int = 128
+    head_out_dim: int = 128  # SimCLR and SwAV: 128; PAWS: 2048
+    pred_hidden_dim: int | None = None  # PAWS's prediction head: head_out_dim // 4 when null
     sync_bn: bool = True
     channels_last: bool = True
 
@@ -74,7 +75,32 @@ class OptimConfig:
 
 
 @dataclass
+class SwAVConfig:
+    """SwAV (Caron et al. 2020; facebookresearch/swav main_swav.py, scripts/swav_400ep_pretrain.sh)."""
+
+    prototypes: int = 3000
+    epsilon: float = 0.05  # Sinkhorn-Knopp's entropic regularisation
+    sinkhorn_iterations: int = 3
+    queue_length: int = 0  # embeddings kept from earlier steps (global, over ranks); 0: no queue
+    queue_start_epoch: int = 15  # the queue starts filling at this epoch
+    freeze_prototypes_steps: int = 313  # the prototypes get no update for this many global steps
+
+
+@dataclass
+class PAWSConfig:
+    """PAWS (Assran et al. 2021; the official suncet repository's src/losses.py, configs/paws/imgnt_train.yaml)."""
+
+    sharpen: float = 0.25  # target temperature T
+    me_max: bool = True  # mean-entropy maximisation of the average prediction
+    label_smoothing: float = 0.1
+
+
+METHODS = ("simclr", "swav", "paws")
+
+
+@dataclass
 class LossConfig:
+    method: str = "simclr"  # simclr (NT-Xent) | swav | paws; loss.suncet_weight adds SuNCEt to simclr and swav
     temperature: float = 0.1
     suncet_weight: float = 1.0  # 0 gives SimCLR alone
     # "paper_ratio": suncet_weight is scaled so that one support anchor weighs as much against one view
@@ -84,6 +110,8 @@ class LossConfig:
     supervised_epochs: int | None = None  # SuNCEt switched off from this epoch on (None: never)
     ntxent_gather: str = "grad"  # "grad": SimCLR's gradient through the gather; "detached": the official code's
     on_nonfinite: str = "stop"  # "stop" the run, or "skip" the step and count it
+    swav: SwAVConfig = field(default_factory=SwAVConfig)
+    paws: PAWSConfig = field(default_factory=PAWSConfig)
 
 
 @dataclass
@@ -172,6 +200,7 @@ class PretrainConfig:
         if l.suncet_weight_rule not in SUNCET_WEIGHT_RULES:
             raise ConfigError(f"loss.suncet_weight_rule must be one of {SUNCET_WEIGHT_RULES}, "
                               f"got {l.suncet_weight_rule!r}")
+        self._validate_method()
         positive_ints = {
             "data.unlabeled_batch_size": d.unlabeled_batch_size,
             "data.support_images_per_class": d.support_images_per_class,
@@ -227,6 +256,42 @@ class PretrainConfig:
             raise ConfigError("run.max_steps_per_epoch must be >= 1 or null")
         if world_size < 1:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
+
+
+    def _validate_method(self) -> None:
+        """The objective's own settings (``loss.method``, ``loss.swav``, ``loss.paws``)."""
+        l, d = self.loss, self.data
+        if l.method not in METHODS:
+            raise ConfigError(f"loss.method must be one of {METHODS}, got {l.method!r}")
+        sw, pw = l.swav, l.paws
+        checks = [
+            (sw.prototypes >= 1, f"loss.swav.prototypes must be >= 1, got {sw.prototypes}"),
+            (math.isfinite(sw.epsilon) and sw.epsilon > 0, f"loss.swav.epsilon must be > 0, got {sw.epsilon}"),
+            (sw.sinkhorn_iterations >= 1, f"loss.swav.sinkhorn_iterations must be >= 1, got {sw.sinkhorn_iterations}"),
+            (sw.queue_length >= 0, f"loss.swav.queue_length must be >= 0, got {sw.queue_length}"),
+            (sw.queue_start_epoch >= 0, f"loss.swav.queue_start_epoch must be >= 0, got {sw.queue_start_epoch}"),
+            (sw.freeze_prototypes_steps >= 0,
+             f"loss.swav.freeze_prototypes_steps must be >= 0, got {sw.freeze_prototypes_steps}"),
+            (math.isfinite(pw.sharpen) and pw.sharpen > 0, f"loss.paws.sharpen must be > 0, got {pw.sharpen}"),
+            (0 <= pw.label_smoothing < 1, f"loss.paws.label_smoothing must be in [0, 1), got {pw.label_smoothing}"),
+            (self.model.pred_hidden_dim is None or self.model.pred_hidden_dim >= 1,
+             f"model.pred_hidden_dim must be >= 1 or null, got {self.model.pred_hidden_dim}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if l.method == "paws":
+            if l.suncet_weight > 0:
+                raise ConfigError("loss.suncet_weight applies to loss.method simclr and swav; PAWS reads the support "
+                                  "set through its own loss: set loss.suncet_weight=0")
+            if d.support_classes < 2:
+                raise ConfigError(f"loss.method=paws needs a support set of >= 2 classes (data.support_classes), "
+                                  f"got {d.support_classes}")
+
+    @property
+    def uses_support(self) -> bool:
+        """Whether the run has a support set: SuNCEt on (at some epoch), or PAWS."""
+        return self.data.support_classes > 0 and (self.loss.method == "paws" or self.loss.suncet_weight > 0)
 
 
 # The paper's per-GPU shapes: 44 unlabeled images x 2 views against 20 classes x 2 support images.

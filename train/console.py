@@ -23,15 +23,18 @@ def banner(cfg, world_size: int, device, precision_name: str, loaders, steps_per
         import torch
         threads = torch.get_num_threads()
     where = f"{device}" + (f" ({threads} threads)" if threads else "")
-    support = cfg.support_batch_size if cfg.loss.suncet_weight > 0 else 0
     # ranks share the step's classes (each drawing other images of them), or with unique_classes draw their own
     classes, per_class = ((d.support_classes * world_size, d.support_images_per_class) if d.unique_classes
                           else (d.support_classes, d.support_images_per_class * world_size))
     loss = cfg.loss
-    step = (f"{d.unlabeled_batch_size * world_size} images x {describe_views(cfg.augment.view_groups())}"
-            + (f" + {classes} classes x {per_class} images x {d.support_views} view(s) support, SuNCEt weight "
-               f"{effective_suncet_weight(cfg):.3g} ({loss.suncet_weight:g}, {loss.suncet_weight_rule})" if support
-               else " (SimCLR alone)"))
+    step = f"{d.unlabeled_batch_size * world_size} images x {describe_views(cfg.augment.view_groups())}"
+    if cfg.uses_support:
+        step += f" + {classes} classes x {per_class} images x {d.support_views} view(s) support"
+    if loss.suncet_weight > 0 and loss.method != "paws":
+        step += (f", {loss.method} + SuNCEt weight {effective_suncet_weight(cfg):.3g} ({loss.suncet_weight:g}, "
+                 f"{loss.suncet_weight_rule})")
+    else:
+        step += " (SimCLR alone)" if loss.method == "simclr" else f", {loss.method}"
     lines = [
         f"device {where}, precision {precision_name}, world size {world_size}",
         f"data: {d.backend} backend reading {loaders.source}: {loaders.num_images} images in "

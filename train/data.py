@@ -22,9 +22,10 @@ from pipelines.train_split import check_root
 
 
 def support_spec(cfg) -> SupportSpec | None:
-    """The support set of ``cfg``, or None when SuNCEt is off for the whole run."""
+    """The support set of ``cfg``, or None when no objective reads one (SuNCEt off for the whole
+    run, and not PAWS)."""
     d = cfg.data
-    if cfg.loss.suncet_weight == 0 or d.support_classes == 0:
+    if not cfg.uses_support:
         return None
     return SupportSpec(d.support_classes, d.support_images_per_class, d.support_views, d.unique_classes,
                        d.support_view_group)

@@ -215,6 +215,30 @@ def all_reduce_no_grad(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class _MeanIdentityGrad(torch.autograd.Function):
+    """The mean over ranks forward, the identity backward (see ``all_reduce_mean_with_grad``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous() / dist.get_world_size()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def all_reduce_mean_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x`` averaged over the ranks, for a loss every rank computes from that mean (PAWS's
+    me-max): backward passes the gradient to this rank's ``x`` unchanged, which after DDP's
+    averaging over ranks is the gradient of one process computing the same mean over the whole
+    batch. ``x`` itself without a group of several."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _MeanIdentityGrad.apply(x)
+
+
 def all_reduce_sum(value: int, device: torch.device) -> int:
     """``value`` summed over the ranks (itself without a group of several)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

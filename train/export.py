@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model import TORCHVISION_ARCHS, SimCLRModel, build_encoder, build_model, export_torchvision_state_dict
+from model import TORCHVISION_ARCHS, PretrainModel, build_encoder, build_model, export_torchvision_state_dict
+from train.objectives import head_factory
 from pipelines.errors import DataError
 from train import checkpoint as ckpt
 from train.config import PretrainConfig, config_from_dict
@@ -39,14 +40,14 @@ class ExportError(RuntimeError):
     """The encoder cannot be written or read in the format asked for; the message says why."""
 
 
-def encoder_state(model: SimCLRModel) -> dict[str, torch.Tensor]:
+def encoder_state(model: PretrainModel) -> dict[str, torch.Tensor]:
     """The encoder's tensors: torchvision's keys (no ``fc.*``) for torchvision archs, its own otherwise."""
     if model.arch in TORCHVISION_ARCHS:
         return export_torchvision_state_dict(model)
     return {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
 
 
-def export_encoder(model: SimCLRModel, path: str | Path, fmt: str = "torchvision", metadata: dict | None = None) -> Path:
+def export_encoder(model: PretrainModel, path: str | Path, fmt: str = "torchvision", metadata: dict | None = None) -> Path:
     """Write ``model``'s encoder to ``path`` in ``fmt`` (see the module docstring); returns ``path``."""
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -69,8 +70,8 @@ def export_encoder(model: SimCLRModel, path: str | Path, fmt: str = "torchvision
     return path
 
 
-def load_encoder(path: str | Path, arch: str) -> SimCLRModel:
-    """An exported encoder (any of ``FORMATS``) as a ``SimCLRModel`` of ``arch`` with no
+def load_encoder(path: str | Path, arch: str) -> PretrainModel:
+    """An exported encoder (any of ``FORMATS``) as a ``PretrainModel`` of ``arch`` with no
     projection head (evaluation uses the encoder's features only)."""
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -98,12 +99,12 @@ def load_encoder(path: str | Path, arch: str) -> SimCLRModel:
     if missing or unexpected:
         raise ExportError(f"{path} does not fit a {arch} encoder (missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]}): pass the --arch it was trained with")
-    return SimCLRModel(arch, encoder, feature_dim, nn.Identity())
+    return PretrainModel(arch, encoder, feature_dim, nn.Identity())
 
 
-def load_pretrained(path: str | Path) -> tuple[SimCLRModel, PretrainConfig, Path, dict]:
+def load_pretrained(path: str | Path) -> tuple[PretrainModel, PretrainConfig, Path, dict]:
     """A training checkpoint (a ``ckpt-*.pt`` file, or a run directory: its newest) as the
-    pre-trained ``SimCLRModel`` (CPU, eval mode), its config, the file read, and the file's contents."""
+    pre-trained ``PretrainModel`` (CPU, eval mode), its config, the file read, and the file's contents."""
     path = Path(path)
     if path.is_dir():
         loaded = ckpt.load_latest(path)
@@ -118,6 +119,6 @@ def load_pretrained(path: str | Path) -> tuple[SimCLRModel, PretrainConfig, Path
         raise DataError(f"{path} is not a pre-training checkpoint (needs 'model' and 'config')")
     cfg = config_from_dict(state["config"])
     m = cfg.model
-    model = build_model(m.arch, m.head_hidden_dim, m.head_out_dim, channels_last=m.channels_last, sync_bn=False)
+    model = build_model(m.arch, channels_last=m.channels_last, sync_bn=False, head=head_factory(cfg))
     model.load_state_dict(state["model"])
     return model.eval(), cfg, path, state

@@ -95,9 +95,10 @@ class Trainer:
     def scaler(self) -> torch.amp.GradScaler:
         return self.kit.scaler
 
-    def checkpoint_state(self, state: TrainState) -> dict:
+    def checkpoint_state(self, state: TrainState, objective: dict) -> dict:
         return {
             "model": self.core.state_dict(),
+            "objective": objective,  # SwAV's queue; empty for the others
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "train_state": asdict(state),
@@ -108,9 +109,10 @@ class Trainer:
         }
 
     def save(self, state: TrainState) -> None:
+        objective = self.kit.objective_state()  # on every rank: SwAV gathers every rank's queue
         if self.ctx.is_main:
-            ckpt.save_checkpoint(self.checkpoint_state(state), Path(self.cfg.run.output_dir), state.global_step,
-                                 self.cfg.run.keep_checkpoints)
+            ckpt.save_checkpoint(self.checkpoint_state(state, objective), Path(self.cfg.run.output_dir),
+                                 state.global_step, self.cfg.run.keep_checkpoints)
         if self.ctx.distributed:
             torch.distributed.barrier()
 
@@ -144,7 +146,7 @@ def train_one_epoch(tr: Trainer, state: TrainState) -> None:
                   f"(data.on_bad_image=skip): {name}", file=sys.stderr)
         bad_here += len(batch.bad_images)
         lr = tr.schedule.apply(tr.optimizer, state.global_step)
-        records.add(train_step(batch))
+        records.add(train_step(batch, state.global_step))
         lead.record()
         images += batch.unlabeled_batch_size
         state.step += 1
@@ -265,6 +267,7 @@ def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path) -> d
         tr.core.load_state_dict(saved["model"])
         tr.optimizer.load_state_dict(saved["optimizer"])
         tr.scaler.load_state_dict(saved["scaler"])
+        tr.kit.resume_objective(saved.get("objective") or {})
         ckpt.set_rng_state(saved["rng"])
         if saved.get("loader") is not None:
             tr.loaders.train.load_state_dict(saved["loader"])

@@ -23,7 +23,12 @@ WEIGHTLESS_MODEL_KEYS = ("sync_bn", "channels_last")
 
 
 def check_model(saved_cfg: PretrainConfig, cfg: PretrainConfig) -> None:
-    """Refuse a checkpoint whose model differs from the config's (its weights would not load)."""
+    """Refuse a checkpoint whose objective or model differs from the config's (its head and
+    weights would not load, or would train towards another loss)."""
+    if saved_cfg.loss.method != cfg.loss.method:
+        raise ConfigError(f"cannot resume: the checkpoint trained loss.method={saved_cfg.loss.method}, this run asks "
+                          f"for {cfg.loss.method}; resume with loss.method={saved_cfg.loss.method} or start another "
+                          "run.output_dir")
     saved, now = config_to_dict(saved_cfg.model), config_to_dict(cfg.model)
     changed = [f"model.{k}: {v!r} in the checkpoint, {now[k]!r} now" for k, v in saved.items()
                if v != now[k] and k not in WEIGHTLESS_MODEL_KEYS]

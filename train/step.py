@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from pipelines.contract import PretrainBatch
-from train.losses import init_nt_xent_loss, init_suncet_loss
+from train.objectives import Objective
 from train.precision import Precision
 
 HOST_SYNCS = ("step", "log")
@@ -38,14 +38,11 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass(frozen=True)
 class StepSettings:
-    temperature: float
-    suncet_weight: float  # 0 for SimCLR alone or after supervised_epochs
     precision: Precision
     skip_nonfinite: bool = False
     host_sync: str = "step"  # see the module docstring
     compile: bool = False  # torch.compile of the forward pass (model + losses)
     cuda_graphs: bool = False  # with compile: mode "reduce-overhead"
-    ntxent_gather: str = "grad"  # see train.losses.init_nt_xent_loss
 
     def __post_init__(self) -> None:
         if self.host_sync not in HOST_SYNCS:
@@ -66,22 +63,19 @@ class StepResult:
 
 class TrainStep:
     """Forward, backward and LARS step for batches of ``unlabeled`` images (``views`` views each,
-    over all view groups) and ``support`` labelled rows. Returns a ``StepResult``; read it
-    through ``StepRecords``."""
+    over all view groups) and, when the objective reads it, the support set. The objective
+    (``train.objectives``) turns the head's outputs into losses and acts around the update.
+    Returns a ``StepResult``; read it through ``StepRecords``."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 settings: StepSettings, unlabeled: int, support: int, world_size: int, device: torch.device,
-                 channels_last: bool = True, views: int = 2):
+                 settings: StepSettings, objective: Objective, unlabeled: int, uses_support: bool,
+                 device: torch.device, channels_last: bool = True, views: int = 2):
         if settings.cuda_graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device.type}")
         self.model, self.optimizer, self.scaler, self.settings = model, optimizer, scaler, settings
-        self.unlabeled, self.views = unlabeled, views
+        self.objective, self.names = objective, objective.names
+        self.unlabeled, self.views, self.use_support = unlabeled, views, uses_support
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.use_support = settings.suncet_weight > 0 and support > 0
-        self.nt_xent = init_nt_xent_loss(unlabeled, settings.temperature, world_size, device,
-                                         gather=settings.ntxent_gather, views=views)
-        self.suncet = init_suncet_loss(support, settings.temperature, world_size, device) if self.use_support else None
-        self.names = ("loss_ntxent", "loss_suncet", "loss") if self.use_support else ("loss_ntxent", "loss")
         # (loss non-finite, gradients non-finite) as device tensors, for the host-synced path
         self._flags = {key: torch.tensor(key, dtype=torch.float32, device=device) for key in (OK, BAD_LOSS, BAD_GRADS)}
         self.forward = self._forward
@@ -95,35 +89,25 @@ class TrainStep:
 
     def _forward(self, views: tuple[torch.Tensor, ...], support: torch.Tensor,
                  labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Encode every view group and the support images, one forward per resolution (the
-        images of one resolution share BN statistics and one kernel launch stream, as in SwAV;
-        SimCLR's two views and the support set are one forward), then NT-Xent over the views
-        and SuNCEt on the support. Returns the losses in the order of ``self.names``."""
-        parts = list(views) + ([support] if self.use_support else [])
-        sides = list(dict.fromkeys(tuple(x.shape[-2:]) for x in parts))  # resolutions, in order of first use
-        embeddings: list[torch.Tensor | None] = [None] * len(parts)
-        for side in sides:
-            members = [k for k, x in enumerate(parts) if tuple(x.shape[-2:]) == side]
-            z = self._encode(torch.cat([parts[k] for k in members]))
-            for k, chunk in zip(members, z.split([parts[k].shape[0] for k in members])):
-                embeddings[k] = chunk
-        z = z if len(sides) == 1 else torch.cat(embeddings)  # one resolution: already in order
-        z = z.to(torch.promote_types(z.dtype, torch.float32))  # fp16/bf16 -> fp32; an fp64 model stays fp64
-        view_rows = self.views * self.unlabeled
-        loss_unsup = self.nt_xent(z[:view_rows])
-        if not self.use_support:
-            return loss_unsup, loss_unsup
-        loss_sup = self.suncet(z[view_rows:], labels)
-        return loss_unsup, loss_sup, loss_unsup + self.settings.suncet_weight * loss_sup
-
-    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Every view group and the support images through the model in one call (one encoder
+        pass per resolution, the head once: ``model.PretrainModel.forward``), then the
+        objective's losses, in the order of ``self.names``."""
+        parts = [x.contiguous(memory_format=self.memory_format) for x in views]
+        if self.use_support:
+            parts.append(support.contiguous(memory_format=self.memory_format))
         precision = self.settings.precision
-        images = images.contiguous(memory_format=self.memory_format)
-        with torch.autocast(images.device.type, dtype=precision.autocast_dtype or torch.float32,
+        with torch.autocast(parts[0].device.type, dtype=precision.autocast_dtype or torch.float32,
                             enabled=precision.autocast_dtype is not None):
-            return self.model(images)
+            out = self.model(parts if len(parts) > 1 else parts[0])
+        out = out if isinstance(out, tuple) else (out,)
+        out = tuple(x.to(torch.promote_types(x.dtype, torch.float32)) for x in out)  # fp16/bf16 -> fp32
+        view_rows = self.views * self.unlabeled
+        return self.objective(tuple(x[:view_rows] for x in out), tuple(x[view_rows:] for x in out), labels)
 
-    def __call__(self, batch: PretrainBatch) -> StepResult:
+    def __call__(self, batch: PretrainBatch, global_step: int | None = None) -> StepResult:
+        """One step on ``batch``; ``global_step`` (the trainer's count; the batch's step when not
+        given) tells the objective where the run is."""
+        self.objective.begin_step(batch.epoch, batch.step if global_step is None else global_step)
         if self.settings.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         losses = self.forward(batch.views, batch.support_images, batch.support_labels)
@@ -152,8 +136,10 @@ class TrainStep:
             if not torch.isfinite(_grad_norm(self.model)).item():
                 self.optimizer.zero_grad(set_to_none=True)
                 return BAD_GRADS
+        self.objective.before_update(self.model)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.objective.after_update(self.model)
         return OK
 
     def _update_unsynced(self, loss: torch.Tensor) -> torch.Tensor:
@@ -167,8 +153,10 @@ class TrainStep:
             bad_grads = torch.zeros_like(bad_loss)  # overflow: the scaler's business, not counted
         else:
             bad_grads = ~torch.isfinite(_grad_norm(self.model))
+        self.objective.before_update(self.model)
         self.scaler.step(self.optimizer, skip_if=bad_loss | bad_grads)
         self.scaler.update()
+        self.objective.after_update(self.model)
         return torch.stack([bad_loss, bad_grads]).float()
 
 

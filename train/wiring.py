@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model import build_model
 from train.config import ConfigError, LossConfig, PretrainConfig, effective_suncet_weight
+from train.objectives import ObjectiveSpec, build_objective, head_factory
 from train.distributed import DistContext
 from train.lars import LARS, lars_param_groups
 from train.precision import Precision
@@ -23,6 +24,11 @@ from train.step import HostLead, StepSettings, TrainStep
 def suncet_active(loss: LossConfig, epoch: int) -> bool:
     """SuNCEt is on when it has a weight, until ``loss.supervised_epochs`` (from that epoch on it is off)."""
     return loss.suncet_weight > 0 and (loss.supervised_epochs is None or epoch < loss.supervised_epochs)
+
+
+def support_active(cfg: PretrainConfig, epoch: int) -> bool:
+    """Whether the step of ``epoch`` reads the support set: SuNCEt on, or PAWS (always)."""
+    return cfg.data.support_classes > 0 and (cfg.loss.method == "paws" or suncet_active(cfg.loss, epoch))
 
 
 def configure_backends(cfg: PretrainConfig, device: torch.device) -> None:
@@ -39,7 +45,7 @@ def build_model_and_optimizer(cfg: PretrainConfig, ctx: DistContext, precision: 
     SyncBN only where it works: several ranks on CUDA."""
     m, o = cfg.model, cfg.optim
     sync_bn = m.sync_bn and ctx.distributed and ctx.device.type == "cuda"
-    core = build_model(m.arch, m.head_hidden_dim, m.head_out_dim, channels_last=m.channels_last, sync_bn=sync_bn)
+    core = build_model(m.arch, channels_last=m.channels_last, sync_bn=sync_bn, head=head_factory(cfg))
     core.to(ctx.device)
     model = core
     if ctx.distributed:
@@ -64,23 +70,47 @@ class StepKit:
     scaler: torch.amp.GradScaler
     host_lead_steps: int  # see compute.max_host_lead_steps
     _steps: dict[bool, TrainStep] = field(default_factory=dict, repr=False)
+    _current: TrainStep | None = field(default=None, repr=False)  # the step used last
+    _resumed_objective: dict | None = field(default=None, repr=False)  # a checkpoint's, for the first step built
 
-    def step_settings(self, epoch: int) -> StepSettings:
+    def step_settings(self) -> StepSettings:
         loss, c = self.cfg.loss, self.cfg.compute
-        weight = effective_suncet_weight(self.cfg) if suncet_active(loss, epoch) else 0.0
-        return StepSettings(loss.temperature, weight, self.precision, skip_nonfinite=loss.on_nonfinite == "skip",
-                            host_sync=c.host_sync, compile=c.compile, cuda_graphs=c.cuda_graphs,
-                            ntxent_gather=loss.ntxent_gather)
+        return StepSettings(self.precision, skip_nonfinite=loss.on_nonfinite == "skip", host_sync=c.host_sync,
+                            compile=c.compile, cuda_graphs=c.cuda_graphs)
+
+    def objective_spec(self, epoch: int) -> ObjectiveSpec:
+        cfg = self.cfg
+        weight = effective_suncet_weight(cfg) if suncet_active(cfg.loss, epoch) else 0.0
+        return ObjectiveSpec(cfg, unlabeled=cfg.data.unlabeled_batch_size, views=cfg.views_per_image,
+                             global_views=cfg.augment.view_groups()[0].count,
+                             support=cfg.support_batch_size if support_active(cfg, epoch) else 0,
+                             suncet_weight=weight, world_size=self.ctx.world_size, device=self.ctx.device)
 
     def step_for_epoch(self, epoch: int) -> TrainStep:
+        """The step of ``epoch``'s phase (SuNCEt on or off), built on first use; the phases share
+        one objective state (SwAV's queue)."""
         supervised = suncet_active(self.cfg.loss, epoch)
         if supervised not in self._steps:
+            objective = build_objective(self.objective_spec(epoch), self.core)
+            state = self._current.objective.state_dict() if self._current is not None else self._resumed_objective
+            if state:
+                objective.load_state_dict(state)
             self._steps[supervised] = TrainStep(
-                self.model, self.optimizer, self.scaler, self.step_settings(epoch),
-                unlabeled=self.cfg.data.unlabeled_batch_size, support=self.cfg.support_batch_size,
-                world_size=self.ctx.world_size, device=self.ctx.device, channels_last=self.cfg.model.channels_last,
-                views=self.cfg.views_per_image)
-        return self._steps[supervised]
+                self.model, self.optimizer, self.scaler, self.step_settings(), objective,
+                unlabeled=self.cfg.data.unlabeled_batch_size, uses_support=support_active(self.cfg, epoch),
+                device=self.ctx.device, channels_last=self.cfg.model.channels_last, views=self.cfg.views_per_image)
+        self._current = self._steps[supervised]
+        return self._current
+
+    def objective_state(self) -> dict:
+        """The objective's state for a checkpoint; every rank calls it (SwAV gathers its queues)."""
+        if self._current is None:
+            return self._resumed_objective or {}
+        return self._current.objective.state_dict()
+
+    def resume_objective(self, state: dict) -> None:
+        """A checkpoint's objective state, loaded into the first step built."""
+        self._resumed_objective = state
 
     def host_lead(self) -> HostLead:
         return HostLead(self.host_lead_steps, self.ctx.device)

@@ -1,0 +1,100 @@
+"""PAWS (Assran et al. 2021), as the official suncet repository's ``src/losses.py``
+(``init_paws_loss``) and ``src/paws_train.py`` train it.
+
+Views: the support images (``data.support_views`` views of group 0's recipe;
+PAWS takes one on ImageNet, ``15 classes x 7 images`` per GPU with
+``data.unique_classes``) and every view of every unlabeled image. Head: SimCLR's
+3-layer projection (``h``) and a 4x bottleneck prediction head (``p``),
+``model.head.PAWSHead``.
+
+The loss: a soft nearest-neighbour prediction of each view's anchor ``p``
+against the support anchors of every rank (``softmax(cos / tau) @ Y``, tau =
+``loss.temperature``, ``Y`` the support labels one-hot over the gathered batch's
+classes with ``loss.paws.label_smoothing``: off value ``s / C``, on value ``1 - s
++ s / C``), trained by cross-entropy towards targets made the same way from the
+projections ``h`` (detached) of the *other* global view, sharpened (``p^(1/T)``,
+T = ``loss.paws.sharpen``, renormalised; values below 1e-4 zeroed as in the
+official code); every local view takes the mean target of the two global views.
+With ``loss.paws.me_max`` the loss adds ``sum(pbar log pbar)``, minus the entropy
+of the mean sharpened prediction over the global batch. The support anchors are
+gathered with their gradient (each rank's rows get every rank's gradient); the
+mean prediction is averaged over ranks with an identity backward, the official
+code's ``AllReduce``: with DDP's averaging, a W-rank step then equals one process
+on the gathered batch (tested).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.head import PAWSHead
+from train.distributed import all_gather_no_grad, all_gather_with_grad, all_reduce_mean_with_grad, all_reduce_no_grad
+from train.objectives import NoState, ObjectiveSpec, Outputs
+
+VIEWS = "the support images and every view; targets from the first two views of group 0"
+TARGET_FLOOR = 1e-4  # sharpened targets below this are zeroed (the official code's numerical guard)
+
+
+def head(cfg) -> Callable[[int], nn.Module]:
+    m = cfg.model
+    return lambda feature_dim: PAWSHead(feature_dim, m.head_hidden_dim, m.head_out_dim, m.pred_hidden_dim)
+
+
+def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    sharp = p ** (1.0 / temperature)
+    return sharp / sharp.sum(dim=1, keepdim=True)
+
+
+def smoothed_one_hot(labels: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """``[M, C]`` label matrix over the C distinct classes of ``labels`` (in sorted order)."""
+    classes, index = torch.unique(labels, sorted=True, return_inverse=True)
+    off = smoothing / len(classes)
+    y = torch.full((len(labels), len(classes)), off, device=labels.device)
+    y[torch.arange(len(labels), device=labels.device), index] = 1.0 - smoothing + off
+    return y
+
+
+def snn(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """Soft nearest-neighbour class probabilities of ``query`` rows: ``softmax(cos / tau) @ labels``."""
+    return F.softmax(F.normalize(query, dim=1) @ supports.T / tau, dim=1) @ labels
+
+
+class PAWS(NoState):
+    def __init__(self, spec: ObjectiveSpec):
+        loss = spec.cfg.loss
+        self.settings, self.tau = loss.paws, loss.temperature
+        self.unlabeled, self.views, self.world_size = spec.unlabeled, spec.views, spec.world_size
+        self.names = ("loss_paws", "loss_memax", "loss")
+
+    def __call__(self, views: Outputs, support: Outputs, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h, p = (x.float() for x in views)
+        hs, ps = (x.float() for x in support)
+        b = self.unlabeled
+        y = smoothed_one_hot(all_gather_no_grad(labels), self.settings.label_smoothing)
+        # 1. anchors: every view's prediction against every rank's support predictions (with gradient)
+        probs = snn(p, all_gather_with_grad(F.normalize(ps, dim=1)), y, self.tau)  # [V*B, C]
+        # 2. targets: the projections of the other global view, sharpened; local views take their mean
+        with torch.no_grad():
+            supports = all_gather_no_grad(F.normalize(hs, dim=1))
+            t = sharpen(snn(h[: 2 * b], supports, y, self.tau), self.settings.sharpen)
+            t = torch.cat([t[b:], t[:b]])  # view 0's target from view 1 and the reverse
+            targets = torch.cat([t, (0.5 * (t[:b] + t[b:])).repeat(self.views - 2, 1)])
+            targets[targets < TARGET_FLOOR] = 0.0
+        local = (-(targets * torch.log(probs)).sum(dim=1)).mean()
+        loss = local + (all_reduce_no_grad(local.detach()) / self.world_size - local.detach())
+        # 3. me-max: the entropy of the mean sharpened prediction over the global batch, maximised
+        if self.settings.me_max:
+            mean_p = all_reduce_mean_with_grad(sharpen(probs, self.settings.sharpen).mean(dim=0))
+            memax = (mean_p * torch.log(mean_p)).sum()
+        else:
+            memax = loss.new_zeros(())
+        return loss, memax, loss + memax
+
+
+def build(spec: ObjectiveSpec, model: nn.Module) -> PAWS:
+    if not isinstance(model.head, PAWSHead):
+        raise TypeError(f"loss.method=paws needs PAWS's head, the model has {type(model.head).__name__}")
+    return PAWS(spec)

@@ -58,7 +58,39 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
     return data, run_dir
 
 
-@pytest.mark.parametrize("method", ["knn", "linear", "finetune"])
+def test_snn_on_a_hand_worked_case():
+    # Two labeled points on the axes of R^2, classes 0 and 1; the query at 60 degrees from the first.
+    support, labels = torch.tensor([[2.0, 0.0], [0.0, 3.0]]), torch.tensor([0, 1])
+    query = torch.tensor([[0.5, 0.5 * 3 ** 0.5]])  # cos 0.5 to class 0, cos 0.866 to class 1
+    probs = evaluate.snn_probabilities(query, support, labels, num_classes=3, temperature=0.1)
+    e0, e1 = torch.exp(torch.tensor(5.0)), torch.exp(torch.tensor(10 * 3 ** 0.5 / 2))
+    torch.testing.assert_close(probs, torch.tensor([[e0 / (e0 + e1), e1 / (e0 + e1), 0.0]]))
+    # two labeled rows of one class add up
+    probs = evaluate.snn_probabilities(query, torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]),
+                                       torch.tensor([0, 0, 1]), num_classes=2, temperature=0.1)
+    torch.testing.assert_close(probs, torch.tensor([[2 * e0 / (2 * e0 + e1), e1 / (2 * e0 + e1)]]))
+
+
+def test_finetune_starts_from_a_zero_classifier_and_steps_as_nesterov_sgd():
+    """One step on two 2-d 'images' through an identity encoder, worked by hand: every logit
+    starts at 0 (softmax 1/C), the weight gradient is (p - y)^T x / N, and Nesterov from zero
+    momentum moves the weight by -lr (1 + momentum) g."""
+    net = evaluate.finetune_network(torch.nn.Identity(), 2, 3)
+    assert (net[1].weight == 0).all()
+    x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 2])
+    bias = net[1].bias.detach().clone()
+    torch.testing.assert_close(net(x).detach(), bias.expand(2, 3))  # the weight adds nothing yet
+    opt = evaluate.finetune_optimizer(net, lr=0.5)
+    p = torch.softmax(bias.expand(2, 3), dim=1)  # the logits are the bias alone
+    grad_w = (p - F.one_hot(y, 3).float()).T @ x / 2
+    F.cross_entropy(net(x), y).backward()
+    torch.testing.assert_close(net[1].weight.grad, grad_w)
+    opt.step()
+    torch.testing.assert_close(net[1].weight.detach(), -0.5 * 1.9 * grad_w)
+    assert opt.param_groups[0]["weight_decay"] == 0.0 and opt.param_groups[0]["nesterov"]
+
+
+@pytest.mark.parametrize("method", ["knn", "snn", "linear", "finetune"])
 def test_cli_evaluates_a_run_directory(trained_run, tmp_path, method, capsys):
     data, run_dir = trained_run
     out = tmp_path / "res.json"

@@ -1,15 +1,23 @@
 """Evaluate a pre-training checkpoint: ``python -m train.evaluate --checkpoint RUN_DIR_OR_FILE --data DIR``.
 
-Three protocols, all trained on the labeled subset of the train split and
+Four protocols, all trained on the labeled subset of the train split and
 scored (top-1 / top-5) on the held-out split:
 
 - ``knn``: weighted cosine kNN on frozen encoder features (``train.knn``);
+- ``snn``: PAWS's soft nearest-neighbour classifier (the official ``snn_eval.py``):
+  the head's embedding (``PretrainModel.embed``: PAWS's prediction, SimCLR's and
+  SwAV's projection) of every labeled image, and for each held-out image
+  ``softmax(cos / 0.1) @ one-hot labels``; needs a training checkpoint (an
+  exported encoder has no head);
 - ``linear``: multinomial logistic regression on frozen, standardised
   features, fitted by full-batch L-BFGS with an L2 penalty (no learning rate
   to tune);
-- ``finetune``: the paper's protocol: encoder plus a new linear layer trained
-  end to end on the labeled images (random resized crop + flip; SGD with
-  Nesterov momentum, cosine learning rate, no weight decay).
+- ``finetune``: encoder plus a new, zero-initialised linear layer trained end
+  to end on the labeled images (random resized crop + flip; SGD with Nesterov
+  momentum 0.9, cosine learning rate, no weight decay), with the official
+  protocols' epochs and learning rate per 256 images (``--finetune-protocol``):
+  ``suncet`` (``src/fine_tune.py``: 30 epochs, 0.05) or ``paws``
+  (``configs/paws/imgnt_fine_tune.yaml``: 50 epochs, 0.02).
 
 The labeled subset is the one the run used (its labeled list, or the same
 stratified draw from its seed) unless ``--labeled-list`` / ``--labeled-fraction``
@@ -45,7 +53,10 @@ from train.distributed import DeviceError, choose_device
 from train.export import ExportError, load_encoder, load_pretrained
 from train.knn import extract_features, knn_accuracy
 
-METHODS = ("knn", "linear", "finetune")
+METHODS = ("knn", "snn", "linear", "finetune")
+# Fine-tuning protocols of the official code: (epochs, learning rate per 256 images).
+FINETUNE_PROTOCOLS = {"suncet": (30, 0.05), "paws": (50, 0.02)}
+SNN_TEMPERATURE = 0.1
 
 
 @dataclass
@@ -62,8 +73,9 @@ class EvalSettings:
     knn_temperature: float = 0.07
     linear_l2: float = 1e-4  # L2 penalty of the logistic regression (on the mean loss)
     linear_max_iter: int = 300
-    finetune_epochs: int = 30
+    finetune_epochs: int = 30  # FINETUNE_PROTOCOLS["suncet"]
     finetune_lr: float = 0.05  # per 256 images
+    snn_temperature: float = SNN_TEMPERATURE
     finetune_batch_size: int = 64
     batch_size: int = 256  # feature extraction / scoring
     num_workers: int = 2
@@ -78,6 +90,8 @@ class EvalSettings:
             raise ConfigError("knn k, fine-tune epochs and batch sizes must be >= 1")
         if self.labeled_fraction is not None and not 0 < self.labeled_fraction <= 1:
             raise ConfigError(f"labeled fraction must be in (0, 1], got {self.labeled_fraction}")
+        if not self.snn_temperature > 0:
+            raise ConfigError(f"--snn-temperature must be > 0, got {self.snn_temperature}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None,
                    help="image side for an exported encoder (default 224; a training checkpoint knows its own)")
     p.add_argument("--method", default="knn", choices=METHODS,
-                   help="knn: weighted kNN on frozen features; linear: logistic regression on them; "
-                        "finetune: encoder + linear layer trained on the labeled images")
+                   help="knn: weighted kNN on frozen features; snn: PAWS's soft nearest neighbours on the head's "
+                        "embedding; linear: logistic regression on frozen features; finetune: encoder + a "
+                        "zero-initialised linear layer trained on the labeled images")
+    p.add_argument("--finetune-protocol", choices=sorted(FINETUNE_PROTOCOLS), default="suncet",
+                   help="fine-tuning epochs and learning rate of the official code: suncet (30 epochs, 0.05 per "
+                        "256 images) or paws (50 epochs, 0.02); --epochs and --lr override them")
+    p.add_argument("--snn-temperature", type=float, default=SNN_TEMPERATURE, help="SNN softmax temperature")
     p.add_argument("--labeled-list", default=None, help="labeled subset file (SimCLR 10percent.txt format)")
     p.add_argument("--labeled-fraction", type=float, default=None,
                    help="stratified labeled draw (default: the run's labeled list or fraction)")
@@ -101,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=20, help="kNN neighbours")
     p.add_argument("--knn-temperature", type=float, default=0.07, help="kNN vote weight exp(similarity / T)")
     p.add_argument("--linear-l2", type=float, default=1e-4, help="L2 penalty of the linear probe")
-    p.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs")
-    p.add_argument("--lr", type=float, default=0.05, help="fine-tuning learning rate per 256 images")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the protocol's)")
+    p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate per 256 images (default: the "
+                                                           "protocol's)")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch for features and scoring")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--seed", type=int, default=0, help="seed of draws (held-out cap, fine-tuning order)")
@@ -201,6 +221,26 @@ def _features(model, dataset: Dataset, s: EvalSettings, device, channels_last: b
     return extract_features(model.features, loader, device, channels_last, s.progress, desc)
 
 
+def snn_probabilities(query: torch.Tensor, support: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                      temperature: float = SNN_TEMPERATURE) -> torch.Tensor:
+    """PAWS's soft nearest-neighbour class probabilities ``[Q, C]``: ``softmax(cos(query, support)
+    / temperature) @ one_hot(labels)``."""
+    q, sup = F.normalize(query.float(), dim=1), F.normalize(support.float(), dim=1)
+    one_hot = F.one_hot(labels.long(), num_classes).float()
+    return F.softmax(q @ sup.T / temperature, dim=1) @ one_hot
+
+
+@torch.no_grad()
+def evaluate_snn(model, data: EvalData, s: EvalSettings, device, channels_last: bool) -> dict[str, float]:
+    if not hasattr(model, "embed") or isinstance(model.head, nn.Identity):
+        raise ConfigError("--method snn needs a training checkpoint: an exported encoder has no head to embed with")
+    loader = lambda ds: DataLoader(ds, batch_size=s.batch_size, shuffle=False, num_workers=s.num_workers)  # noqa: E731
+    train_e, train_y = extract_features(model.embed, loader(data.labeled), device, channels_last, s.progress,
+                                        "embed labeled")
+    val_e, val_y = extract_features(model.embed, loader(data.val), device, channels_last, s.progress, "embed val")
+    return topk_accuracy(snn_probabilities(val_e, train_e, train_y, data.num_classes, s.snn_temperature), val_y)
+
+
 @torch.no_grad()
 def evaluate_frozen(model, data: EvalData, s: EvalSettings, device, channels_last: bool) -> dict[str, float]:
     """kNN or linear probe on frozen (L2-normalised) encoder features."""
@@ -213,16 +253,29 @@ def evaluate_frozen(model, data: EvalData, s: EvalSettings, device, channels_las
     return topk_accuracy(probe(val_f), val_y)
 
 
+def finetune_network(encoder: nn.Module, feature_dim: int, num_classes: int) -> nn.Sequential:
+    """The encoder and a new linear classifier whose weight starts at zero (the official code's
+    ``torch.nn.init.zeros_(encoder.fc.weight)``): every class starts with the same logit."""
+    classifier = nn.Linear(feature_dim, num_classes)
+    nn.init.zeros_(classifier.weight)
+    return nn.Sequential(encoder, classifier)
+
+
+def finetune_optimizer(net: nn.Module, lr: float) -> torch.optim.SGD:
+    """SGD with Nesterov momentum 0.9 and no weight decay on every parameter (the official protocols)."""
+    return torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
+
+
 def finetune(model, data: EvalData, s: EvalSettings, device, channels_last: bool) -> dict[str, float]:
     """Fine-tune encoder + a new linear layer on the labeled images; score on val."""
     torch.manual_seed(s.seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    net = nn.Sequential(model.encoder, nn.Linear(model.feature_dim, data.num_classes)).to(device)
+    net = finetune_network(model.encoder, model.feature_dim, data.num_classes).to(device)
     batch = min(s.finetune_batch_size, len(data.labeled_augmented))
     gen = torch.Generator().manual_seed(s.seed)
     loader = DataLoader(data.labeled_augmented, batch_size=batch, shuffle=True, drop_last=True,
                         num_workers=s.num_workers, generator=gen)
-    opt = torch.optim.SGD(net.parameters(), lr=s.finetune_lr * batch / 256, momentum=0.9, nesterov=True)
+    opt = finetune_optimizer(net, s.finetune_lr * batch / 256)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.finetune_epochs * len(loader))
     net.train()
     for epoch in tqdm(range(s.finetune_epochs), desc="fine-tune", disable=not s.progress, leave=False):
@@ -275,6 +328,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None, s: Eval
     cl = cfg.model.channels_last
     if s.method == "finetune":
         res = finetune(model, ev, s, device, cl)
+    elif s.method == "snn":
+        res = evaluate_snn(model, ev, s, device, cl)
     else:
         res = evaluate_frozen(model, ev, s, device, cl)
     return {"method": s.method, **res, "checkpoint": str(path), "num_labeled": len(ev.labeled),
@@ -283,12 +338,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None, s: Eval
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    epochs, lr = FINETUNE_PROTOCOLS[a.finetune_protocol]
     try:
         s = EvalSettings(method=a.method, train_split=a.train_split, val_split=a.val_split,
                          labeled_list=a.labeled_list, labeled_fraction=a.labeled_fraction,
                          val_max_samples=a.val_max_samples, knn_k=a.k, knn_temperature=a.knn_temperature,
-                         linear_l2=a.linear_l2, finetune_epochs=a.epochs, finetune_lr=a.lr, batch_size=a.batch_size,
-                         num_workers=a.num_workers, seed=a.seed, device=a.device, progress=not a.no_progress)
+                         linear_l2=a.linear_l2, finetune_epochs=a.epochs or epochs, finetune_lr=a.lr or lr,
+                         snn_temperature=a.snn_temperature, batch_size=a.batch_size, num_workers=a.num_workers,
+                         seed=a.seed, device=a.device, progress=not a.no_progress)
         result = evaluate_checkpoint(a.checkpoint, a.data, s, a.arch, a.resolution)
     except (ConfigError, DataError, ckpt.CheckpointError, ExportError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)

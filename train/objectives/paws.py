@@ -48,11 +48,11 @@ def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
     return sharp / sharp.sum(dim=1, keepdim=True)
 
 
-def smoothed_one_hot(labels: torch.Tensor, smoothing: float) -> torch.Tensor:
+def smoothed_one_hot(labels: torch.Tensor, smoothing: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[M, C]`` label matrix over the C distinct classes of ``labels`` (in sorted order)."""
     classes, index = torch.unique(labels, sorted=True, return_inverse=True)
     off = smoothing / len(classes)
-    y = torch.full((len(labels), len(classes)), off, device=labels.device)
+    y = torch.full((len(labels), len(classes)), off, device=labels.device, dtype=dtype)
     y[torch.arange(len(labels), device=labels.device), index] = 1.0 - smoothing + off
     return y
 
@@ -70,10 +70,10 @@ class PAWS(NoState):
         self.names = ("loss_paws", "loss_memax", "loss")
 
     def __call__(self, views: Outputs, support: Outputs, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        h, p = (x.float() for x in views)
-        hs, ps = (x.float() for x in support)
+        h, p = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in views)
+        hs, ps = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in support)
         b = self.unlabeled
-        y = smoothed_one_hot(all_gather_no_grad(labels), self.settings.label_smoothing)
+        y = smoothed_one_hot(all_gather_no_grad(labels.to(p.device)), self.settings.label_smoothing, p.dtype)
         # 1. anchors: every view's prediction against every rank's support predictions (with gradient)
         probs = snn(p, all_gather_with_grad(F.normalize(ps, dim=1)), y, self.tau)  # [V*B, C]
         # 2. targets: the projections of the other global view, sharpened; local views take their mean

@@ -108,8 +108,9 @@ class SwAV:
 
     def swapped_prediction(self, z: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         b = self.unlabeled
-        log_p = F.log_softmax(scores.float() / self.temperature, dim=1).view(self.views, b, -1)
-        loss = scores.new_zeros((), dtype=torch.float32)
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        log_p = F.log_softmax(scores / self.temperature, dim=1).view(self.views, b, -1)
+        loss = scores.new_zeros(())
         for crop in range(ASSIGNED):
             q = self.codes(scores, z, crop).to(log_p.dtype)
             others = [v for v in range(self.views) if v != crop]

@@ -62,12 +62,16 @@ class Band:
 
 
 def images_per_step(cfg: dict, epoch: int) -> int:
-    """Images through the network in one step of ``epoch`` (0-based) for a run's config dict."""
+    """Images through the network in one step of ``epoch`` (0-based) for a run's config dict: every
+    view of every view group (a local crop counts as an image) and the support images, which
+    SuNCEt (until ``loss.supervised_epochs``) and PAWS read."""
     d, loss = cfg["data"], cfg["loss"]
-    suncet_on = loss["suncet_weight"] > 0 and d["support_classes"] > 0 and (
-        loss.get("supervised_epochs") is None or epoch < loss["supervised_epochs"])
-    support = d["support_classes"] * d["support_images_per_class"] * d["support_views"] if suncet_on else 0
-    return 2 * d["unlabeled_batch_size"] + support
+    paws = loss.get("method", "simclr") == "paws"
+    suncet_on = loss["suncet_weight"] > 0 and (loss.get("supervised_epochs") is None or epoch < loss["supervised_epochs"])
+    support_on = d["support_classes"] > 0 and (paws or suncet_on)
+    support = d["support_classes"] * d["support_images_per_class"] * d["support_views"] if support_on else 0
+    views = sum(g["count"] for g in cfg.get("augment", {}).get("views") or []) or 2
+    return views * d["unlabeled_batch_size"] + support
 
 
 def curve_points(cfg: dict, knn_rows: Sequence[dict]) -> list[Point]:

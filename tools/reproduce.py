@@ -43,7 +43,8 @@ from train.config import ConfigError, load_config
 from train.run_lock import RunDirError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "repro_cifar10.yaml"
-LABELS = {"simclr": "SimCLR", "suncet": "SimCLR+SuNCEt"}
+LABELS = {"simclr": "SimCLR", "suncet": "SimCLR+SuNCEt", "simclr_suncet": "SimCLR+SuNCEt", "swav": "SwAV",
+          "swav_suncet": "SwAV+SuNCEt", "paws": "PAWS"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,8 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every arm (repeatable)")
     p.add_argument("--arm", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
-                   help="an arm and its own overrides (repeatable; the first is the baseline). Default: "
-                        "simclr:loss.suncet_weight=0 and suncet:loss.suncet_weight=<--suncet-weight>")
+                   help="an arm and its own overrides (repeatable; the first is the baseline); an override @FILE "
+                        "is a YAML overlay (e.g. @configs/repro_arms/swav.yaml, for values with commas such as "
+                        "view groups). Default: simclr:loss.suncet_weight=0 and suncet:loss.suncet_weight="
+                        "<--suncet-weight>")
+    p.add_argument("--baseline", default=None,
+                   help="the arm the others' compute is measured against (default: the first); a baseline other "
+                        "than the first writes its report files with the suffix _vs_<arm>")
     p.add_argument("--suncet-weight", type=float, default=1.0, help="loss.suncet_weight of the default suncet arm")
     p.add_argument("--train-split", default=None, help="default: the config's data.train_split")
     p.add_argument("--val-split", default=None, help="default: the config's data.val_split")
@@ -69,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on this many train images held out of training (for choosing settings), "
                         "not on the val split")
     p.add_argument("--eval-every", type=int, default=1, help="kNN evaluation every this many epochs")
-    p.add_argument("--final-eval", nargs="*", default=["linear"], choices=["knn", "linear", "finetune"],
+    p.add_argument("--final-eval", nargs="*", default=["linear"], choices=["knn", "snn", "linear", "finetune"],
                    help="evaluations of each run's last checkpoint (default: linear)")
     p.add_argument("--arms", nargs="+", default=None, metavar="NAME",
                    help="arms to train in this process (default: all; the report uses every arm found under --out)")
@@ -89,8 +95,30 @@ def parse_arms(args) -> dict[str, list[str]]:
         name, _, rest = spec.partition(":")
         if not name or name in arms or not name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"--arm {spec!r}: give a new name of letters, digits, - and _, then :KEY=VALUE,...")
-        arms[name] = [kv for kv in rest.split(",") if kv]
+        arms[name] = [o for kv in rest.split(",") if kv for o in (overlay_sets(kv[1:]) if kv.startswith("@") else [kv])]
     return arms
+
+
+def overlay_sets(path: str) -> list[str]:
+    """A YAML overlay file as ``--set`` items (dotted keys, values in YAML flow style)."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--arm overlay {path}: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--arm overlay {path} must be a mapping of sections")
+
+    def flatten(node: dict, prefix: str) -> list[str]:
+        out = []
+        for key, value in node.items():
+            if isinstance(value, dict):
+                out += flatten(value, f"{prefix}{key}.")
+            else:
+                out.append(f"{prefix}{key}=" + yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+                           .removesuffix("\n...").removesuffix("..."))
+        return out
+
+    return flatten(tree, "")
 
 
 # --------------------------------------------------------------------------- data
@@ -266,13 +294,18 @@ def main(argv: list[str] | None = None) -> int:
 
     curves = {a: {s: c for s in args.seeds if (c := read_curve(run_dirs[a, s]))} for a in arms}
     write_curves_csv(out / "curves.csv", curves)
-    baseline = next(iter(arms))
-    saved = {a: report.compute_saved(curves[baseline], curves[a]) for a in list(arms)[1:] if curves[a]}
-    (out / "compute_saved.json").write_text(json.dumps({"baseline": baseline, "arms": saved}, indent=2) + "\n")
+    baseline = args.baseline or next(iter(arms))
+    if baseline not in arms:
+        print(f"error: --baseline {baseline} names no arm ({', '.join(arms)})", file=sys.stderr)
+        return 2
+    suffix = "" if baseline == next(iter(arms)) else f"_vs_{baseline}"
+    saved = {a: report.compute_saved(curves[baseline], curves[a]) for a in arms if a != baseline and curves[a]}
+    (out / f"compute_saved{suffix}.json").write_text(json.dumps({"baseline": baseline, "arms": saved}, indent=2)
+                                                      + "\n")
     lines = [report.verdict(a, baseline, list(curves[baseline].values()), list(curves[a].values()), saved[a])
              for a in saved]
-    (out / "verdict.txt").write_text("".join(line + "\n" for line in lines))
-    (out / "summary.md").write_text(report.markdown_summary(curves, saved, baseline))
+    (out / f"verdict{suffix}.txt").write_text("".join(line + "\n" for line in lines))
+    (out / f"summary{suffix}.md").write_text(report.markdown_summary(curves, saved, baseline))
     target = next((v["target_top1"] for v in saved.values() if v.get("target_top1") is not None), None)
     split = f"held-out {args.holdout} train images" if args.holdout else val_split
     plot(out, curves, target, f"{data.name}: {args.labeled_fraction:.0%} labels, kNN on {split}, seeds {args.seeds}")

@@ -257,8 +257,9 @@ def test_step_variants_are_timed_in_one_run_against_eager(tmp_path, capsys):
     rows = report["results"]
     assert [r["variant"] for r in rows] == variants and all(r["status"] == "ok" for r in rows)
     settings = {r["variant"]: r["settings"] for r in rows}
-    assert settings["eager"] == {"lars_foreach": False, "host_sync": "step", "compile": False, "cuda_graphs": False,
-                                 "precision": "fp32"}
+    assert settings["eager"] == {"method": "simclr", "views_per_image": 2, "lars_foreach": False, "host_sync": "step",
+                                 "compile": False, "cuda_graphs": False, "precision": "fp32",
+                                 "network_images_per_unlabeled": 3.0}
     assert settings["foreach+nosync"]["lars_foreach"] and settings["foreach+nosync"]["host_sync"] == "log"
     for row in rows:  # window by window against eager's windows
         ips, ref = row["figures"]["images_per_s"]["windows"], rows[0]["figures"]["images_per_s"]["windows"]
@@ -266,6 +267,24 @@ def test_step_variants_are_timed_in_one_run_against_eager(tmp_path, capsys):
     assert rows[0]["vs_eager"]["median"] == 1.0
     assert "| compute: foreach+nosync | - |" in stdout and "step variants" in stdout
     assert "  nosync: " in stdout
+
+
+def test_objectives_are_timed_in_turns_at_their_own_shapes(tmp_path, capsys):
+    """``@FILE`` variants: other objectives and view groups, each at its own batch shape, against the first."""
+    swav = tmp_path / "swav.yaml"
+    swav.write_text("loss: {method: swav, suncet_weight: 0.0, swav: {prototypes: 10}}\n"
+                    "augment: {views: [{count: 2}, {count: 3, resolution: 8}]}\n")
+    paws = tmp_path / "paws.yaml"
+    paws.write_text("loss: {method: paws, suncet_weight: 0.0}\n")
+    code, report, stdout = _run(["--mode", "compute", "--step-variants", f"config,@{swav},@{paws}"] + TINY, tmp_path,
+                                capsys)
+    assert code == 0, [r.get("reason") for r in report["results"]]
+    simclr, sw, pw = report["results"]
+    assert [r["settings"]["method"] for r in (simclr, sw, pw)] == ["simclr", "swav", "paws"]
+    assert sw["settings"]["views_per_image"] == 5 and sw["settings"]["network_images_per_unlabeled"] == 5.0  # no support
+    assert pw["settings"]["network_images_per_unlabeled"] == 3.0  # 2 views + its support set: 4 images / 4
+    assert sw["reference"] == "config" and simclr["vs_eager"]["median"] == 1.0
+    assert "compute img/s over config's" in stdout
 
 
 def test_variant_the_device_cannot_run_is_an_error_row_and_exit_1(tmp_path, capsys):

@@ -265,6 +265,27 @@ def final_evaluation(args, run_dirs: dict[tuple[str, int], Path], out: Path, num
             w.writerows(rows)
 
 
+def summarise_final_eval(out: Path, arms: list[str]) -> None:
+    """``final_eval.md``: per arm and evaluation, the mean top-1 / top-5 over seeds with 95 % intervals."""
+    path = out / "final_eval.csv"
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = ["| arm | " + " | ".join(f"{m} top-1 | {m} top-5" for m in methods) + " | seeds |",
+             "|---|" + "---|" * (2 * len(methods) + 1)]
+    for arm in arms:
+        cells, seeds = [], set()
+        for m in methods:
+            mine = [r for r in rows if r["arm"] == arm and r["method"] == m]
+            seeds |= {r["seed"] for r in mine}
+            for key in ("top1", "top5"):
+                cells.append(report.Band.of([float(r[key]) for r in mine]).text() if mine else "")
+        lines.append(f"| {LABELS.get(arm, arm)} | " + " | ".join(cells) + f" | {len(seeds)} |")
+    (out / "final_eval.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
@@ -315,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     if args.final_eval and not args.report_only:
         final_evaluation(args, run_dirs, out, base.data.num_workers)
+    summarise_final_eval(out, list(arms))
     print(f"wrote {out / 'curves.csv'}, curves.png, compute_saved.json, verdict.txt, summary.md")
     return 0
 

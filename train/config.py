@@ -470,6 +470,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _build(PretrainConfig, tree, "")
 
 
+def with_overlay(cfg: PretrainConfig, path: str | Path) -> PretrainConfig:
+    """``cfg`` with the values of config file ``path`` (and its ``_base_`` chain) merged over it."""
+    return _build(PretrainConfig, _merge(config_to_dict(cfg), read_config_tree(path)), "")
+
+
 def config_to_dict(cfg: Any) -> dict:
     """Plain nested dict (tuples as lists) for YAML/JSON dumps and checkpoints."""
 

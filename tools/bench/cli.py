@@ -191,7 +191,7 @@ def run_modes(cfg: PretrainConfig, ctx: DistContext, modes: tuple[str, ...], bac
         rows.append(result_row("decode", "-", lambda: measure.measure_decode(root, shape, timing, workers,
                                                                              cfg.run.seed), dist))
     if "compute" in modes:
-        rows += measure.compute_rows(cfg, ctx, shape, timing, parse_variants(args.step_variants))
+        rows += measure.compute_rows(cfg, ctx, timing, parse_variants(args.step_variants))
     if "augment" in modes:
         rows.append(result_row("augment", "-", lambda: measure.measure_augment(cfg, shape, timing, ctx.device), dist))
     fed = [m for m in ("loader", "e2e") if m in modes]

@@ -311,8 +311,7 @@ def synthetic_batch(shape: StepShape, device: torch.device, dtype: torch.dtype, 
                          torch.arange(shape.unlabeled), epoch=0, step=0)
 
 
-def compute_rows(cfg: PretrainConfig, ctx: DistContext, shape: StepShape, timing: Timing,
-                 variants: Sequence[str]) -> list[dict]:
+def compute_rows(cfg: PretrainConfig, ctx: DistContext, timing: Timing, variants: Sequence[str]) -> list[dict]:
     """One ``compute`` row per step variant, timed in turns on synthetic
     device-resident batches; every variant starts from the same weights. A
     variant that cannot be built or fails in its warm-up gets its own
@@ -326,12 +325,15 @@ def compute_rows(cfg: PretrainConfig, ctx: DistContext, shape: StepShape, timing
             torch.manual_seed(cfg.run.seed + ctx.rank)
             kit = build_step_kit(vcfg, ctx, precision)
             kit.model.train()
-            batch = synthetic_batch(shape, ctx.device, precision.input_dtype, vcfg.model.channels_last)
-            prepared.append((name, variants_lib.describe(vcfg, precision.name), StepDriver(kit, lambda b=batch: b)))
+            vshape = step_shape(vcfg)  # an @overlay variant may have another shape
+            batch = synthetic_batch(vshape, ctx.device, precision.input_dtype, vcfg.model.channels_last)
+            settings = {**variants_lib.describe(vcfg, precision.name),
+                        "network_images_per_unlabeled": round(vshape.network_images_per_unlabeled, 3)}
+            prepared.append((name, settings, StepDriver(kit, lambda b=batch: b), vshape))
         except Exception as exc:  # e.g. cudagraphs or fp16 requested on a CPU
             rows[name] = failure_row("compute", exc, ctx.distributed, variant=name)
     timed = []
-    for name, settings, driver in prepared:
+    for name, settings, driver, _ in prepared:
         timed.append(Timed(driver.step, driver.read_back))
     try:
         results = run_windows(timed, timing, device_sync(ctx.device))
@@ -340,11 +342,11 @@ def compute_rows(cfg: PretrainConfig, ctx: DistContext, shape: StepShape, timing
             raise
         traceback.print_exc()
         results = None
-        for name, _, _ in prepared:
+        for name, _, _, _ in prepared:
             rows[name] = report_lib.failure_row("compute", "-", exc, variant=name)
-    for i, (name, settings, driver) in enumerate(prepared if results else ()):
+    for i, (name, settings, driver, vshape) in enumerate(prepared if results else ()):
         windows, resources = results[i]
-        figures = window_figures(windows, resources, {"images_per_s": shape.unlabeled, "views_per_s": shape.views})
+        figures = window_figures(windows, resources, {"images_per_s": vshape.unlabeled, "views_per_s": vshape.views})
         figures["skipped_steps"] = driver.skipped
         rows[name] = report_lib.ok_row("compute", "-", figures, variant=name, settings=settings)
     return [rows[name] for name in variants]

@@ -21,8 +21,10 @@ where ``SPREAD`` is ``{"median", "min", "max", "windows": [...]}`` over the
 timed windows (see ``Spread``). A ``compute`` row also names its step
 ``variant`` (``config`` unless ``--step-variants`` says otherwise) and the
 ``settings`` it ran with, and, with several variants, ``vs_eager``: the SPREAD
-of its images/s over the eager variant's, window by window (the variants are
-timed in turns, so window i of each saw the same moment of the machine).
+of its images/s over the reference variant's (``eager`` when timed, else the
+first variant: e.g. SimCLR's step against other objectives'), window by window
+(the variants are timed in turns, so window i of each saw the same moment of the
+machine); ``reference`` names that variant.
 """
 from __future__ import annotations
 
@@ -204,12 +206,13 @@ def add_ratios(rows: list[dict]) -> None:
     """Fill ``vs_torch`` and ``vs_pil`` (same mode: against our torch backend and against the PIL
     baseline), ``vs_decode`` (loader decodes vs the decode ceiling) and, with several compute
     variants, ``vs_eager``."""
-    eager = next((r for r in rows if r["mode"] == "compute" and r.get("variant") == "eager"), None)
     variants = [r for r in rows if r["mode"] == "compute"]
+    eager = next((r for r in variants if r.get("variant") == "eager"), variants[0] if variants else None)
     for row in variants:
         if len(variants) > 1 and eager is not None and row["status"] == eager["status"] == "ok":
             mine, ref = row["figures"]["images_per_s"]["windows"], eager["figures"]["images_per_s"]["windows"]
             row["vs_eager"] = Spread.of(a / b for a, b in zip(mine, ref)).as_dict()
+            row["reference"] = eager.get("variant")
     torch_rows = {r["mode"]: r for r in rows if r["backend"] == "torch"}
     baseline_rows = {r["mode"]: r for r in rows if r["backend"] == BASELINE}
     decode = next((r for r in rows if r["mode"] == "decode"), None)
@@ -294,13 +297,14 @@ def markdown_table(rows: Sequence[dict], unit: str) -> str:
 
 
 def variant_lines(rows: Sequence[dict]) -> list[str]:
-    """With several compute variants: each one's images/s relative to eager,
-    window by window, its settings and its warm-up time (compilation included)."""
+    """With several compute variants: each one's images/s relative to the reference variant
+    (eager, else the first), window by window, its settings and its warm-up time (compilation included)."""
     variants = [r for r in rows if r["mode"] == "compute" and r["status"] == "ok"]
     if len(variants) < 2:
         return []
-    lines = ["", "step variants (compute img/s over eager's, window by window: median (min–max); warm-up includes "
-                 "compilation):"]
+    reference = next((r.get("reference") for r in variants if r.get("reference")), "eager")
+    lines = ["", f"step variants (compute img/s over {reference}'s, window by window: median (min–max); warm-up "
+                 "includes compilation):"]
     for row in variants:
         ratio = row.get("vs_eager")
         rel = "" if ratio is None else f"{ratio['median']:.2f}x ({ratio['min']:.2f}–{ratio['max']:.2f}x)"

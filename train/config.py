@@ -22,6 +22,7 @@ from model import ENCODERS
 from pipelines.augment.recipe import AugmentConfig, SimCLRRecipe, views_per_image
 from pipelines.bad_images import POLICIES as BAD_IMAGE_POLICIES
 from pipelines.spec import BACKENDS
+from train.objectives import METHODS
 from train.step import HOST_SYNCS
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SUNCET_WEIGHT_RULES = ("fixed", "paper_ratio")
@@ -93,9 +94,6 @@ class PAWSConfig:
     sharpen: float = 0.25  # target temperature T
     me_max: bool = True  # mean-entropy maximisation of the average prediction
     label_smoothing: float = 0.1
-
-
-METHODS = ("simclr", "swav", "paws")
 
 
 @dataclass

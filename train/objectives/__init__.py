@@ -24,6 +24,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
+METHODS = ("simclr", "swav", "paws")  # loss.method
 Outputs = tuple[torch.Tensor, ...]  # what a head gives, row-sliced (views: view-major, then support rows)
 
 
@@ -70,11 +71,9 @@ class Objective(Protocol):
 
 
 def objective_module(method: str):
-    """The module of ``loss.method`` (``simclr``, ``swav`` or ``paws``)."""
-    from train.config import METHODS, ConfigError
-
+    """The module of ``loss.method`` (``simclr``, ``swav`` or ``paws``; the config has checked it)."""
     if method not in METHODS:
-        raise ConfigError(f"loss.method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"loss.method must be one of {METHODS}, got {method!r}")
     return importlib.import_module(f"train.objectives.{method}")
 
 

@@ -187,7 +187,7 @@ def test_unsynced_step_reads_nothing_back(grad_scaler):
     for r in results:
         records.add(r)
     out = records.check()
-    assert out["skipped"] == 0 and set(out) == {"loss_ntxent", "loss_suncet", "loss", "skipped"}
+    assert out["skipped"] == 0 and set(out) == {"loss_ntxent", "loss_suncet", "loss", "skipped", "steps"}
 
 
 def test_the_sync_guard_catches_the_eager_step():
@@ -231,14 +231,14 @@ def test_nonfinite_step_stops_naming_step_and_losses(host_sync):
         _train(kit, _batches(3), poison_step=1)
 
 
-def test_records_report_the_last_losses_and_count_skips():
+def test_records_average_the_finite_steps_and_count_skips():
     rec = StepRecords(skip_nonfinite=True)
     from train.step import StepResult
 
     names = ("loss_ntxent", "loss")
     for step, row in enumerate([[1.0, 1.5, 0, 0], [float("nan"), float("nan"), 1, 0], [2.0, 2.5, 0, 0]]):
         rec.add(StepResult(torch.tensor(row), names, epoch=3, step=step))
-    assert rec.check() == {"loss_ntxent": 2.0, "loss": 2.5, "skipped": 1.0}
+    assert rec.check() == {"loss_ntxent": 1.5, "loss": 2.0, "skipped": 1.0, "steps": 2.0}  # the NaN step left out
     assert rec.check() == {"skipped": 0.0} and rec.pending == []
     strict = StepRecords(skip_nonfinite=False)
     strict.add(StepResult(torch.tensor([1.0, 1.0, 0, 0]), names, 3, 7))

@@ -20,6 +20,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+from train.config import config_from_dict
+
 # Two-sided 95 % Student t quantiles by degrees of freedom (n - 1), for a handful of seeds.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -62,16 +64,9 @@ class Band:
 
 
 def images_per_step(cfg: dict, epoch: int) -> int:
-    """Images through the network in one step of ``epoch`` (0-based) for a run's config dict: every
-    view of every view group (a local crop counts as an image) and the support images, which
-    SuNCEt (until ``loss.supervised_epochs``) and PAWS read."""
-    d, loss = cfg["data"], cfg["loss"]
-    paws = loss.get("method", "simclr") == "paws"
-    suncet_on = loss["suncet_weight"] > 0 and (loss.get("supervised_epochs") is None or epoch < loss["supervised_epochs"])
-    support_on = d["support_classes"] > 0 and (paws or suncet_on)
-    support = d["support_classes"] * d["support_images_per_class"] * d["support_views"] if support_on else 0
-    views = sum(g["count"] for g in cfg.get("augment", {}).get("views") or []) or 2
-    return views * d["unlabeled_batch_size"] + support
+    """Images through the network in one step of ``epoch`` (0-based) for a run's config dict
+    (``PretrainConfig.network_images_per_step``)."""
+    return config_from_dict(cfg).network_images_per_step(epoch)
 
 
 def curve_points(cfg: dict, knn_rows: Sequence[dict]) -> list[Point]:

@@ -23,6 +23,7 @@ from pipelines.augment.recipe import AugmentConfig, SimCLRRecipe, views_per_imag
 from pipelines.bad_images import POLICIES as BAD_IMAGE_POLICIES
 from pipelines.spec import BACKENDS
 from train.objectives import METHODS
+from train.preemption import signal_numbers
 from train.step import HOST_SYNCS
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SUNCET_WEIGHT_RULES = ("fixed", "paper_ratio")
@@ -126,6 +127,9 @@ class RunConfig:
     max_steps_per_epoch: int | None = None  # truncate epochs (smoke tests, profiling)
     progress_bar: bool = True  # a bar on a terminal, one line per log step elsewhere
     logger: str = "none"  # "wandb": also send metrics to Weights & Biases (metrics.csv and TensorBoard always)
+    # signals that make the run write a checkpoint and exit with code 143 (train.preemption); several
+    # ranks agree at log steps. SLURM sends SIGTERM before preemption and at the time limit
+    preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
 
 
 @dataclass
@@ -193,6 +197,10 @@ class PretrainConfig:
             raise ConfigError(f"loss.on_nonfinite must be 'stop' or 'skip', got {l.on_nonfinite!r}")
         if r.logger not in ("none", "wandb"):
             raise ConfigError(f"run.logger must be 'none' or 'wandb', got {r.logger!r}")
+        try:
+            signal_numbers(r.preempt_signals)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if l.ntxent_gather not in ("grad", "detached"):
             raise ConfigError(f"loss.ntxent_gather must be 'grad' or 'detached', got {l.ntxent_gather!r}")
         if l.suncet_weight_rule not in SUNCET_WEIGHT_RULES:
@@ -290,6 +298,21 @@ class PretrainConfig:
     def uses_support(self) -> bool:
         """Whether the run has a support set: SuNCEt on (at some epoch), or PAWS."""
         return self.data.support_classes > 0 and (self.loss.method == "paws" or self.loss.suncet_weight > 0)
+
+    def suncet_active(self, epoch: int) -> bool:
+        """SuNCEt is on when it has a weight, until ``loss.supervised_epochs`` (from that epoch on it is off)."""
+        loss = self.loss
+        return loss.suncet_weight > 0 and (loss.supervised_epochs is None or epoch < loss.supervised_epochs)
+
+    def support_active(self, epoch: int) -> bool:
+        """Whether the step of ``epoch`` reads the support set: SuNCEt on, or PAWS (always)."""
+        return self.data.support_classes > 0 and (self.loss.method == "paws" or self.suncet_active(epoch))
+
+    def network_images_per_step(self, epoch: int) -> int:
+        """Images through the network in one step of ``epoch`` on one rank: every view of every view
+        group (a local crop counts as an image) and the support images when the step reads them."""
+        return self.views_per_image * self.data.unlabeled_batch_size + (
+            self.support_batch_size if self.support_active(epoch) else 0)
 
 
 # The paper's per-GPU shapes: 44 unlabeled images x 2 views against 20 classes x 2 support images.

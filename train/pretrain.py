@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import random
 import sys
@@ -30,6 +31,7 @@ from train.distributed import DeviceError, DistContext, all_reduce_sum, init_dis
 from train.knn import extract_features, knn_accuracy
 from train.lars import LARS
 from train.precision import resolve_precision
+from train.preemption import PREEMPTED_EXIT, Preempted, Preemption
 from train.resume import resumed_config
 from train.run_lock import RunDirError, RunLock
 from train.run_logger import RunLogger
@@ -117,14 +119,38 @@ class Trainer:
             torch.distributed.barrier()
 
 
-def train_one_epoch(tr: Trainer, state: TrainState) -> None:
+class LogWindow:
+    """The steps since the last log row: each logged loss is their mean (steps read back one by one
+    with ``compute.host_sync=step``, or together at the log step), ``images_per_s`` and
+    ``data_wait_frac`` are over the window's wall time."""
+
+    def __init__(self) -> None:
+        self.start, self.images, self.waited = time.perf_counter(), 0, 0.0
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, read_back: dict[str, float]) -> None:
+        steps = int(read_back.pop("steps", 1))
+        for key, value in read_back.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value * steps
+            self.counts[key] = self.counts.get(key, 0) + steps
+
+    def means(self) -> dict[str, float]:
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        out = {key: self.sums[key] / self.counts[key] for key in self.sums}
+        return out | {"images_per_s": self.images / seconds, "data_wait_frac": self.waited / seconds}
+
+
+def train_one_epoch(tr: Trainer, state: TrainState, preemption: Preemption | None = None) -> None:
     """Train from ``state.step`` to the end of ``state.epoch``; checkpoints every
-    ``run.checkpoint_every_steps`` global steps.
+    ``run.checkpoint_every_steps`` global steps, and where ``preemption`` says the run stops
+    (then raises ``Preempted``).
 
     The host reads the step results back (and acts on a non-finite loss) at
     every step with ``compute.host_sync=step``, otherwise only at log steps,
-    checkpoint steps and the epoch's end; ``images_per_s`` and
-    ``data_wait_frac`` are over the steps since the previous read-back."""
+    checkpoint steps and the epoch's end. Each log row averages the losses,
+    ``images_per_s`` and ``data_wait_frac`` over the steps since the previous
+    row (``LogWindow``)."""
     cfg, ctx = tr.cfg, tr.ctx
     train_step = tr.kit.step_for_epoch(state.epoch)
     records = StepRecords(skip_nonfinite=cfg.loss.on_nonfinite == "skip")
@@ -135,12 +161,12 @@ def train_one_epoch(tr: Trainer, state: TrainState) -> None:
     tr.model.train()
     batches = iter(loader)
     bad_here = 0  # this rank's bad images not yet added to state.bad_images
-    t_check, waited, images = time.perf_counter(), 0.0, 0  # since the last read-back
+    window = LogWindow()  # what the next log row averages over
     while state.step < tr.steps_per_epoch:
         lead.wait()  # host_sync=log on CUDA: at most compute.max_host_lead_steps steps ahead of the device
         t0 = time.perf_counter()
         batch = next(batches)
-        waited += time.perf_counter() - t0
+        window.waited += time.perf_counter() - t0
         for name in batch.bad_images:
             print(f"warning: rank {ctx.rank} epoch {state.epoch} step {state.step}: skipped unreadable image "
                   f"(data.on_bad_image=skip): {name}", file=sys.stderr)
@@ -148,7 +174,7 @@ def train_one_epoch(tr: Trainer, state: TrainState) -> None:
         lr = tr.schedule.apply(tr.optimizer, state.global_step)
         records.add(train_step(batch, state.global_step))
         lead.record()
-        images += batch.unlabeled_batch_size
+        window.images += batch.unlabeled_batch_size
         state.step += 1
         state.global_step += 1
         if ctx.is_main:
@@ -158,23 +184,29 @@ def train_one_epoch(tr: Trainer, state: TrainState) -> None:
         if log_now or save_now or train_step.syncs_every_step:
             out = records.check()  # waits for the device; raises NonFiniteLossError (loss.on_nonfinite=stop)
             state.skipped_steps += int(out.pop("skipped"))
-            t_now = time.perf_counter()
-            images_per_s, wait = images / (t_now - t_check), waited / (t_now - t_check)
-            t_check, waited, images = t_now, 0.0, 0
+            window.add(out)
+        if log_now:
+            means = window.means()
             if ctx.is_main:
-                bar.show({"loss": f"{out['loss']:.4f}", "lr": f"{lr:.3g}", "img/s": f"{images_per_s:.1f}",
-                          "data wait": f"{100 * wait:.0f}%"}, log_step=log_now)
+                bar.show({"loss": f"{means['loss']:.4f}", "lr": f"{lr:.3g}", "img/s": f"{means['images_per_s']:.1f}",
+                          "data wait": f"{100 * means['data_wait_frac']:.0f}%"}, log_step=True)
+            window = LogWindow()
         if log_now or save_now:  # the same steps on every rank: a collective is safe here
             state.bad_images += all_reduce_sum(bad_here, ctx.device)
             bad_here = 0
         if log_now:
             row = {"global_step": state.global_step, "epoch": state.epoch, "step": state.step, "lr": lr,
-                   "images_per_s": images_per_s, "data_wait_frac": wait, "skipped": state.skipped_steps,
-                   "bad_images": state.bad_images, **out}
+                   "skipped": state.skipped_steps, "bad_images": state.bad_images, **means}
             if tr.logger is not None:
                 tr.logger.log(row)
-        if save_now:
+        stop = preemption.agreed(collective_point=log_now) if preemption is not None else False
+        if save_now or stop:
             tr.save(state)
+        if stop:
+            loader.close()
+            raise Preempted(f"stopped by {preemption.received or 'a signal on another rank'} at epoch {state.epoch} "
+                            f"step {state.step} (global step {state.global_step}); checkpoint written in "
+                            f"{cfg.run.output_dir}: continue with --resume auto")
     bar.close()
     loader.close()  # a pass cut short (max_steps_per_epoch) stops its workers
 
@@ -277,28 +309,48 @@ def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path) -> d
                      resumed), flush=True)
     if tr.loaders.knn_off and ctx.is_main:
         print(f"note: kNN monitor off (run.knn_every_epochs={cfg.run.knn_every_epochs}): {tr.loaders.knn_off}")
-    knn = None
+    knn = earlier_knn(run_dir) if loaded and state.epoch >= cfg.optim.epochs else None  # a finished run's
     try:
-        while state.epoch < cfg.optim.epochs:
-            train_one_epoch(tr, state)
-            epoch = state.epoch
-            state.epoch, state.step = state.epoch + 1, 0
-            tr.save(state)  # before evaluating: an evaluation failure never costs the epoch
-            if cfg.run.knn_every_epochs and (epoch + 1) % cfg.run.knn_every_epochs == 0 and ctx.is_main:
-                knn = evaluate_knn(tr)
-                if knn is not None:
-                    tr.logger.log({"global_step": state.global_step, "epoch": epoch, **knn})
-                    print(f"epoch {epoch}: kNN top-1 {knn['knn_top1']:.2f}%  top-5 {knn['knn_top5']:.2f}%")
+        with Preemption(cfg.run.preempt_signals, ctx.distributed, ctx.device) as preemption:
+            while state.epoch < cfg.optim.epochs:
+                train_one_epoch(tr, state, preemption)
+                epoch = state.epoch
+                state.epoch, state.step = state.epoch + 1, 0
+                tr.save(state)  # before evaluating: an evaluation failure never costs the epoch
+                if preemption.agreed(collective_point=True):
+                    raise Preempted(f"stopped by {preemption.received or 'a signal on another rank'} at the end of "
+                                    f"epoch {epoch}; checkpoint written in {run_dir}: continue with --resume auto")
+                if cfg.run.knn_every_epochs and (epoch + 1) % cfg.run.knn_every_epochs == 0 and ctx.is_main:
+                    knn = evaluate_knn(tr)
+                    if knn is not None:
+                        tr.logger.log({"global_step": state.global_step, "epoch": epoch, **knn})
+                        tr.logger.write_curves()
+                        print(f"epoch {epoch}: kNN top-1 {knn['knn_top1']:.2f}%  top-5 {knn['knn_top5']:.2f}%")
     except NonFiniteLossError as exc:
         raise NonFiniteLossError(f"{exc}. Last good checkpoint kept in {run_dir}; "
                                  "lower optim.lr or set loss.on_nonfinite=skip") from exc
+    except Preempted:
+        if tr.logger is not None:
+            tr.logger.close()
+        raise
     summary = {"run_dir": str(run_dir.resolve()), "global_step": state.global_step,
                "skipped_steps": state.skipped_steps, "bad_images": state.bad_images, **(knn or {})}
     if ctx.is_main:
         summary["encoder"] = str(export_encoder(tr, run_dir).resolve())
+        tr.logger.write_curves()
         tr.logger.write_summary(summary)
         tr.logger.close()
     return summary
+
+
+def earlier_knn(run_dir: Path) -> dict | None:
+    """The kNN figures of a finished run's ``summary.json`` (resuming it trains nothing more)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    knn = {k: v for k, v in summary.items() if k.startswith("knn_")} if isinstance(summary, dict) else {}
+    return knn or None
 
 
 def export_encoder(tr: Trainer, run_dir: Path) -> Path:
@@ -379,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     except LoaderFailure as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Preempted as exc:
+        if ctx.is_main:
+            print(f"preempted: {exc}", file=sys.stderr)
+        return PREEMPTED_EXIT
     except (NonFiniteLossError, ckpt.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

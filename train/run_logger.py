@@ -1,4 +1,9 @@
-"""Rank-0 run outputs: resolved config, metrics.csv, TensorBoard events, and optionally Weights & Biases.
+"""Rank-0 run outputs: resolved config, metrics.csv, TensorBoard events, ``curves.png``, and optionally
+Weights & Biases.
+
+``curves.png`` shows the loss, the learning rate and kNN top-1 against global steps and against
+images through the network (every view and support image counted); it is rewritten after every
+kNN evaluation and at the end of the run, from metrics.csv.
 
 ``run.logger: wandb`` also sends every metrics row to W&B (the ``wandb`` package must be
 installed; it is not a dependency). The W&B run id is kept in ``<run dir>/wandb_run_id`` so that
@@ -17,13 +22,13 @@ import yaml
 
 from train.config import ConfigError, config_to_dict
 
-METRIC_FIELDS = ("global_step", "epoch", "step", "lr", "loss", "loss_ntxent", "loss_suncet", "images_per_s",
-                 "data_wait_frac", "skipped", "bad_images", "knn_top1", "knn_top5")
+METRIC_FIELDS = ("global_step", "epoch", "step", "lr", "loss", "loss_ntxent", "loss_suncet", "loss_swav", "loss_paws",
+                 "loss_memax", "images_per_s", "data_wait_frac", "skipped", "bad_images", "knn_top1", "knn_top5")
 
 
 class RunLogger:
     def __init__(self, run_dir: Path, cfg, resume_step: int | None, tensorboard: bool = True):
-        self.run_dir = Path(run_dir)
+        self.run_dir, self.cfg = Path(run_dir), cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "config.yaml", "w") as f:
             yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
@@ -41,7 +46,9 @@ class RunLogger:
             except ImportError as exc:  # tensorboard is a dependency, but keep a bare torch env usable
                 print(f"warning: TensorBoard logging off ({exc})")
             else:
-                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step)
+                # a resumed run rewrites the steps after its checkpoint's; the checkpoint's own step stays
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
         self._wandb = _start_wandb(self.run_dir, cfg) if cfg.run.logger == "wandb" else None
 
     def _truncate_after(self, resume_step: int | None) -> None:
@@ -72,6 +79,13 @@ class RunLogger:
             self._wandb.log({k: v for k, v in row.items() if k != "global_step" and isinstance(v, (int, float))},
                             step=row["global_step"])
 
+    def write_curves(self) -> Path:
+        """``curves.png`` from metrics.csv (see the module docstring)."""
+        self._csv_file.flush()
+        path = self.run_dir / "curves.png"
+        plot_curves(self.csv_path, self.cfg, path)
+        return path
+
     def write_summary(self, summary: dict) -> None:
         with open(self.run_dir / "summary.json", "w") as f:
             json.dump(summary, f, indent=2)
@@ -96,3 +110,40 @@ def _start_wandb(run_dir: Path, cfg):
     id_file.write_text(run_id + "\n")
     return wandb.init(project=os.environ.get("WANDB_PROJECT", "suncet-pretrain"), name=run_dir.name, id=run_id,
                       resume="allow", dir=str(run_dir), config=config_to_dict(cfg))
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pairs = [(int(r["global_step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_curves(metrics_csv: Path, cfg, out: Path) -> None:
+    """Loss, learning rate and kNN top-1 against global steps (top row) and images through the
+    network (bottom row, ``cfg.network_images_per_step`` of each row's epoch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_csv, newline="") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: int(r["global_step"]))
+    images, total, last = {}, 0, 0
+    for r in rows:  # cumulative images at each logged step, each epoch at its own per-step cost
+        step = int(r["global_step"])
+        total += (step - last) * cfg.network_images_per_step(int(r["epoch"]))
+        images[step], last = total, step
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for col, (key, label) in enumerate((("loss", "loss"), ("lr", "learning rate"), ("knn_top1", "kNN top-1 (%)"))):
+        steps, values = _series(rows, key)
+        for row, xs, xlabel in ((0, steps, "global step"), (1, [images[s] for s in steps], "images through the network")):
+            ax = axes[row][col]
+            ax.plot(xs, values, "o-" if key == "knn_top1" else "-", ms=3, lw=1)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+    fig.suptitle(f"{out.parent.name}: {cfg.loss.method}, {cfg.model.arch}", fontsize=10)
+    fig.tight_layout()
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)

@@ -167,8 +167,9 @@ def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
 class StepRecords:
     """The ``StepResult``s since the last check, read back in one host sync.
 
-    ``check`` returns the last step's losses as floats plus ``skipped`` (the
-    number of non-finite steps among them, whose updates were skipped). With
+    ``check`` returns the losses averaged over those steps (the finite ones) as
+    floats, ``steps`` (how many were averaged) and ``skipped`` (the number of
+    non-finite steps among them, whose updates were skipped). With
     ``skip_nonfinite=False`` it raises ``NonFiniteLossError`` for the first
     non-finite step instead, naming its epoch, step and losses."""
 
@@ -187,17 +188,20 @@ class StepRecords:
             return {"skipped": 0.0}
         pending, self.pending = self.pending, []
         rows = torch.stack([r.values for r in pending]).tolist()  # the one host sync
-        skipped = 0
+        skipped, good = 0, []
         for record, row in zip(pending, rows):
             *losses, bad_loss, bad_grads = row
             if not (bad_loss or bad_grads):
+                good.append(losses)
                 continue
             if not self.skip_nonfinite:
                 raise NonFiniteLossError(
                     f"non-finite {'loss' if bad_loss else 'gradients'} at epoch {record.epoch} step {record.step}: "
                     + ", ".join(f"{k}={v:.4g}" for k, v in zip(record.names, losses)))
             skipped += 1
-        return dict(zip(pending[-1].names, rows[-1])) | {"skipped": float(skipped)}
+        kept = good or [rows[-1][:-2]]  # every step skipped: the last one's (non-finite) values
+        means = [sum(column) / len(kept) for column in zip(*kept)]
+        return dict(zip(pending[-1].names, means)) | {"skipped": float(skipped), "steps": float(len(kept))}
 
 
 class HostLead:

@@ -13,22 +13,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from model import build_model
-from train.config import ConfigError, LossConfig, PretrainConfig, effective_suncet_weight
+from train.config import ConfigError, PretrainConfig, effective_suncet_weight
 from train.objectives import ObjectiveSpec, build_objective, head_factory
 from train.distributed import DistContext
 from train.lars import LARS, lars_param_groups
 from train.precision import Precision
 from train.step import HostLead, StepSettings, TrainStep
-
-
-def suncet_active(loss: LossConfig, epoch: int) -> bool:
-    """SuNCEt is on when it has a weight, until ``loss.supervised_epochs`` (from that epoch on it is off)."""
-    return loss.suncet_weight > 0 and (loss.supervised_epochs is None or epoch < loss.supervised_epochs)
-
-
-def support_active(cfg: PretrainConfig, epoch: int) -> bool:
-    """Whether the step of ``epoch`` reads the support set: SuNCEt on, or PAWS (always)."""
-    return cfg.data.support_classes > 0 and (cfg.loss.method == "paws" or suncet_active(cfg.loss, epoch))
 
 
 def configure_backends(cfg: PretrainConfig, device: torch.device) -> None:
@@ -80,16 +70,16 @@ class StepKit:
 
     def objective_spec(self, epoch: int) -> ObjectiveSpec:
         cfg = self.cfg
-        weight = effective_suncet_weight(cfg) if suncet_active(cfg.loss, epoch) else 0.0
+        weight = effective_suncet_weight(cfg) if cfg.suncet_active(epoch) else 0.0
         return ObjectiveSpec(cfg, unlabeled=cfg.data.unlabeled_batch_size, views=cfg.views_per_image,
                              global_views=cfg.augment.view_groups()[0].count,
-                             support=cfg.support_batch_size if support_active(cfg, epoch) else 0,
+                             support=cfg.support_batch_size if cfg.support_active(epoch) else 0,
                              suncet_weight=weight, world_size=self.ctx.world_size, device=self.ctx.device)
 
     def step_for_epoch(self, epoch: int) -> TrainStep:
         """The step of ``epoch``'s phase (SuNCEt on or off), built on first use; the phases share
         one objective state (SwAV's queue)."""
-        supervised = suncet_active(self.cfg.loss, epoch)
+        supervised = self.cfg.suncet_active(epoch)
         if supervised not in self._steps:
             objective = build_objective(self.objective_spec(epoch), self.core)
             state = self._current.objective.state_dict() if self._current is not None else self._resumed_objective
@@ -97,7 +87,7 @@ class StepKit:
                 objective.load_state_dict(state)
             self._steps[supervised] = TrainStep(
                 self.model, self.optimizer, self.scaler, self.step_settings(), objective,
-                unlabeled=self.cfg.data.unlabeled_batch_size, uses_support=support_active(self.cfg, epoch),
+                unlabeled=self.cfg.data.unlabeled_batch_size, uses_support=self.cfg.support_active(epoch),
                 device=self.ctx.device, channels_last=self.cfg.model.channels_last, views=self.cfg.views_per_image)
         self._current = self._steps[supervised]
         return self._current

@@ -29,7 +29,7 @@ from train.config import ConfigError, PretrainConfig
 from train.distributed import DistContext
 from train.precision import resolve_precision
 from train.step import StepRecords, TrainStep
-from train.wiring import StepKit, build_step_kit, support_active
+from train.wiring import StepKit, build_step_kit
 from tools.bench import report as report_lib
 from tools.bench import variants as variants_lib
 from tools.bench.meter import ResourceMeter
@@ -84,7 +84,7 @@ class StepShape:
 def step_shape(cfg: PretrainConfig) -> StepShape:
     """The shape of the run's first steps (SuNCEt as in epoch 0)."""
     d = cfg.data
-    use_support = support_active(cfg, 0)
+    use_support = cfg.support_active(0)
     groups = cfg.augment.view_groups()
     return StepShape(d.unlabeled_batch_size, d.support_classes if use_support else 0,
                      d.support_images_per_class, d.support_views, tuple((g.count, g.resolution) for g in groups),

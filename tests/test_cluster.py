@@ -1,0 +1,165 @@
+"""What clusters do to runs (issue 25): SIGTERM before preemption writes a checkpoint and a resumed
+run continues exactly, on one process and on two torchrun workers; the log rows average their
+window; TensorBoard keeps the step a run resumed at; curves.png is written."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.dist import free_port
+from tests.helpers.record_stream import read_records
+from tests.pretrain_helpers import make_split_tree, read_metrics, step_losses, tiny_overrides
+from tests.test_multinode import REPO, _env, _set_args, _wait_for_no_worker
+from train.preemption import PREEMPTED_EXIT
+
+SETTINGS = {"optim.epochs": 2, "optim.warmup_epochs": 0.5, "run.knn_every_epochs": 0, "run.checkpoint_every_steps": 100,
+            "data.support_classes": 4, "data.support_images_per_class": 2}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return make_split_tree(tmp_path_factory.mktemp("cluster"))
+
+
+def _command(data_root: Path, run_dir: Path, procs: int, record: Path | None, batch: int, per_class: int,
+             resume: bool = False) -> list[str]:
+    overrides = tiny_overrides(data_root, run_dir, **{**SETTINGS, "data.unlabeled_batch_size": batch,
+                                                      "data.support_images_per_class": per_class})
+    launcher = (["-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-port", str(free_port())]
+                if procs > 1 else [])
+    program = ["-m", "tests.helpers.record_stream", str(record)] if record is not None else ["-m", "train.pretrain"]
+    return [sys.executable, *launcher, *program, "--device", "cpu", *_set_args(overrides),
+            *(["--resume", "auto"] if resume else [])]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("procs", [1, 2])
+def test_sigterm_mid_epoch_writes_a_checkpoint_and_the_resumed_run_gives_the_uninterrupted_losses(
+        data_root, tmp_path, procs):
+    batch, per_class = 8 // procs, 2 // procs  # the same global batch on 1 and 2 ranks
+    reference = subprocess.run(_command(data_root, tmp_path / "reference", procs, None, batch, per_class), cwd=REPO,
+                               env=_env(), capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+
+    run_dir, record = tmp_path / "run", tmp_path / "stream.jsonl"
+    first = subprocess.Popen(_command(data_root, run_dir, procs, record, batch, per_class), cwd=REPO,
+                             env=dict(_env(), RECORD_STEP_SLEEP="0.4"), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while len(read_records(record) if record.exists() else []) < 2 * procs:  # the second step is under way
+        assert first.poll() is None and time.time() < deadline, first.communicate()[0]
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)  # to the process, or to torchrun's agent, which passes it on
+    out, _ = first.communicate(timeout=120)
+    if procs > 1:
+        _wait_for_no_worker(run_dir)
+    worker_codes = out.count("preempted: stopped by SIGTERM")
+    assert worker_codes == 1, out  # the main rank reports it
+    if procs == 1:
+        assert first.returncode == PREEMPTED_EXIT, out
+    checkpoints = sorted(p.name for p in run_dir.glob("ckpt-*.pt"))
+    assert len(checkpoints) == 1, checkpoints  # no regular checkpoint yet (every 100 steps): the signal's
+    stopped_at = int(checkpoints[0][5:14])
+    assert 1 <= stopped_at < 5, checkpoints  # mid-epoch (5 steps per epoch)
+
+    resumed = subprocess.run(_command(data_root, run_dir, procs, None, batch, per_class, resume=True), cwd=REPO,
+                             env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    expected, got = step_losses(tmp_path / "reference"), step_losses(run_dir)
+    assert sorted(got) == sorted(expected) == list(range(1, 11))
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, got, expected)
+
+
+def test_preempt_signals_are_checked_naming_the_key():
+    from train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="run.preempt_signals: 'SIGKILL' is not a signal a process can catch"):
+        load_config(None, ["run.preempt_signals=[SIGTERM, SIGKILL]"]).validate()
+    load_config(None, ["run.preempt_signals=[TERM, SIGUSR2]"]).validate()
+
+
+def test_log_rows_average_their_window_and_tensorboard_keeps_the_resumed_step(data_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import torch
+
+    from train import pretrain
+    from train.config import load_config
+    from train.distributed import DistContext
+
+    cpu = DistContext(0, 1, 0, torch.device("cpu"))
+    overrides = tiny_overrides(data_root, tmp_path / "run", **{**SETTINGS, "run.log_every_steps": 5,
+                                                               "run.knn_every_epochs": 1, "run.keep_checkpoints": 5})
+    pretrain.run(load_config(None, overrides), cpu)
+    rows = [r for r in read_metrics(tmp_path / "run") if r["loss"]]
+    assert [int(r["global_step"]) for r in rows] == [5, 10]  # one row per 5-step window
+    # the same run logging every step: the 5-step rows are the means of those steps' losses
+    pretrain.run(load_config(None, overrides + ["run.log_every_steps=1", f"run.output_dir={tmp_path / 'every'}"]),
+                 cpu)
+    single = {int(r["global_step"]): float(r["loss"]) for r in read_metrics(tmp_path / "every") if r["loss"]}
+    for row in rows:
+        end = int(row["global_step"])
+        window = [single[s] for s in range(end - 4, end + 1)]
+        assert float(row["loss"]) == pytest.approx(sum(window) / 5, rel=1e-4)
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # resume from epoch 0's checkpoint (step 5, where its kNN point was logged): TensorBoard keeps
+    # step 5 and rewrites 6 onwards (purging from step 5, as before, lost epoch 0's kNN point)
+    for ckpt in sorted((tmp_path / "run").glob("ckpt-*.pt")):
+        if ckpt.name != "ckpt-000000005.pt":
+            ckpt.unlink()
+    pretrain.run(load_config(None, overrides), cpu, resume="auto")
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("eval/knn_top1")] == [5, 10]
+    assert [e.step for e in acc.Scalars("train/loss")] == [5, 10]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_slurm_script_checkpoints_and_requeues_on_sigusr1(data_root, tmp_path):
+    """SLURM's warning before the time limit (``--signal=B:USR1@180``) reaches the batch script:
+    it stops the run at a checkpoint through srun and torchrun, then requeues the job."""
+    import os
+    import stat
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(
+        "#!/usr/bin/env bash\n"
+        "if [ \"$1 $2\" = \"show hostnames\" ]; then echo localhost; exit 0; fi\n"
+        "[ \"$1\" = requeue ] && { echo \"requeue $2\" >> \"$SRUN_LOG.requeue\"; exit 0; }\n"
+        "exit 64\n")
+    (bin_dir / "srun").write_text(  # one node; forwards SIGTERM to its task, as srun does
+        "#!/usr/bin/env bash\n"
+        "while [[ $1 == --* ]]; do shift; done\n"
+        "SLURM_NODEID=0 SLURM_PROCID=0 SLURM_LOCALID=0 \"$@\" > \"$SRUN_LOG.node0\" 2>&1 &\n"
+        "child=$!\n"
+        "trap 'kill -TERM $child' TERM\n"
+        "wait $child; wait $child; exit $?\n")
+    for name in ("scontrol", "srun"):
+        (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
+    env = dict(_env(), PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node1", SLURM_NNODES="1",
+               SLURM_JOB_ID="42", GPUS_PER_NODE="1", RDZV_PORT=str(free_port()), PYTHON=sys.executable,
+               CONFIG="configs/demo.yaml", SRUN_LOG=str(tmp_path / "srun.log"))
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(data_root, run_dir, **{**SETTINGS, "optim.epochs": 30})
+    script = subprocess.Popen(["bash", "tools/slurm/pretrain.sbatch", "--device", "cpu", *_set_args(overrides)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.csv").exists() or len(read_metrics(run_dir)) < 2:
+        assert script.poll() is None and time.time() < deadline, script.communicate()[0]
+        time.sleep(0.1)
+    script.send_signal(signal.SIGUSR1)
+    out, _ = script.communicate(timeout=120)
+    assert script.returncode == 0, out
+    assert (tmp_path / "srun.log.requeue").read_text() == "requeue 42\n"
+    assert "preempted: stopped by SIGTERM" in (tmp_path / "srun.log.node0").read_text()
+    steps = [int(p.name[5:14]) for p in run_dir.glob("ckpt-*.pt")]
+    assert steps and max(steps) < 30 * 5  # stopped early, at a checkpoint of its own

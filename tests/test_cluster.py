@@ -163,3 +163,51 @@ def test_the_slurm_script_checkpoints_and_requeues_on_sigusr1(data_root, tmp_pat
     assert "preempted: stopped by SIGTERM" in (tmp_path / "srun.log.node0").read_text()
     steps = [int(p.name[5:14]) for p in run_dir.glob("ckpt-*.pt")]
     assert steps and max(steps) < 30 * 5  # stopped early, at a checkpoint of its own
+
+
+def _checkpoint_of(cfg, world: int) -> dict:
+    from train.config import config_to_dict
+    from train.resume import global_batch
+
+    return {"config": config_to_dict(cfg), "world_size": world, "global_batch": global_batch(cfg, world)}
+
+
+def test_the_global_batch_survives_every_resume_whatever_the_command_says(capsys):
+    """2 -> 1 -> 1 -> 2 ranks, each resumed with the same command (64 per rank): the global batch
+    stays 128 unlabeled images and 4 classes x 8 support images; the second resume on one rank
+    (the case that halved the batch) says which value it overrode."""
+    from train.config import load_config
+    from train.resume import global_batch, resumed_config
+
+    command = ["data.unlabeled_batch_size=64", "data.support_classes=4", "data.support_images_per_class=4"]
+    cfg, world = load_config(None, command), 2
+    expected = global_batch(cfg, 2)
+    assert expected == {"unlabeled_images": 128, "support_classes": 4, "support_images_per_class": 8, "world_size": 2}
+    for new_world in (1, 1, 2):
+        cfg = resumed_config(_checkpoint_of(cfg, world), load_config(None, command), new_world)
+        world = new_world
+        got = global_batch(cfg, world)
+        assert {k: v for k, v in got.items() if k != "world_size"} == \
+            {k: v for k, v in expected.items() if k != "world_size"}, (world, got)
+    err = capsys.readouterr().err
+    assert "data.unlabeled_batch_size=64 on the command line, 128 from the checkpoint's global batch" in err
+    assert "other data settings" not in err  # nothing else changed: nothing else named
+
+
+def test_a_resume_names_each_changed_key_and_refuses_a_new_schedule(capsys):
+    from train.config import ConfigError, load_config
+    from train.resume import resumed_config
+
+    saved = load_config(None, ["data.num_workers=4", "optim.epochs=100"])
+    now = load_config(None, ["data.num_workers=2", "data.labeled_fraction=0.2", "optim.epochs=100",
+                             "optim.momentum=0.8"])
+    resumed_config(_checkpoint_of(saved, 1), now, 1)
+    err = capsys.readouterr().err
+    assert "data.num_workers: 4 -> 2" in err and "data.labeled_fraction: 0.1 -> 0.2" in err
+    assert "optim.momentum: 0.9 -> 0.8" in err
+    longer = load_config(None, ["data.num_workers=4", "optim.epochs=200"])
+    with pytest.raises(ConfigError, match=r"the learning-rate schedule differs from the checkpoint's "
+                                          r"\(optim.epochs: 100 -> 200\); .* --allow-schedule-change"):
+        resumed_config(_checkpoint_of(saved, 1), longer, 1)
+    cfg = resumed_config(_checkpoint_of(saved, 1), longer, 1, allow_schedule_change=True)
+    assert cfg.optim.epochs == 200 and "optim.epochs: 100 -> 200" in capsys.readouterr().err

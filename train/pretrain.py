@@ -32,7 +32,7 @@ from train.knn import extract_features, knn_accuracy
 from train.lars import LARS
 from train.precision import resolve_precision
 from train.preemption import PREEMPTED_EXIT, Preempted, Preemption
-from train.resume import resumed_config
+from train.resume import global_batch, resumed_config
 from train.run_lock import RunDirError, RunLock
 from train.run_logger import RunLogger
 from train.schedule import WarmupCosineSchedule
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default="none",
                    help="'auto': continue from the newest checkpoint in run.output_dir if any; "
                         "'none': start fresh (refused if the directory holds checkpoints); or a checkpoint path")
+    p.add_argument("--allow-schedule-change", action="store_true",
+                   help="resume although optim.epochs / warmup_epochs / start_lr / lr / final_lr differ from the "
+                        "checkpoint's (refused otherwise): the new schedule applies from the resumed step on")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (the file, its _base_ files and every --set) as YAML and exit")
     p.add_argument("--dry-run", action="store_true",
@@ -106,6 +109,7 @@ class Trainer:
             "train_state": asdict(state),
             "config": config_to_dict(self.cfg),
             "world_size": self.ctx.world_size,
+            "global_batch": global_batch(self.cfg, self.ctx.world_size),  # what a resumed run keeps
             "rng": ckpt.rng_state(),
             "loader": self.loaders.train.state_dict(),  # what the stream needs beyond (epoch, step)
         }
@@ -273,21 +277,21 @@ def build_trainer(cfg: PretrainConfig, ctx: DistContext, resume_step: int | None
     return Trainer(cfg, ctx, kit, schedule, loaders, steps, logger)
 
 
-def run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none") -> dict:
+def run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none", allow_schedule_change: bool = False) -> dict:
     if resume == "none":
         cfg.validate(ctx.world_size)  # a resumed run is validated once its checkpoint has set the per-rank sizes
     run_dir = Path(cfg.run.output_dir)
     lock = RunLock(run_dir) if ctx.is_main else None  # one run per directory; dies with the process
     try:
-        return _run(cfg, ctx, resume, run_dir)
+        return _run(cfg, ctx, resume, run_dir, allow_schedule_change)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path) -> dict:
+def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path, allow_schedule_change: bool) -> dict:
     loaded = resolve_resume(resume, run_dir)
-    cfg = resumed_config(loaded[0], cfg, ctx.world_size) if loaded is not None else cfg
+    cfg = resumed_config(loaded[0], cfg, ctx.world_size, allow_schedule_change) if loaded is not None else cfg
     cfg.validate(ctx.world_size)
     seed_everything(cfg.run.seed)
     configure_backends(cfg, ctx.device)
@@ -424,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             if ctx.is_main:
                 print(f"dry run: one step trained, loss {out['loss']:.4f}; nothing written")
             return 0
-        summary = run(cfg, ctx, resume)
+        summary = run(cfg, ctx, resume, args.allow_schedule_change)
     except (ConfigError, DataError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

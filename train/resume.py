@@ -1,14 +1,23 @@
 """What a checkpoint allows a resumed run to change, and how a new world size is absorbed.
 
-Resuming on another number of ranks keeps the *global* batch: the checkpoint's
-``unlabeled_batch_size x world size`` images per step, and its support set
+A resumed run keeps the checkpoint's *global* batch, whatever the command says:
+its ``unlabeled_batch_size x world size`` images per step, and its support set
 (``support_images_per_class x world size`` images of each shared class per
 step, or ``support_classes x world size`` classes with ``unique_classes``), are
-split over the new ranks. The steps per epoch (``N // global batch``), hence the
-learning-rate schedule, stay the same, and since a global step holds the same
-images on any number of ranks (``pipelines.plan``), the epoch continues at the
-same image: none repeated or skipped across the change. A world size that does
-not divide the global batch is refused, naming the sizes that do.
+split over the ranks of this run, every time it resumes (a run resumed twice on
+one rank after two keeps the global batch; a per-rank value on the command line
+that differs is noted and overridden). The steps per epoch (``N // global
+batch``), hence the learning-rate schedule, stay the same, and since a global
+step holds the same images on any number of ranks (``pipelines.plan``), the
+epoch continues at the same image: none repeated or skipped across the change.
+A world size that does not divide the global batch is refused, naming the sizes
+that do.
+
+Other changes are named, key by key, with the checkpoint's value and the new
+one: data settings are warned about; the schedule's (``optim.epochs``,
+``warmup_epochs``, ``start_lr``, ``lr``, ``final_lr``) are refused unless the
+run allows them (``--allow-schedule-change``); the optimiser's other settings
+are warned about.
 """
 from __future__ import annotations
 
@@ -20,6 +29,9 @@ from train.data import support_spec
 
 # Model settings that change no weight: a checkpoint resumes with any value of them.
 WEIGHTLESS_MODEL_KEYS = ("sync_bn", "channels_last")
+# Optimiser settings that change the learning-rate schedule of the steps still to come.
+SCHEDULE_KEYS = ("epochs", "warmup_epochs", "start_lr", "lr", "final_lr")
+PER_RANK_KEYS = ("unlabeled_batch_size", "support_classes", "support_images_per_class")
 
 
 def check_model(saved_cfg: PretrainConfig, cfg: PretrainConfig) -> None:
@@ -79,25 +91,58 @@ def warn_if_suncet_weight_changed(saved_cfg: PretrainConfig, cfg: PretrainConfig
               f"{saved_cfg.loss.suncet_weight_rule}). To keep it, resume with those two settings", file=sys.stderr)
 
 
-def resumed_config(saved: dict, cfg: PretrainConfig, world_size: int) -> PretrainConfig:
+def global_batch(cfg: PretrainConfig, world_size: int) -> dict:
+    """The global step's shape a checkpoint records: unlabeled images, and the support set as
+    (classes, images of each class) over all ranks."""
+    d = cfg.data
+    classes, per_class = ((d.support_classes * world_size, d.support_images_per_class) if d.unique_classes
+                          else (d.support_classes, d.support_images_per_class * world_size))
+    return {"unlabeled_images": d.unlabeled_batch_size * world_size, "support_classes": classes,
+            "support_images_per_class": per_class, "world_size": world_size}
+
+
+def changed_keys(section: str, saved, now, skip: tuple[str, ...] = ()) -> list[str]:
+    """``section.key: old -> new`` for every field of two config sections that differs."""
+    before, after = config_to_dict(saved), config_to_dict(now)
+    return [f"{section}.{k}: {before[k]!r} -> {after[k]!r}" for k in before if k not in skip and before[k] != after[k]]
+
+
+def resumed_config(saved: dict, cfg: PretrainConfig, world_size: int,
+                   allow_schedule_change: bool = False) -> PretrainConfig:
     """The config a run resumed from checkpoint contents ``saved`` trains with (see the module
-    docstring): a changed model is refused, a new world size absorbed, other data changes and a
-    changed SuNCEt weight warned about."""
+    docstring): a changed model or method is refused, the global batch kept on any world size,
+    other changes named."""
     saved_cfg = saved_config(saved["config"])
     check_model(saved_cfg, cfg)
-    saved_data, saved_world = saved_cfg.data, saved["world_size"]
+    saved_world = saved["world_size"]
+    sizes = per_rank_sizes(saved_cfg, saved_world, world_size)
     if saved_world != world_size:
-        sizes = per_rank_sizes(saved_cfg, saved_world, world_size)
         d = saved_cfg.data
         print(f"note: resuming a {saved_world}-rank run on {world_size} rank(s): per rank "
               f"{sizes['unlabeled_batch_size']} unlabeled images (was {d.unlabeled_batch_size}) and "
               f"{sizes['support_classes']} x {sizes['support_images_per_class']} support images (was "
               f"{d.support_classes} x {d.support_images_per_class}): the same global batch, schedule and image "
               "stream", file=sys.stderr)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **sizes))
-        saved_data = dataclasses.replace(saved_data, **sizes)
-    if cfg.data != saved_data:
-        print("warning: resuming with other data settings than the checkpoint's", file=sys.stderr)
+    overridden = [f"data.{k}={getattr(cfg.data, k)} on the command line, {v} from the checkpoint's global batch"
+                  for k, v in sizes.items() if getattr(cfg.data, k) != v]
+    if overridden:
+        print("note: a resumed run keeps its global batch: " + "; ".join(overridden), file=sys.stderr)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **sizes))
+    saved_data = dataclasses.replace(saved_cfg.data, **sizes)
+    data_changes = changed_keys("data", saved_data, cfg.data)
+    if data_changes:
+        print("warning: resuming with other data settings than the checkpoint's: " + "; ".join(data_changes),
+              file=sys.stderr)
+    schedule = changed_keys("optim", saved_cfg.optim, cfg.optim,
+                            skip=tuple(k for k in config_to_dict(cfg.optim) if k not in SCHEDULE_KEYS))
+    if schedule and not allow_schedule_change:
+        raise ConfigError("cannot resume: the learning-rate schedule differs from the checkpoint's ("
+                          + "; ".join(schedule) + "); resume with the checkpoint's values, or pass "
+                          "--allow-schedule-change to continue on the new schedule from this step")
+    other = changed_keys("optim", saved_cfg.optim, cfg.optim, skip=SCHEDULE_KEYS)
+    if schedule or other:
+        print("warning: resuming with other optimiser settings than the checkpoint's: " + "; ".join(schedule + other),
+              file=sys.stderr)
     warn_if_suncet_weight_changed(dataclasses.replace(saved_cfg, data=saved_data), cfg)
     cfg.validate(world_size)
     return cfg

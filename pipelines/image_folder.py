@@ -148,7 +148,13 @@ def index_image_folder(root: str | os.PathLike) -> ImageFolderIndex:
     listing = list_split(root)
     classes = find_classes([root])
     if not classes:
-        raise DataError(f"no class folders in {root} (expected ImageFolder layout <root>/<class>/<image>)")
+        hint = ""
+        for up in (root.parent, root.parent.parent):
+            if (up / "manifest.json").is_file():  # inside a conversion: its --out folder is what to pass
+                hint = (f"; {up} is a conversion by tools.convert_imagenet: pass it as data.root (data.root={up}), "
+                        "not one of its sub-folders")
+                break
+        raise DataError(f"no class folders in {root} (expected ImageFolder layout <root>/<class>/<image>){hint}")
     if listing.empty_classes:
         raise DataError(f"class folder {root / listing.empty_classes[0]} holds no image files "
                         f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add images")

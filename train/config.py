@@ -444,20 +444,29 @@ def _merge(base: dict, extra: dict) -> dict:
 BASE_KEY = "_base_"  # a config file may name another file whose values it overrides
 
 
+def shipped_configs() -> list[str]:
+    """The names of the configs shipped with the package (``configs/*.yaml``)."""
+    try:
+        folder = importlib.resources.files("configs")
+    except ModuleNotFoundError:  # not installed with its configs
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
 def find_config(path: str | Path) -> Path:
     """``path`` as given, or, when it does not exist, the config of that name shipped with
-    the package (``configs/``), so that ``--config configs/demo.yaml`` or ``--config demo.yaml``
-    works from an installed package too."""
+    the package (``configs/``), so that ``--config configs/demo.yaml``, ``--config demo.yaml``
+    or ``--config demo`` works from an installed package too."""
     path = Path(path)
     if path.is_file():
         return path
     if path.parent in (Path("."), Path("configs")):
-        try:
-            shipped = importlib.resources.files("configs").joinpath(path.name)
-        except ModuleNotFoundError:  # not installed with its configs
-            shipped = None
-        if shipped is not None and shipped.is_file():
-            return Path(str(shipped))
+        names = shipped_configs()
+        for name in (path.name, f"{path.name}.yaml"):
+            if name in names:
+                return Path(str(importlib.resources.files("configs").joinpath(name)))
+        if names:
+            raise ConfigError(f"config file not found: {path}; shipped configs: {', '.join(n[:-5] for n in names)}")
     raise ConfigError(f"config file not found: {path}")
 
 

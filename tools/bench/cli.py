@@ -156,11 +156,18 @@ def result_row(mode: str, backend: str, run: Callable[[], dict], distributed: bo
     other exception an ``error`` row (traceback on stderr), so that one failing
     backend does not hide the others' figures.
     Under torchrun it is re-raised: ranks could not agree on what to run next."""
+    progress(f"{mode} / {backend}: measuring")
     try:
         figures = run()
     except Exception as exc:
         return measure.failure_row(mode, exc, distributed, backend=backend)
+    progress(f"{mode} / {backend}: {figures['images_per_s']['median']:.1f} img/s")
     return report_lib.ok_row(mode, backend, figures)
+
+
+def progress(message: str) -> None:
+    """One line on stderr per measurement, so that a run whose report goes to a file shows it is alive."""
+    print(f"[throughput] {message}", file=sys.stderr, flush=True)
 
 
 def with_backend(cfg: PretrainConfig, backend: str, data_for: dict[str, str]) -> PretrainConfig:
@@ -191,6 +198,7 @@ def run_modes(cfg: PretrainConfig, ctx: DistContext, modes: tuple[str, ...], bac
         rows.append(result_row("decode", "-", lambda: measure.measure_decode(root, shape, timing, workers,
                                                                              cfg.run.seed), dist))
     if "compute" in modes:
+        progress(f"compute: timing {args.step_variants}")
         rows += measure.compute_rows(cfg, ctx, timing, parse_variants(args.step_variants))
     if "augment" in modes:
         rows.append(result_row("augment", "-", lambda: measure.measure_augment(cfg, shape, timing, ctx.device), dist))

@@ -242,3 +242,21 @@ def test_the_banner_shows_the_view_groups():
                                                                    None)
     assert "64 images x 2 views + " in banner(load_config(None, ["data.unlabeled_batch_size=64"]), 1,
                                               torch.device("cpu"), "fp32", loaders, 10, None)
+
+
+def test_a_shipped_config_is_found_without_its_suffix_and_a_wrong_name_lists_them(capsys):
+    from train.config import load_config
+
+    assert load_config("repro_imagenette").data.val_split == "val"
+    assert pretrain.main(["--config", "repro_imagenete", "--print-config"]) == 2
+    err = _one_line(capsys)
+    assert "config file not found: repro_imagenete; shipped configs: demo," in err and "repro_imagenette" in err
+
+
+def test_a_conversions_sub_folder_as_data_root_names_the_out_folder(tree, tmp_path, capsys):
+    out = tmp_path / "converted"
+    (out / "dali" / "train").mkdir(parents=True)
+    (out / "manifest.json").write_text("{}")
+    assert _train(tree, tmp_path / "run", "--set", f"data.root={out / 'dali'}", "--dry-run") == 2
+    err = _one_line(capsys)
+    assert f"{out} is a conversion by tools.convert_imagenet: pass it as data.root" in err

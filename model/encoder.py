@@ -7,6 +7,10 @@
 - ``resnet18-small``: a narrow ResNet-18 (base width 32, feature dim 256)
   with a CIFAR-style stem (3x3 conv, stride 1, no max-pool), for CPU tests
   and demos at 16-64 px. Same attribute names as torchvision's ResNet.
+- ``timm/<name>``: any model of timm (``pip install suncet-pretrain[timm]``),
+  built without pretrained weights and without its classifier
+  (``num_classes=0``: the features before it); vision transformers take any
+  image size (``dynamic_img_size``), so multi-crop's small views work.
 """
 from __future__ import annotations
 
@@ -83,8 +87,36 @@ ENCODERS: dict[str, Callable[[bool], tuple[nn.Module, int]]] = {
 TORCHVISION_ARCHS = ("resnet50", "resnet18")
 
 
+TIMM_PREFIX = "timm/"
+
+
+def check_arch(arch: str) -> None:
+    """ValueError naming the problem for an arch ``build_encoder`` cannot build."""
+    if arch.startswith(TIMM_PREFIX):
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(f"model.arch {arch!r} needs timm: pip install 'suncet-pretrain[timm]' (or timm)") from None
+        if not timm.is_model(arch[len(TIMM_PREFIX):]):
+            raise ValueError(f"model.arch {arch!r}: timm has no model {arch[len(TIMM_PREFIX):]!r} "
+                             "(timm.list_models() lists them)")
+    elif arch not in ENCODERS:
+        raise ValueError(f"model.arch must be one of {', '.join(ENCODERS)} or timm/<name>, got {arch!r}")
+
+
+def _timm(name: str) -> tuple[nn.Module, int]:
+    import timm
+
+    try:
+        net = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+    except TypeError:  # models without a fixed image size take no dynamic_img_size
+        net = timm.create_model(name, pretrained=False, num_classes=0)
+    return net, int(net.num_features)
+
+
 def build_encoder(arch: str, zero_init_residual: bool = False) -> tuple[nn.Module, int]:
     """Return ``(encoder, feature_dim)`` for ``arch``; ValueError for unknown names."""
-    if arch not in ENCODERS:
-        raise ValueError(f"unknown model.arch {arch!r}; known: {', '.join(ENCODERS)}")
+    check_arch(arch)
+    if arch.startswith(TIMM_PREFIX):
+        return _timm(arch[len(TIMM_PREFIX):])
     return ENCODERS[arch](zero_init_residual)

@@ -65,7 +65,8 @@ def _train(tree: Path, run_dir: Path, *extra: str) -> int:
 
 def test_unknown_model_arch(tree, tmp_path, capsys):
     assert _train(tree, tmp_path / "run", "--set", "model.arch=resnet51") == 2
-    assert "model.arch must be one of resnet50, resnet18, resnet18-small, got 'resnet51'" in _one_line(capsys)
+    assert "model.arch must be one of resnet50, resnet18, resnet18-small or timm/<name>, got 'resnet51'" in \
+        _one_line(capsys)
 
 
 def test_a_typo_suggests_the_key(tree, tmp_path, capsys):
@@ -169,7 +170,7 @@ def test_wandb_logger_sends_every_metrics_row_and_resumes_the_same_run(tree, tmp
     run_id = inits[0][1]["id"]
     calls.clear()
     assert _train(tree, tmp_path / "run", *args, "--set", "optim.epochs=3", "--set", "run.max_steps_per_epoch=1",
-                  "--resume", "auto") == 0
+                  "--resume", "auto", "--allow-schedule-change") == 0  # a longer run: a new schedule
     assert [c[1]["id"] for c in calls if c[0] == "init"] == [run_id]
 
 

@@ -21,7 +21,7 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, IO
 
 import numpy as np
 import torch
@@ -51,18 +51,19 @@ def _umask() -> int:
     return mask
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temp file beside ``path``, fsync, rename. On any error
-    the temp file is removed and ``path`` (if it existed) is untouched."""
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None], what: str = "checkpoint") -> None:
+    """``write`` a file into a temp file beside ``path``, fsync, rename over ``path``. The rename
+    replaces a symbolic link at ``path`` instead of writing through it. On any error the temp file
+    is removed, ``path`` (if it existed) is untouched, and ``CheckpointError`` names ``what``."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-" + path.name + ".", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is shared like any file
     except OSError as exc:  # read-only or full file system, directory gone, no permission
-        raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
+        raise CheckpointError(f"could not write {what} {path}: {exc}") from exc
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -77,8 +78,18 @@ def save_atomic(obj: Any, path: Path) -> None:
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise CheckpointError(f"could not write checkpoint {path}: {exc}") from exc
+            raise CheckpointError(f"could not write {what} {path}: {exc}") from exc
         raise
+
+
+def save_atomic(obj: Any, path: Path, what: str = "checkpoint") -> None:
+    """``torch.save(obj)`` to ``path`` through ``write_atomic``."""
+    write_atomic(path, lambda f: torch.save(obj, f), what)
+
+
+def write_text_atomic(path: Path, text: str, what: str = "file") -> None:
+    """UTF-8 ``text`` to ``path`` through ``write_atomic``."""
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")), what)
 
 
 def save_checkpoint(state: dict, run_dir: Path, global_step: int, keep: int) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from model import ENCODERS
+from model import check_arch
 from pipelines.augment.recipe import AugmentConfig, SimCLRRecipe, views_per_image
 from pipelines.bad_images import POLICIES as BAD_IMAGE_POLICIES
 from pipelines.spec import BACKENDS
@@ -183,8 +183,10 @@ class PretrainConfig:
         d, o, l, r = self.data, self.optim, self.loss, self.run
         if d.backend not in BACKENDS:
             raise ConfigError(f"data.backend must be one of {BACKENDS}, got {d.backend!r}")
-        if self.model.arch not in ENCODERS:
-            raise ConfigError(f"model.arch must be one of {', '.join(ENCODERS)}, got {self.model.arch!r}")
+        try:
+            check_arch(self.model.arch)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if r.precision not in PRECISIONS:
             raise ConfigError(f"run.precision must be one of {PRECISIONS}, got {r.precision!r}")
         if d.on_bad_image not in BAD_IMAGE_POLICIES:

@@ -50,7 +50,7 @@ from train import checkpoint as ckpt
 from train.config import ConfigError, PretrainConfig
 from train.data import labeled_spec
 from train.distributed import DeviceError, choose_device
-from train.export import ExportError, load_encoder, load_pretrained
+from train.export import ExportError, load_encoder, load_pretrained, read_info
 from train.knn import extract_features, knn_accuracy
 
 METHODS = ("knn", "snn", "linear", "finetune")
@@ -99,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="a ckpt-*.pt file, a run directory (newest checkpoint), or an encoder from tools.export")
     p.add_argument("--data", default=None, help="data root (default: the checkpoint's data.root)")
-    p.add_argument("--arch", default=None, help="encoder architecture of an exported encoder (default resnet50)")
+    p.add_argument("--arch", default=None,
+                   help="encoder architecture of an exported encoder (default: its sidecar's; resnet50 without one)")
     p.add_argument("--resolution", type=int, default=None,
-                   help="image side for an exported encoder (default 224; a training checkpoint knows its own)")
+                   help="image side for an exported encoder (default: its sidecar's; 224 without one; a training "
+                        "checkpoint knows its own)")
     p.add_argument("--method", default="knn", choices=METHODS,
                    help="knn: weighted kNN on frozen features; snn: PAWS's soft nearest neighbours on the head's "
                         "embedding; linear: logistic regression on frozen features; finetune: encoder + a "
@@ -309,6 +311,12 @@ def load_for_evaluation(checkpoint: str | Path, arch: str | None, resolution: in
         model, cfg, path, _ = load_pretrained(path)
         return model, cfg, path
     cfg = PretrainConfig()
+    info = read_info(path)  # the export's arch, image settings and labeled-subset rule
+    if info is not None:
+        cfg = info.apply(cfg)
+    else:
+        print(f"note: {path} has no {path}.json beside it (an export from before it was written): ImageNet "
+              "normalisation and --arch/--resolution are assumed", file=sys.stderr)
     cfg.model = replace(cfg.model, arch=arch or cfg.model.arch)
     cfg.augment = replace(cfg.augment, resolution=resolution or cfg.augment.resolution)
     return load_encoder(path, cfg.model.arch).eval(), cfg, path

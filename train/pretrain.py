@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import yaml
 
-from model import TORCHVISION_ARCHS
 from pipelines.errors import DataError, LoaderFailure
 from train import checkpoint as ckpt
 from train import export
@@ -340,7 +339,7 @@ def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path, allo
     summary = {"run_dir": str(run_dir.resolve()), "global_step": state.global_step,
                "skipped_steps": state.skipped_steps, "bad_images": state.bad_images, **(knn or {})}
     if ctx.is_main:
-        summary["encoder"] = str(export_encoder(tr, run_dir).resolve())
+        summary["encoder"] = str(export_encoder(tr, run_dir, state.global_step).resolve())
         tr.logger.write_curves()
         tr.logger.write_summary(summary)
         tr.logger.close()
@@ -357,15 +356,15 @@ def earlier_knn(run_dir: Path) -> dict | None:
     return knn or None
 
 
-def export_encoder(tr: Trainer, run_dir: Path) -> Path:
-    """The encoder for other tools (``train.export``): torchvision's format where the arch is a
-    torchvision one, the encoder's own keys otherwise (``python -m tools.export`` writes more formats)."""
+def export_encoder(tr: Trainer, run_dir: Path, global_step: int) -> Path:
+    """The encoder for other tools (``train.export``) with its ``EncoderInfo`` beside it: torchvision's
+    format where the arch is a torchvision one, timm's for timm models, the encoder's own keys
+    otherwise (``python -m tools.export`` writes more formats)."""
     arch = tr.cfg.model.arch
-    if arch in TORCHVISION_ARCHS:
-        return export.export_encoder(tr.core, run_dir / f"encoder_{arch}_torchvision.pth", "torchvision")
-    path = run_dir / f"encoder_{arch}.pth"
-    ckpt.save_atomic(export.encoder_state(tr.core), path)
-    return path
+    fmt = export.default_format(arch)
+    name = arch.replace("/", "-")
+    path = run_dir / (f"encoder_{name}.pth" if fmt == "native" else f"encoder_{name}_{fmt}.pth")
+    return export.export_encoder(tr.core, path, fmt, export.EncoderInfo.of(tr.cfg, run_dir, global_step))
 
 
 def dry_run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none") -> dict:

@@ -101,8 +101,9 @@ def write_beton(path: Path, items: list[tuple[str, int]], settings: BetonSetting
         "index": IntField(),
     }
     writer = DatasetWriter(str(path), fields, page_size=page_size_for(settings.max_resolution), num_workers=jobs)
-    bar = ffcv_writer.tqdm
-    ffcv_writer.tqdm = bar if progress else functools.partial(bar, disable=True)
+    bar = ffcv_writer.tqdm  # labelled: FFCV's own bar says nothing of what it writes
+    ffcv_writer.tqdm = (functools.partial(bar, desc=f"writing {path.name}") if progress
+                        else functools.partial(bar, disable=True))
     try:
         writer.from_indexed_dataset(_Samples(items, errors_path, settings.max_resolution), chunksize=100)
     finally:

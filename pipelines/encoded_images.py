@@ -16,7 +16,7 @@ from PIL import Image
 from pipelines.errors import BadImageError, DataError
 from pipelines.format.converted import ConvertedSplit
 from pipelines.image_folder import ImageFolderIndex
-from pipelines.images import decode_rgb
+from pipelines.images import decode_rgb, refusal
 
 # The most pixels an image may have: where PIL raises DecompressionBombError (2x its warning
 # threshold), so that every backend refuses the same files (DALI alone has no limit).
@@ -112,11 +112,14 @@ class EncodedImages:
         if size is not None and not jpeg_is_complete(data):
             raise BadImageError(f"image {self.describe(i)} is truncated or damaged "
                                 "(no JPEG scan reaching an end marker)")
-        if size is None:
+        if size is None:  # PNG, BMP, ...: PIL reads the header (and refuses sizes over MAX_PIXELS)
             try:
-                size = encoded_size(data)  # PIL refuses sizes over MAX_PIXELS here
+                with Image.open(io.BytesIO(bytes(data))) as img:
+                    size, problem = (img.height, img.width), refusal(img.format, img.mode)
             except Exception as exc:  # PIL raises many types; all mean "bad file"
                 raise BadImageError(f"cannot read the size of image {self.describe(i)}: {exc}") from exc
+            if problem:  # the rule every reader applies (pipelines.images)
+                raise BadImageError(f"image {self.describe(i)}: {problem[1]}")
         return np.frombuffer(data, dtype=np.uint8), np.asarray(size, dtype=np.int64)
 
     def decode(self, i: int) -> Image.Image:
@@ -207,14 +210,22 @@ class ShardImages(EncodedImages):
 
 def _jpeg_members(idx_file: Path) -> Iterator[tuple[int, int, int]]:
     """(sample key, data offset, size) of each ``.jpg`` member listed in a DALI ``v1.2`` index file."""
-    lines = idx_file.read_text().splitlines()
+    try:
+        lines = idx_file.read_bytes().decode("ascii").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{idx_file}: cannot be read as a DALI webdataset index ({exc}); reconvert the dataset") from None
     if not lines or not lines[0].startswith("v1.2 "):
         raise DataError(f"{idx_file}: not a DALI webdataset index (expected a 'v1.2 <count>' header)")
-    for line in lines[1:]:
+    for number, line in enumerate(lines[1:], start=2):
         tokens = line.split()
         for ext, offset, size, name in zip(tokens[0::4], tokens[1::4], tokens[2::4], tokens[3::4]):
-            if ext == "jpg":
-                yield int(name.split(".", 1)[0]), int(offset), int(size)
+            if ext != "jpg":
+                continue
+            key = name.split(".", 1)[0]
+            if not (key.isdigit() and offset.isdigit() and size.isdigit()):  # never a path: '../../evil.jpg'
+                raise DataError(f"{idx_file}, line {number}: member {name!r} at {offset!r}, {size!r} bytes is not "
+                                "a sample the converter writes (<9 digits>.jpg); reconvert the dataset")
+            yield int(key), int(offset), int(size)
 
 
 def shard_images(split: ConvertedSplit) -> ShardImages:

@@ -20,7 +20,13 @@ same labels, wherever the tree is read. The rules, as torchvision's
   rather than listing the same images again under one label;
 - a link to a file that does not exist (a broken link) stays in the listing,
   marked in ``broken``: the converter records it as unreadable, the loaders
-  refuse it at start (or count it with ``data.on_bad_image: skip``).
+  refuse it at start (or count it with ``data.on_bad_image: skip``);
+- hidden names (starting with ``.``: ``.ipynb_checkpoints``, ``.DS_Store``,
+  ``.git``) are neither classes nor images, at any depth, and are reported as
+  ignored: an empty hidden class folder would otherwise shift every label;
+- an image name that is not a regular file (a named pipe, a socket, a device)
+  is ignored and reported (``not-a-regular-file``): opening a pipe would block
+  a reader forever.
 """
 from __future__ import annotations
 
@@ -69,8 +75,21 @@ def find_classes(split_dirs: list[Path]) -> list[str]:
         if not split_dir.is_dir():
             raise DataError(f"data split directory not found: {split_dir}")
         with os.scandir(split_dir) as entries:
-            names.update(e.name for e in entries if e.is_dir())
+            names.update(e.name for e in entries if e.is_dir() and not hidden(e.name))
     return sorted(names)
+
+
+def hidden(name: str) -> bool:
+    """Names that are neither classes nor images (module docstring)."""
+    return name.startswith(".")
+
+
+def regular_or_broken(entry: os.DirEntry) -> bool:
+    """A regular file (links followed), or a link to nothing (listed as broken): not a pipe or device."""
+    try:
+        return entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path))
+    except OSError:
+        return False
 
 
 def _walk_class(class_dir: Path, split_dir: Path, visited: dict[str, str]) -> list[tuple[str, list[os.DirEntry]]]:
@@ -96,7 +115,7 @@ def _walk_class(class_dir: Path, split_dir: Path, visited: dict[str, str]) -> li
             raise DataError(f"cannot list folder {folder}: {exc}") from exc
         found.append((rel, [e for e in entries if not e.is_dir()]))  # files, and links to nothing
         for entry in entries:
-            if entry.is_dir():  # follows links
+            if entry.is_dir() and not hidden(entry.name):  # follows links
                 visit(Path(entry.path))
 
     visit(class_dir)
@@ -117,8 +136,11 @@ def list_split(split_dir: str | os.PathLike, classes: list[str] | None = None) -
         classes = find_classes([split_dir])
     listing = SplitListing([], [])
     with os.scandir(split_dir) as entries:
-        outside = sorted(e.name for e in entries if not e.is_dir())
+        entries = sorted(entries, key=lambda e: e.name)
+    outside = [e.name for e in entries if not e.is_dir()]
     listing.ignored += [{"path": name, "reason": "outside-class-folder", "detail": None} for name in outside]
+    listing.ignored += [{"path": e.name, "reason": "hidden-folder", "detail": None}
+                        for e in entries if e.is_dir() and hidden(e.name)]
     visited = {SPLIT: os.path.realpath(split_dir)}
     visited[visited[SPLIT]] = "the split folder"
     for label, name in enumerate(classes):
@@ -128,8 +150,12 @@ def list_split(split_dir: str | os.PathLike, classes: list[str] | None = None) -
                 for entry in sorted(files, key=lambda e: e.name):
                     rel = os.path.join(folder, entry.name) if folder != "." else entry.name
                     rel = rel.replace(os.sep, "/")
-                    if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                        listing.ignored.append({"path": rel, "reason": "not-an-image-extension", "detail": None})
+                    if hidden(entry.name) or not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                        reason = "hidden-file" if hidden(entry.name) else "not-an-image-extension"
+                        listing.ignored.append({"path": rel, "reason": reason, "detail": None})
+                        continue
+                    if not regular_or_broken(entry):
+                        listing.ignored.append({"path": rel, "reason": "not-a-regular-file", "detail": None})
                         continue
                     listing.paths.append(rel)
                     listing.labels.append(label)

@@ -19,6 +19,29 @@ from pipelines.errors import BadImageError
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 # Modes whose pixels have no fixed range, so no 8-bit scaling can be assumed.
 UNSCALABLE_MODES = frozenset({"I", "F"})
+# File formats (PIL's names) that every reader decodes: PIL (the torch backend, evaluation, the
+# converter) and DALI's decoder (which reads an ImageFolder tree's files as they are). PIL alone
+# reads the others (GIF, ICO, ...): they are refused everywhere, so that every backend uses the
+# same images of a tree.
+SHARED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM"})
+
+
+def refusal(fmt: str | None, mode: str) -> tuple[str, str] | None:
+    """``(reason, detail)`` when no reader uses an image of this format and mode, else None:
+    the one readability rule of the converter, the loaders and evaluation."""
+    if fmt not in SHARED_FORMATS:
+        return ("unsupported-format", f"format {fmt or 'unknown'} is not decoded by every backend (DALI decodes "
+                f"{', '.join(sorted(SHARED_FORMATS))}); convert the file to JPEG or PNG")
+    if mode in UNSCALABLE_MODES:
+        return ("unsupported-mode", f"mode {mode} ({'32-bit integer' if mode == 'I' else 'floating-point'} samples) "
+                "has no defined 8-bit scaling; convert the file to an 8- or 16-bit image")
+    return None
+
+
+def _check(img: Image.Image) -> None:
+    problem = refusal(img.format, img.mode)
+    if problem:
+        raise ValueError(problem[1])
 
 
 def to_rgb8(img: Image.Image) -> Image.Image:
@@ -38,6 +61,7 @@ def open_rgb(path: str) -> Image.Image:
     """The file at ``path`` decoded as 8-bit RGB; ``BadImageError`` naming the file on any failure."""
     try:
         with Image.open(path) as img:
+            _check(img)
             return to_rgb8(img)
     except Exception as exc:  # PIL raises many types; all mean "bad file"
         raise BadImageError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
@@ -47,6 +71,7 @@ def decode_rgb(data: bytes | memoryview, name: str) -> Image.Image:
     """Encoded bytes decoded as 8-bit RGB; ``BadImageError`` naming ``name`` on any failure."""
     try:
         with Image.open(io.BytesIO(bytes(data))) as img:
+            _check(img)
             return to_rgb8(img)
     except Exception as exc:  # PIL raises many types; all mean "bad file"
         raise BadImageError(f"cannot decode image {name}: {type(exc).__name__}: {exc}") from exc

@@ -4,8 +4,10 @@ Used by the converter (which stores the subset in ``labeled/<split>.txt``) and
 by every loader and evaluation, so that the same list or seed selects the
 same images everywhere.
 
-List format (SimCLR's ``10percent.txt``): one entry per line; blank lines and
-lines starting with ``#`` are ignored. An entry with a ``/`` is a path
+List format (SimCLR's ``10percent.txt``): UTF-8 text (a byte-order mark is
+allowed), one entry per line; blank lines are ignored, and so are lines
+starting with ``#``, unless the whole line names an image of the split (a
+file may be called ``#1.JPEG``). An entry with a ``/`` is a path
 relative to the split folder (``n01440764/n01440764_10026.JPEG``); a bare
 entry is a file name, matched against the file names of the split. A bare
 name found in several folders is *ambiguous*, an entry found nowhere is
@@ -47,10 +49,27 @@ class LabeledSubset:
         return "; ".join(parts) or None
 
 
-def list_entries(lines: Sequence[str]) -> list[str]:
-    """The entries of a labeled list: stripped, without blank and ``#`` lines."""
+def read_list_lines(list_file: str | os.PathLike) -> list[str]:
+    """The lines of a labeled list, decoded as UTF-8 (a leading byte-order mark dropped);
+    ``DataError`` naming the file and the line for anything else."""
+    list_file = Path(list_file)
+    try:
+        data = list_file.read_bytes()
+    except OSError as exc:
+        raise DataError(f"labeled-subset file {list_file} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"labeled-subset file {list_file} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line "
+                        f"{line}); save it as UTF-8") from None
+
+
+def list_entries(lines: Sequence[str], names: set[str] = frozenset()) -> list[str]:
+    """The entries of a labeled list: stripped, without blank lines, and without ``#`` lines
+    that are not in ``names`` (the split's relative paths and file names)."""
     entries = (line.strip() for line in lines)
-    return [e for e in entries if e and not e.startswith("#")]
+    return [e for e in entries if e and (not e.startswith("#") or e.replace(os.sep, "/") in names)]
 
 
 def match_list(lines: Sequence[str], paths: Sequence[str], skipped: dict[str, str] | None = None) -> LabeledSubset:
@@ -69,7 +88,7 @@ def match_list(lines: Sequence[str], paths: Sequence[str], skipped: dict[str, st
     subset = LabeledSubset(indices=[])
     chosen: set[int] = set()
     seen: set[str] = set()
-    for entry in list_entries(lines):
+    for entry in list_entries(lines, set(by_path) | set(by_name)):
         entry = entry.replace(os.sep, "/")
         if entry in seen:
             subset.duplicates += 1
@@ -110,7 +129,7 @@ def read_list(list_file: str | os.PathLike, paths: Sequence[str], where: str) ->
     list_file = Path(list_file)
     if not list_file.is_file():
         raise DataError(f"labeled-subset file not found: {list_file}")
-    subset = match_list(list_file.read_text().splitlines(), paths)
+    subset = match_list(read_list_lines(list_file), paths)
     problem = subset.problems()
     if problem:
         raise DataError(f"labeled-subset file {list_file} against {where}: {problem}")

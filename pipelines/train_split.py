@@ -8,6 +8,7 @@ root of the wrong kind is refused with what to do instead.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from pipelines.format.converted import CONVERT_HINT, ConvertedSplit, is_converte
 from pipelines.image_folder import ImageFolderIndex, index_image_folder
 from pipelines.labeled import choose_labeled
 from pipelines.spec import LoaderSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,4 +71,11 @@ def open_train_split(spec: LoaderSpec) -> TrainSplit:
                             f"{shown}; remove or fix them (or set data.on_bad_image=skip to skip and count them)")
     labeled = choose_labeled(spec.labeled, index.paths, index.labels, str(index.root),
                              converted.labeled if converted is not None else None)
+    if converted is not None and converted.labeled is not None and not spec.labeled.list_file and spec.rank == 0:
+        rule = (converted.settings.get("labeled") or {})
+        if (rule.get("fraction"), rule.get("seed")) != (spec.labeled.fraction, spec.labeled.seed):
+            log.warning("note: the labeled subset is the converter's (%d images of %s, %s), not a draw of "
+                        "data.labeled_fraction=%s with run.seed=%s; set data.labeled_list to choose another",
+                        len(labeled), spec.train_split, converted.labeled_rule(), spec.labeled.fraction,
+                        spec.labeled.seed)
     return TrainSplit(index, labeled, converted)

@@ -312,12 +312,20 @@ def test_strict_stops_at_the_first_bad_file(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_ffcv_write_failure_fails_the_split_instead_of_hanging(tmp_path):
+def test_ffcv_write_failure_fails_the_split_instead_of_hanging(tmp_path, monkeypatch):
     pytest.importorskip("ffcv", reason="pip install .[ffcv]")
     src = tmp_path / "src"
-    make_image_folder(src / "train", 1, 1, SIZE, seed=0)
-    Image.new("RGB", (700, 1)).save(src / "train/n00000000/sliver.JPEG")  # short side would resize to 0 px
-    with pytest.raises(ConversionError, match=r"sliver\.JPEG.*too elongated"):
+    make_image_folder(src / "train", 1, 2, SIZE, seed=0)
+    from tools.convert import ffcv_beton
+    real_load = ffcv_beton.load_rgb
+
+    def load_rgb(path):  # the file fails between inspection and writing (FFCV's workers would wait forever)
+        if path.endswith("_1.JPEG"):
+            raise OSError("gone")
+        return real_load(path)
+
+    monkeypatch.setattr(ffcv_beton, "load_rgb", load_rgb)
+    with pytest.raises(ConversionError, match=r"_1\.JPEG\tOSError: gone"):
         convert(ConvertOptions(src=str(src), out=str(tmp_path / "out"), splits=("train",), formats=("ffcv",),
                                jobs=1, progress=False))
     assert not layout.beton_path(tmp_path / "out", "train").exists()

@@ -293,7 +293,7 @@ def test_10_the_converter_names_an_output_it_cannot_write(tmp_path, capsys, monk
     monkeypatch.setattr(Path, "mkdir", read_only)
     assert convert_imagenet.main(["--src", str(root), "--out", str(tmp_path / "out"), "--formats", "dali",
                                   "--jobs", "1", "--no-progress"]) == 2
-    assert "cannot write the conversion to --out" in _one_line_error(capsys)
+    assert f"--out {tmp_path / 'out'} cannot be written: Read-only file system" in _one_line_error(capsys)
 
 
 def test_10_run_directory_a_file_or_not_writable(tmp_path, capsys, monkeypatch):

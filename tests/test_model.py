@@ -100,5 +100,6 @@ def test_sync_bn_conversion():
 
 
 def test_unknown_arch():
-    with pytest.raises(ValueError, match=r"unknown model.arch 'vit'.*resnet50.*resnet18-small"):
+    with pytest.raises(ValueError, match=r"model.arch must be one of resnet50, resnet18, resnet18-small or "
+                                         r"timm/<name>, got 'vit'"):
         build_model("vit")

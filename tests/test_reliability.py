@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines import atomic_write
 from pipelines.bad_images import BadImageError, ReplacementPools
 from train.data import build_loaders
 from tests.pretrain_helpers import make_split_tree, read_metrics, step_losses, tiny_config, tiny_overrides
@@ -65,11 +66,11 @@ def test_read_only_run_directory_while_saving_keeps_previous_checkpoint(data_roo
             raise OSError(errno.EROFS, "Read-only file system")
         return real_mkstemp(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt.tempfile, "mkstemp", read_only_after_first)
+    monkeypatch.setattr(atomic_write.tempfile, "mkstemp", read_only_after_first)
     argv = ["--device", "cpu", *_set_args(tiny_overrides(data_root, tmp_path / "run", **{"run.knn_every_epochs": 0}))]
     assert pretrain.main(argv) == 1  # checkpoints every 2 steps: the second save fails
     assert "could not write checkpoint" in capsys.readouterr().err
-    monkeypatch.setattr(ckpt.tempfile, "mkstemp", real_mkstemp)
+    monkeypatch.setattr(atomic_write.tempfile, "mkstemp", real_mkstemp)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["ckpt-000000002.pt"]
     state, _ = ckpt.load_latest(tmp_path / "run")
     assert state["train_state"]["global_step"] == 2

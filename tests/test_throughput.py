@@ -301,13 +301,13 @@ def test_unknown_step_variant_is_refused(capsys):
 
 
 @pytest.mark.parametrize("mode", ["loader", "decode", "e2e"])
-def test_missing_data_root_exits_non_zero(tmp_path, capsys, mode):
+def test_missing_data_root_is_refused_in_one_line_before_measuring(tmp_path, capsys, mode):
     missing = tmp_path / "no_such_root"
     argv = ["--mode", mode, "--backend", "torch", "--data", str(missing), "--workers", "0", "--decode-workers", "1"]
-    code, report, stdout = _run(argv + TINY, tmp_path, capsys)
-    (row,) = report["results"]
-    assert code == 1 and row["status"] == "error" and str(missing) in row["reason"]
-    assert f"| {mode} | " in stdout and "error: " in stdout
+    with pytest.raises(SystemExit) as exc:
+        throughput.main(argv + TINY + ["--json", str(tmp_path / "report.json")])
+    assert exc.value.code == 2 and f"--data {missing} is not a directory" in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists()
 
 
 def test_bench_imports_point_down():

@@ -30,7 +30,6 @@ import argparse
 import logging
 import multiprocessing
 import os
-import shutil
 import sys
 from collections import Counter
 from contextlib import contextmanager
@@ -43,11 +42,13 @@ from pipelines.format.manifest import (FORMAT_VERSION, file_record, new_manifest
                                       split_is_complete, write_json)
 from pipelines.image_folder import find_classes, list_split
 from tools.convert.ffcv_beton import require_ffcv
-from tools.convert.options import FORMATS, ConversionError, ConvertOptions
+from tools.convert.options import FORMATS, SPLIT_NAME, ConversionError, ConvertOptions
 from tools.convert.source import source_changes, source_state
-from tools.convert.split import convert_split
+from tools.convert.split import claim_targets, convert_split, remove_targets
+from train.run_lock import DirLock, RunDirError
 
 log = logging.getLogger("tools.convert_imagenet")
+CONVERT_LOCK = ".convert.lock"  # held in --out for the conversion's life (train.run_lock)
 __all__ = ["ConversionError", "ConvertOptions", "FORMATS", "convert", "main"]  # options: tools/convert/options.py
 
 
@@ -75,9 +76,15 @@ def convert(options: ConvertOptions) -> dict:
     if out.exists() and not out.is_dir():
         raise ConversionError(f"--out {out} is a file; give a directory (new, or a previous conversion)")
     try:
+        lock = DirLock(out, CONVERT_LOCK, "--out", "conversion")  # two converters would write one file twice
+    except RunDirError as e:
+        raise ConversionError(str(e)) from None
+    try:
         return _convert(options, src, out, classes)
     except OSError as e:  # the output cannot be written: read-only, full, no permission
         raise ConversionError(f"cannot write the conversion to --out {out}: {e}") from e
+    finally:
+        lock.release()
 
 
 def _convert(options: ConvertOptions, src: Path, out: Path, classes: list[str]) -> dict:
@@ -93,7 +100,8 @@ def _convert(options: ConvertOptions, src: Path, out: Path, classes: list[str]) 
                 _check_source_unchanged(split, src / split, out, classes, manifest["splits"][split])
                 log.info("%s: already converted with these settings from the same source files, skipping", split)
                 continue
-            manifest["splits"][split] = {"complete": False}
+            outputs = claim_targets(out, split, manifest["splits"].get(split))
+            manifest["splits"][split] = {"complete": False, "outputs": outputs}  # ours to delete on a rerun
             write_json(out / layout.MANIFEST, manifest)
             manifest["splits"][split] = convert_split(split, src / split, out, classes, options, pool)
             write_json(out / layout.MANIFEST, manifest)
@@ -119,25 +127,41 @@ def _check_source_unchanged(split: str, split_dir: Path, out: Path, classes: lis
 def _open_manifest(out: Path, settings: dict, overwrite: bool) -> dict:
     """The previous manifest when its settings match, else a new one. Other settings replace a
     previous conversion only with ``--overwrite``, or when none of its splits was completed
-    (a refused or interrupted first attempt holds nothing to protect)."""
+    (a refused or interrupted first attempt holds nothing to protect). Replacing deletes only
+    the files the previous manifest records; a folder without a manifest holds nothing of ours."""
     path = out / layout.MANIFEST
-    if path.exists():
-        previous = layout.read_manifest(out)
-        diff = settings_diff(previous.get("settings", {}), settings)
-        if previous.get("format_version") != FORMAT_VERSION:
-            diff.append(f"format_version: {previous.get('format_version')!r} -> {FORMAT_VERSION} (an older converter)")
-        if not diff and not overwrite:
-            return previous
-        done = [split for split, entry in previous["splits"].items() if entry.get("complete")]
-        if done and not overwrite:
-            raise ConversionError(
-                f"--out {out} holds a conversion ({', '.join(done)}) with other settings; use another --out or "
-                "pass --overwrite to delete it. Differences: " + "; ".join(diff))
-    if path.exists() or overwrite:  # only what a conversion writes, never other files in --out
-        for name in ("ffcv", "dali", "samples", "labeled"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in (layout.MANIFEST, layout.LABELS):
-            (out / name).unlink(missing_ok=True)
+    if not path.exists():
+        if os.path.lexists(out / layout.LABELS):
+            raise ConversionError(f"--out {out} holds {layout.LABELS} but no {layout.MANIFEST}: not a conversion this "
+                                  "converter wrote, and it would overwrite that file; choose another --out")
+        manifest = new_manifest(settings)
+        write_json(path, manifest)
+        return manifest
+    previous = layout.read_manifest(out)
+    diff = settings_diff(previous.get("settings", {}), settings)
+    if previous.get("format_version") != FORMAT_VERSION:
+        diff.append(f"format_version: {previous.get('format_version')!r} -> {FORMAT_VERSION} (an older converter)")
+    if not diff and not overwrite:
+        return previous
+    done = [split for split, entry in previous["splits"].items() if entry.get("complete")]
+    if done and not overwrite:
+        raise ConversionError(
+            f"--out {out} holds a conversion ({', '.join(done)}) with other settings; use another --out or "
+            "pass --overwrite to delete it. Differences: " + "; ".join(diff))
+    bad = [split for split in previous["splits"] if not SPLIT_NAME.fullmatch(split)]
+    if bad:
+        raise ConversionError(f"{path} names split {bad[0]!r}, which is no folder name: not a manifest this converter "
+                              "wrote; move --out's contents away or choose another --out")
+    for split, entry in previous["splits"].items():
+        claim_targets(out, split, entry)  # every file there must be one it records, before anything is deleted
+    for split in previous["splits"]:
+        remove_targets(out, split)
+    (out / layout.LABELS).unlink(missing_ok=True)
+    for name in ("ffcv", "dali", "samples", "labeled"):  # their folders, when nothing else is left in them
+        try:
+            (out / name).rmdir()
+        except OSError:
+            pass
     manifest = new_manifest(settings)
     write_json(path, manifest)
     return manifest

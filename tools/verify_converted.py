@@ -18,18 +18,7 @@ from pathlib import Path
 
 from pipelines.errors import DataError
 from pipelines.format import layout
-from pipelines.format.manifest import file_record, size_mismatch
-
-
-def file_problem(out: Path, record: dict) -> str | None:
-    """Why the file of a manifest ``record`` does not match it, or None."""
-    mismatch = size_mismatch(out, record)
-    if mismatch is not None:
-        path, size = mismatch
-        return f"{path}: missing" if size is None else f"{path}: {size} bytes, the converter wrote {record['bytes']}"
-    if file_record(out / record["path"], out)["sha256"] != record["sha256"]:
-        return f"{out / record['path']}: content differs from what the converter wrote (sha256 mismatch)"
-    return None
+from pipelines.format.manifest import record_problem
 
 
 def verify(out: Path, splits: list[str] | None = None) -> list[str]:
@@ -38,7 +27,7 @@ def verify(out: Path, splits: list[str] | None = None) -> list[str]:
     entries = manifest.get("splits", {})
     problems = [f"split {s!r}: not in {out / layout.MANIFEST}" for s in (splits or []) if s not in entries]
     if "labels_file" in manifest:
-        problem = file_problem(out, manifest["labels_file"])
+        problem = record_problem(out, manifest["labels_file"])
         if problem:
             problems.append(problem)
     for split, entry in entries.items():
@@ -47,7 +36,7 @@ def verify(out: Path, splits: list[str] | None = None) -> list[str]:
         if not entry.get("complete"):
             problems.append(f"split {split!r}: conversion incomplete")
         for record in entry.get("files", []):
-            problem = file_problem(out, record)
+            problem = record_problem(out, record)
             if problem:
                 problems.append(problem)
     return problems

@@ -18,13 +18,15 @@ import os
 import pickle
 import random
 import re
-import tempfile
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, IO
 
 import numpy as np
 import torch
+
+from pipelines.atomic_write import write_atomically
 
 CKPT_PATTERN = re.compile(r"^ckpt-(\d{9})\.pt$")
 
@@ -45,41 +47,20 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None], what: str = "checkpoint") -> None:
-    """``write`` a file into a temp file beside ``path``, fsync, rename over ``path``. The rename
-    replaces a symbolic link at ``path`` instead of writing through it. On any error the temp file
-    is removed, ``path`` (if it existed) is untouched, and ``CheckpointError`` names ``what``."""
-    path = Path(path)
+    """``pipelines.atomic_write.write_atomically`` (a temp file renamed over ``path``: a link at
+    ``path`` is replaced, not written through), with a file-system error as ``CheckpointError``
+    naming ``what``; ``path`` (if it existed) is then untouched."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + path.name + ".", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is shared like any file
-    except OSError as exc:  # read-only or full file system, directory gone, no permission
-        raise CheckpointError(f"could not write {what} {path}: {exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        write_atomically(path, write)
+    except (OSError, RuntimeError) as exc:  # read-only or full file system (torch.save raises RuntimeError), ...
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
+            free = f"; {shutil.disk_usage(Path(path).parent).free / 2**20:.1f} MiB free there"
         except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"could not write {what} {path}: {exc}") from exc
-        raise
+            free = ""
+        raise CheckpointError(f"could not write {what} {path} ({first_line}){free}; the previous files are "
+                              "kept") from exc
 
 
 def save_atomic(obj: Any, path: Path, what: str = "checkpoint") -> None:
@@ -92,12 +73,47 @@ def write_text_atomic(path: Path, text: str, what: str = "file") -> None:
     write_atomic(path, lambda f: f.write(text.encode("utf-8")), what)
 
 
+TRAINING_KEYS = ("model", "optimizer", "train_state", "config", "world_size")
+TEMP_PATTERN = re.compile(r"^\.tmp-.+\.[A-Za-z0-9_]{8}$")  # pipelines.atomic_write's temp files (mkstemp)
+
+
 def save_checkpoint(state: dict, run_dir: Path, global_step: int, keep: int) -> Path:
+    """Write ``ckpt-<global_step>.pt`` and delete all but the ``keep`` newest checkpoints up to
+    this step. Files of later steps are left alone: they are from a damaged or abandoned
+    future of the run (``--resume auto`` fell back past them), not older than this one."""
     path = checkpoint_path(run_dir, global_step)
     save_atomic(state, path)
-    for old in list_checkpoints(run_dir)[:-keep]:
+    upto = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) <= global_step]
+    for old in upto[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CKPT_PATTERN.match(Path(path).name).group(1))
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[str]:
+    """Delete the temp files of writes that a killed run left in ``run_dir`` (call it holding the
+    run lock: then no write of ours is in progress); returns their names."""
+    removed = []
+    for name in sorted(os.listdir(run_dir)) if Path(run_dir).is_dir() else []:
+        path = Path(run_dir) / name
+        if TEMP_PATTERN.match(name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(name)
+    return removed
+
+
+def require_training_state(state: Any, path: Path) -> dict:
+    """``state`` when it is what ``train.pretrain`` saves; else ``CheckpointError`` naming ``path``."""
+    missing = [k for k in TRAINING_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        kind = "an exported encoder (evaluate it with train.evaluate)" if isinstance(state, dict) and any(
+            not isinstance(v, dict) for v in state.values()) else "not a training checkpoint"
+        raise CheckpointError(f"{path} cannot be resumed: it is {kind}, with no {', '.join(missing)} "
+                              "(train.pretrain writes ckpt-*.pt files in run.output_dir)")
+    return state
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import importlib.resources
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ from pipelines.spec import BACKENDS
 from train.objectives import METHODS
 from train.preemption import signal_numbers
 from train.step import HOST_SYNCS
+
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 SUNCET_WEIGHT_RULES = ("fixed", "paper_ratio")
 
 
@@ -218,11 +221,20 @@ class PretrainConfig:
             "run.checkpoint_every_steps": r.checkpoint_every_steps,
             "run.keep_checkpoints": r.keep_checkpoints,
             "run.knn_k": r.knn_k,
+            "model.head_hidden_dim": self.model.head_hidden_dim,
             "model.head_out_dim": self.model.head_out_dim,
+            "data.prefetch_factor": d.prefetch_factor,
+            "data.knn_max_samples": d.knn_max_samples,
         }
         for key, value in positive_ints.items():
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
+        nonnegative_ints = {"run.knn_every_epochs": r.knn_every_epochs, "loss.supervised_epochs": l.supervised_epochs}
+        for key, value in nonnegative_ints.items():
+            if value is not None and value < 0:
+                raise ConfigError(f"{key} must be >= 0{' or null' if key.startswith('loss') else ''}, got {value}")
+        if not 0 <= r.seed < 2 ** 32:  # numpy's and torch's seeds are unsigned 32-bit integers
+            raise ConfigError(f"run.seed must be in [0, 2**32), got {r.seed}")
         if d.unlabeled_batch_size < 2:
             raise ConfigError("data.unlabeled_batch_size must be >= 2 (NT-Xent needs negatives)")
         groups = len(self.augment.view_groups())
@@ -376,6 +388,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; every user means the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)

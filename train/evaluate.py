@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -41,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from pipelines.atomic_write import write_atomically
 from pipelines.augment.reference import eval_transform
 from pipelines.errors import DataError
 from pipelines.eval_data import EvalImages, capped_ids, open_split_images
@@ -50,7 +53,7 @@ from train import checkpoint as ckpt
 from train.config import ConfigError, PretrainConfig
 from train.data import labeled_spec
 from train.distributed import DeviceError, choose_device
-from train.export import ExportError, load_encoder, load_pretrained, read_info
+from train.export import ExportError, is_safetensors, load_encoder, load_pretrained, read_info
 from train.knn import extract_features, knn_accuracy
 
 METHODS = ("knn", "snn", "linear", "finetune")
@@ -90,8 +93,20 @@ class EvalSettings:
             raise ConfigError("knn k, fine-tune epochs and batch sizes must be >= 1")
         if self.labeled_fraction is not None and not 0 < self.labeled_fraction <= 1:
             raise ConfigError(f"labeled fraction must be in (0, 1], got {self.labeled_fraction}")
-        if not self.snn_temperature > 0:
-            raise ConfigError(f"--snn-temperature must be > 0, got {self.snn_temperature}")
+        positive = {"--snn-temperature": self.snn_temperature, "--knn-temperature": self.knn_temperature,
+                    "--lr": self.finetune_lr}
+        for flag, value in positive.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{flag} must be finite and > 0, got {value}")
+        if not (math.isfinite(self.linear_l2) and self.linear_l2 >= 0):
+            raise ConfigError(f"--linear-l2 must be finite and >= 0, got {self.linear_l2}")
+        if self.val_max_samples is not None and self.val_max_samples < 1:
+            raise ConfigError(f"--val-max-samples must be >= 1 (or left out for the whole split), "
+                              f"got {self.val_max_samples}")
+        if self.num_workers < 0:
+            raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise ConfigError(f"--seed must be in [0, 2**32), got {self.seed}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,7 +317,7 @@ def load_for_evaluation(checkpoint: str | Path, arch: str | None, resolution: in
     exported by ``tools.export`` (any format), which needs ``arch`` and ``resolution`` given since
     it carries no config (defaults for the rest: ImageNet normalisation, the 10 % draw)."""
     path = Path(checkpoint)
-    if path.is_file() and path.suffix != ".safetensors":
+    if path.is_file() and not is_safetensors(path):
         state = ckpt.load(path)
         is_training = isinstance(state, dict) and "model" in state and "config" in state
     else:
@@ -351,9 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         s = EvalSettings(method=a.method, train_split=a.train_split, val_split=a.val_split,
                          labeled_list=a.labeled_list, labeled_fraction=a.labeled_fraction,
                          val_max_samples=a.val_max_samples, knn_k=a.k, knn_temperature=a.knn_temperature,
-                         linear_l2=a.linear_l2, finetune_epochs=a.epochs or epochs, finetune_lr=a.lr or lr,
+                         linear_l2=a.linear_l2, finetune_epochs=epochs if a.epochs is None else a.epochs,
+                         finetune_lr=lr if a.lr is None else a.lr,
                          snn_temperature=a.snn_temperature, batch_size=a.batch_size, num_workers=a.num_workers,
                          seed=a.seed, device=a.device, progress=not a.no_progress)
+        if a.output:  # before the evaluation, not after it
+            check_writable(Path(a.output))
         result = evaluate_checkpoint(a.checkpoint, a.data, s, a.arch, a.resolution)
     except (ConfigError, DataError, ckpt.CheckpointError, ExportError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -361,8 +379,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['method']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
           f"({result['num_labeled']} labeled, {result['num_val']} val; {result['checkpoint']})")
     if a.output:
-        Path(a.output).write_text(json.dumps({**result, "settings": asdict(s)}, indent=2) + "\n")
+        text = json.dumps({**result, "settings": asdict(s)}, indent=2) + "\n"
+        try:
+            write_atomically(a.output, lambda f: f.write(text.encode("utf-8")))
+        except OSError as exc:
+            print(f"error: --output {a.output} cannot be written ({exc.strerror or exc}); the result is above",
+                  file=sys.stderr)
+            return 2
     return 0
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an ``--output`` that cannot be written, naming why, before any work is done."""
+    if path.is_dir():
+        raise ConfigError(f"--output {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--output {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"--output {path}: folder {path.parent} is not writable")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model import TORCHVISION_ARCHS, PretrainModel, build_encoder, build_model, export_torchvision_state_dict
+from model import (TORCHVISION_ARCHS, PretrainModel, build_encoder, build_model, check_arch,
+                   export_torchvision_state_dict)
 from model.encoder import TIMM_PREFIX
 from pipelines.errors import DataError
 from train import checkpoint as ckpt
@@ -95,7 +96,7 @@ def read_info(path: str | Path) -> EncoderInfo | None:
             tree = json.loads(sidecar(path).read_text())
         except ValueError as exc:
             raise ExportError(f"{sidecar(path)} is not the JSON tools.export writes: {exc}") from exc
-    elif path.suffix == ".safetensors":
+    elif is_safetensors(path):
         try:
             from safetensors import safe_open
         except ImportError as exc:
@@ -139,12 +140,11 @@ def export_encoder(model: PretrainModel, path: str | Path, fmt: str, info: Encod
     text = json.dumps(dataclasses.asdict(info), indent=2) + "\n"
     if fmt == "safetensors":
         try:
-            from safetensors.torch import save_file
+            from safetensors.torch import save
         except ImportError as exc:
             raise ExportError(f"--format safetensors needs the safetensors package: {SAFETENSORS_HINT}") from exc
-        tmp = path.with_name(f".tmp-{path.name}")
-        save_file(state, str(tmp), metadata={"arch": model.arch, "encoder_info": text})
-        tmp.replace(path)
+        data = save(state, metadata={"arch": model.arch, "encoder_info": text})
+        ckpt.write_atomic(path, lambda f: f.write(data), "encoder")
     else:
         ckpt.save_atomic(state, path)
     ckpt.write_text_atomic(sidecar(path), text)
@@ -156,7 +156,7 @@ def load_encoder(path: str | Path, arch: str) -> PretrainModel:
     ``EncoderInfo``'s when ``read_info`` found one) with no projection head (evaluation uses the
     encoder's features only)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         try:
             from safetensors import safe_open
             from safetensors.torch import load_file
@@ -184,6 +184,17 @@ def load_encoder(path: str | Path, arch: str) -> PretrainModel:
     return PretrainModel(arch, encoder, feature_dim, nn.Identity())
 
 
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` holds a safetensors file (an 8-byte header length, then the JSON header),
+    whatever its name: ``tools.export --format safetensors --out encoder.pth`` is one too."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
+
+
 def load_pretrained(path: str | Path) -> tuple[PretrainModel, PretrainConfig, Path, dict]:
     """A training checkpoint (a ``ckpt-*.pt`` file, or a run directory: its newest) as the
     pre-trained ``PretrainModel`` (CPU, eval mode), its config, the file read, and the file's contents."""
@@ -199,7 +210,11 @@ def load_pretrained(path: str | Path) -> tuple[PretrainModel, PretrainConfig, Pa
         raise DataError(f"checkpoint not found: {path}")
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise DataError(f"{path} is not a pre-training checkpoint (needs 'model' and 'config')")
-    cfg = config_from_dict(state["config"])
+    try:
+        cfg = config_from_dict(state["config"])
+        check_arch(cfg.model.arch)
+    except ValueError as exc:  # ConfigError too: a config this version does not know, or an arch it cannot build
+        raise DataError(f"{path}: its config cannot be used by this version ({exc})") from None
     m = cfg.model
     model = build_model(m.arch, channels_last=m.channels_last, sync_bn=False, head=head_factory(cfg))
     model.load_state_dict(state["model"])

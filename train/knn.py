@@ -3,6 +3,8 @@ evaluation method). Follows the usual protocol (Wu et al. 2018; DINO): the k
 nearest labeled features vote with weight exp(sim / T)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -25,7 +27,10 @@ def extract_features(encoder, loader: DataLoader, device: torch.device, channels
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
     """Class scores [N_test, num_classes] from the k most similar training features
-    (features are expected L2-normalised; similarity is the dot product)."""
+    (features are expected L2-normalised; similarity is the dot product). ``temperature`` must be
+    > 0: at 0 the weights overflow and below it the farthest neighbours outvote the nearest."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"kNN temperature must be finite and > 0, got {temperature}")
     k = min(k, train_feats.shape[0])
     scores = []
     for start in range(0, test_feats.shape[0], chunk):

@@ -251,16 +251,26 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[dict, Path] | None:
             raise ConfigError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}); "
                               "pass --resume auto to continue it, or choose another run.output_dir")
         return None
-    if resume == "auto":
-        return ckpt.load_latest(run_dir)
-    path = Path(resume)
-    if not path.is_file():
-        raise ConfigError(f"--resume: checkpoint not found: {path}")
-    return ckpt.load(path), path
+    path = run_dir if resume == "auto" else Path(resume)
+    if resume != "auto" and not path.exists():
+        raise ConfigError(f"--resume: no checkpoint file or run folder at {path}")
+    try:
+        if path.is_dir() or resume == "auto":  # a run folder: its newest readable checkpoint
+            loaded = ckpt.load_latest(path)
+            if loaded is None and resume != "auto":
+                raise ConfigError(f"--resume {path}: the folder holds no checkpoint (ckpt-*.pt)")
+        else:
+            loaded = ckpt.load(path), path
+        return None if loaded is None else (ckpt.require_training_state(*loaded), loaded[1])
+    except ckpt.CheckpointError as exc:  # not what train.pretrain writes: named in one line
+        raise ConfigError(f"--resume: {exc}") from None
 
 
 def build_trainer(cfg: PretrainConfig, ctx: DistContext, resume_step: int | None, write: bool = True) -> Trainer:
-    precision = resolve_precision(cfg.run.precision, ctx.device)  # once per run
+    try:
+        precision = resolve_precision(cfg.run.precision, ctx.device)  # once per run
+    except ValueError as exc:  # fp16 without CUDA
+        raise ConfigError(str(exc)) from None
     loaders = build_loaders(cfg, ctx.rank, ctx.world_size, ctx.device, precision.input_dtype)
     kit = build_step_kit(cfg, ctx, precision)
     o = cfg.optim
@@ -282,6 +292,10 @@ def run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none", allow_sched
     run_dir = Path(cfg.run.output_dir)
     lock = RunLock(run_dir) if ctx.is_main else None  # one run per directory; dies with the process
     try:
+        if ctx.is_main:
+            stale = ckpt.remove_stale_temp_files(run_dir)  # no write of ours is in progress: we hold the lock
+            if stale:
+                print(f"note: removed {len(stale)} temp file(s) of writes a killed run left ({', '.join(stale[:3])})")
         return _run(cfg, ctx, resume, run_dir, allow_schedule_change)
     finally:
         if lock is not None:
@@ -296,6 +310,10 @@ def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path, allo
     configure_backends(cfg, ctx.device)
     state = TrainState(**loaded[0]["train_state"]) if loaded else TrainState()
     tr = build_trainer(cfg, ctx, state.global_step if loaded else None)
+    if state.step > tr.steps_per_epoch:
+        raise ConfigError(f"cannot resume: the checkpoint stopped at step {state.step} of epoch {state.epoch}, but an "
+                          f"epoch now has {tr.steps_per_epoch} steps (the dataset, or run.max_steps_per_epoch, "
+                          "changed since); resume with the data and settings the run started with")
     resumed = None
     if loaded:
         saved, path = loaded

@@ -13,6 +13,8 @@ a resumed run continues the same W&B run; ``WANDB_PROJECT`` names the project
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import json
 import os
 import uuid
@@ -20,22 +22,38 @@ from pathlib import Path
 
 import yaml
 
+from train.checkpoint import CheckpointError, write_atomic, write_text_atomic
 from train.config import ConfigError, config_to_dict
+from train.run_lock import RunDirError
 
 METRIC_FIELDS = ("global_step", "epoch", "step", "lr", "loss", "loss_ntxent", "loss_suncet", "loss_swav", "loss_paws",
                  "loss_memax", "images_per_s", "data_wait_frac", "skipped", "bad_images", "knn_top1", "knn_top5")
 
 
+def open_appending(path: Path):
+    """``path`` opened to append text, never through a symbolic link (refused, naming it)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RunDirError(f"{path} is a symbolic link; remove it (the run never writes through links)") from None
+        raise
+    return os.fdopen(fd, "a", newline="")
+
+
 class RunLogger:
+    """Every file is written without following links: whole files through a temp file renamed
+    over the name (``checkpoint.write_text_atomic``), metrics.csv appended with ``O_NOFOLLOW``."""
+
     def __init__(self, run_dir: Path, cfg, resume_step: int | None, tensorboard: bool = True):
         self.run_dir, self.cfg = Path(run_dir), cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "config.yaml", "w") as f:
-            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False),
+                          "config")
         self.csv_path = self.run_dir / "metrics.csv"
         self._truncate_after(resume_step)
-        new_file = not self.csv_path.exists()
-        self._csv_file = open(self.csv_path, "a", newline="")
+        new_file = not os.path.lexists(self.csv_path)
+        self._csv_file = open_appending(self.csv_path)
         self._csv = csv.DictWriter(self._csv_file, fieldnames=METRIC_FIELDS, extrasaction="ignore")
         if new_file:
             self._csv.writeheader()
@@ -54,22 +72,28 @@ class RunLogger:
     def _truncate_after(self, resume_step: int | None) -> None:
         """On resume from global step S, keep rows of steps <= S (done before the
         checkpoint); later rows are trained again and rewritten."""
-        if not self.csv_path.exists():
+        if not os.path.lexists(self.csv_path):
             return
+        if self.csv_path.is_symlink():
+            raise RunDirError(f"{self.csv_path} is a symbolic link; remove it (the run never writes through links)")
         with open(self.csv_path, newline="") as f:
             rows = list(csv.DictReader(f))
         if resume_step is None:
             resume_step = -1
             rows = []
         kept = [r for r in rows if r.get("global_step") not in (None, "") and int(r["global_step"]) <= resume_step]
-        with open(self.csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(kept)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept)
+        write_text_atomic(self.csv_path, text.getvalue(), "metrics")
 
     def log(self, row: dict) -> None:
-        self._csv.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        self._csv_file.flush()
+        try:
+            self._csv.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            self._csv_file.flush()
+        except OSError as exc:  # a full or read-only disk: one line, the checkpoints so far are kept
+            raise CheckpointError(f"could not append to {self.csv_path}: {exc.strerror or exc}") from exc
         if self._tb is not None:
             for key, value in row.items():
                 if key not in ("global_step", "epoch", "step") and isinstance(value, (int, float)):
@@ -87,8 +111,7 @@ class RunLogger:
         return path
 
     def write_summary(self, summary: dict) -> None:
-        with open(self.run_dir / "summary.json", "w") as f:
-            json.dump(summary, f, indent=2)
+        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n", "summary")
 
     def close(self) -> None:
         self._csv_file.close()
@@ -106,8 +129,8 @@ def _start_wandb(run_dir: Path, cfg):
         raise ConfigError("run.logger=wandb needs the wandb package (pip install wandb), "
                           "or set run.logger=none") from exc
     id_file = run_dir / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-    id_file.write_text(run_id + "\n")
+    run_id = id_file.read_text().strip() if id_file.is_file() and not id_file.is_symlink() else uuid.uuid4().hex[:12]
+    write_text_atomic(id_file, run_id + "\n", "W&B run id")
     return wandb.init(project=os.environ.get("WANDB_PROJECT", "suncet-pretrain"), name=run_dir.name, id=run_id,
                       resume="allow", dir=str(run_dir), config=config_to_dict(cfg))
 
@@ -143,7 +166,5 @@ def plot_curves(metrics_csv: Path, cfg, out: Path) -> None:
             ax.grid(alpha=0.3)
     fig.suptitle(f"{out.parent.name}: {cfg.loss.method}, {cfg.model.arch}", fontsize=10)
     fig.tight_layout()
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    write_atomic(out, lambda f: fig.savefig(f, dpi=100, format="png"), "curves")
     plt.close(fig)
-    os.replace(tmp, out)

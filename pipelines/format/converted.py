@@ -18,7 +18,7 @@ import numpy as np
 
 from pipelines.errors import DataError
 from pipelines.format import layout
-from pipelines.format.manifest import size_mismatch
+from pipelines.format.manifest import record_problem, size_mismatch
 from pipelines.image_folder import ImageFolderIndex
 
 CONVERT_HINT = "python -m tools.convert_imagenet --src <ImageFolder root> --out <data.root>"
@@ -39,6 +39,14 @@ class ConvertedSplit:
     index: ImageFolderIndex
     labeled: np.ndarray | None
     entry: dict  # the split's manifest entry
+    settings: dict  # the conversion's settings (manifest.json)
+
+    def labeled_rule(self) -> str:
+        """How the converter chose ``labeled``, in words."""
+        rule = self.settings.get("labeled") or {}
+        if "list" in rule:
+            return f"the list {rule['list']}"
+        return f"fraction {rule.get('fraction')} with seed {rule.get('seed')}"
 
     def check_files(self, paths: list[Path]) -> None:
         """Refuse any of ``paths`` whose size differs from the one the converter recorded:
@@ -73,6 +81,33 @@ class ConvertedSplit:
         return path
 
 
+def _check_small_files(root: Path, manifest: dict, entry: dict, split: str) -> None:
+    """The listing files every reader trusts (labels, samples, labeled subset) must be the bytes
+    the converter wrote: a hand edit would shift labels or pick other images without an error.
+    They are small, so their sha256 is checked at every start (the big files' sizes are checked
+    by ``check_files``; ``tools.verify_converted`` hashes those)."""
+    records = {f["path"]: f for f in entry.get("files", [])}
+    small = [manifest.get("labels_file")] + [records.get(p.relative_to(root).as_posix())
+                                             for p in (layout.samples_path(root, split), layout.labeled_path(root, split))]
+    for record in small:
+        problem = record_problem(root, record) if record is not None else None
+        if problem:
+            raise DataError(f"{problem}: edited or replaced since conversion; reconvert the dataset (or restore the "
+                            "file)")
+
+
+def _check_ranges(root: Path, split: str, samples: list[dict], classes: list[str], labeled: np.ndarray | None) -> None:
+    """Labels within the classes, labeled indices within the samples, ascending, once each."""
+    bad = next((s for s in samples if not (isinstance(s.get("label"), int) and 0 <= s["label"] < len(classes))), None)
+    if bad is not None:
+        raise DataError(f"{layout.samples_path(root, split)}: sample {bad.get('index')} has label {bad.get('label')!r}, "
+                        f"outside the {len(classes)} classes of {layout.LABELS}; reconvert the dataset")
+    if labeled is not None and len(labeled) and (labeled.min() < 0 or labeled.max() >= len(samples)
+                                                  or (np.diff(labeled) <= 0).any()):
+        raise DataError(f"{layout.labeled_path(root, split)} must list ascending sample indices in [0, {len(samples)}) "
+                        "once each; reconvert the dataset")
+
+
 def open_converted(root: str | Path, split: str) -> ConvertedSplit:
     """Check that ``root`` holds a complete conversion of ``split`` and read its listing."""
     root = Path(root)
@@ -81,6 +116,7 @@ def open_converted(root: str | Path, split: str) -> ConvertedSplit:
     if not entry or not entry.get("complete"):
         raise DataError(f"split {split!r} of {root} is missing or incomplete (see manifest.json); "
                         f"rerun {CONVERT_HINT}")
+    _check_small_files(root, manifest, entry, split)
     try:
         samples = layout.read_samples(root, split)
         classes = layout.read_classes(root)
@@ -91,7 +127,8 @@ def open_converted(root: str | Path, split: str) -> ConvertedSplit:
                         f"{exc}); reconvert the dataset") from exc
     if [s.get("index") for s in samples] != list(range(len(samples))):
         raise DataError(f"{layout.samples_path(root, split)} does not list indices 0..{len(samples) - 1} in order")
+    _check_ranges(root, split, samples, classes, labeled)
     source = Path(manifest.get("settings", {}).get("src", root)) / split
     index = ImageFolderIndex(source, tuple(classes), tuple(s["path"] for s in samples),
                              np.asarray([s["label"] for s in samples], dtype=np.int64))
-    return ConvertedSplit(root, split, index, labeled, entry)
+    return ConvertedSplit(root, split, index, labeled, entry, manifest.get("settings", {}))

@@ -86,7 +86,8 @@ def read_manifest(out: Path) -> dict:
         raise DataError(f"{path} is not a converter manifest (expected an object with a \"splits\" object of "
                         f"objects, got {json.dumps(manifest)[:80]}); reconvert the dataset")
     def is_record(f) -> bool:
-        return isinstance(f, dict) and {"path", "bytes", "sha256"} <= f.keys()
+        return (isinstance(f, dict) and isinstance(f.get("path"), str) and safe_relative(f["path"])
+                and isinstance(f.get("bytes"), int) and isinstance(f.get("sha256"), str))
 
     for split, entry in splits.items():
         files = entry.get("files", [])
@@ -97,9 +98,18 @@ def read_manifest(out: Path) -> dict:
     return manifest
 
 
+def safe_relative(path: str) -> bool:
+    """Whether a recorded ``path`` stays inside the conversion (relative, no ``..``)."""
+    parts = path.split("/")
+    return bool(path) and not path.startswith("/") and ".." not in parts and "\\" not in path and "\0" not in path
+
+
 def read_classes(out: Path) -> list[str]:
-    """Class index -> wnid."""
-    return json.loads((Path(out) / LABELS).read_text())["classes"]
+    """Class index -> wnid; ``DataError`` when ``labels.json`` holds no list of names."""
+    classes = json.loads((Path(out) / LABELS).read_text())["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{Path(out) / LABELS}: \"classes\" is not a list of class names; reconvert the dataset")
+    return classes
 
 
 def read_samples(out: Path, split: str) -> list[dict]:
@@ -111,3 +121,8 @@ def read_samples(out: Path, split: str) -> list[dict]:
 def read_labeled(out: Path, split: str) -> list[int]:
     """Sample indices of the labeled subset."""
     return [int(line) for line in labeled_path(out, split).read_text().split()]
+
+
+def recorded_path(out: Path, record: dict) -> Path:
+    """The file of a manifest ``record`` (``read_manifest`` checked that it stays inside ``out``)."""
+    return Path(out) / record["path"]

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from pipelines.atomic_write import write_atomically
 
 # 2: webdataset .cls/.idx members in ASCII decimal (1: 4-byte little-endian int32).
 FORMAT_VERSION = 2
@@ -20,10 +21,9 @@ def file_record(path: Path, out: Path) -> dict:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write ``payload`` to ``path`` through a temporary file and a rename."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Write ``payload`` to ``path`` through a temporary file and a rename (never through a link)."""
+    text = json.dumps(payload, indent=1) + "\n"
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def new_manifest(settings: dict) -> dict:
@@ -44,6 +44,18 @@ def size_mismatch(out: Path, record: dict) -> tuple[Path, int | None] | None:
         return path, None
     size = path.stat().st_size
     return (path, size) if size != record["bytes"] else None
+
+
+def record_problem(out: Path, record: dict) -> str | None:
+    """Why the file of a manifest ``record`` does not match it (missing, other size, other
+    sha256), or None. Reads the whole file."""
+    mismatch = size_mismatch(out, record)
+    if mismatch is not None:
+        path, size = mismatch
+        return f"{path}: missing" if size is None else f"{path}: {size} bytes, the converter wrote {record['bytes']}"
+    if file_record(Path(out) / record["path"], out)["sha256"] != record["sha256"]:
+        return f"{Path(out) / record['path']}: content differs from what the converter wrote (sha256 mismatch)"
+    return None
 
 
 def split_is_complete(entry: dict | None, out: Path) -> bool:

@@ -307,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg.validate()
     except (ConfigError, ValueError) as exc:
         parser.error(str(exc))
+    if args.data and not Path(args.data).is_dir():
+        parser.error(f"--data {args.data} is not a directory (an ImageFolder root or a converted dataset)")
+    for flag, value in (("--decode-workers", args.decode_workers), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
     if not args.data and any(m in DATA_MODES for m in modes):
         parser.error(f"--mode {','.join(m for m in modes if m in DATA_MODES)} needs --data DIR "
                      "(compute and augment need none)")

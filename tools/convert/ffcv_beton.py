@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import multiprocessing.queues
 import os
+import queue
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -63,6 +68,81 @@ class _Samples:
         return image, label, index
 
 
+class WriterWorkerDied(RuntimeError):
+    """A process of FFCV's writer died (a full disk, an I/O error, the OOM killer)."""
+
+
+class _WorkerWatch:
+    """Ends FFCV's writer when one of its worker processes dies.
+
+    FFCV's ``DatasetWriter`` polls a shared counter until every sample is written, then waits
+    on a queue for each worker's page table: a worker that dies (ENOSPC while writing a page)
+    leaves both waits, and the workers waiting for its page, blocked forever. The writer's
+    ``Process``, ``Queue`` and ``sleep`` are replaced for one write (``write_beton``) by these,
+    which record the workers and, in the writing process only, check them while waiting: a
+    dead worker's exit code ends the write with ``WriterWorkerDied``, the others terminated."""
+
+    def __init__(self):
+        self.owner = os.getpid()
+        self.workers: list[multiprocessing.Process] = []
+        self.errors = multiprocessing.SimpleQueue()  # a dying worker's error, in one line (not a file: the disk may be full)
+
+    def guarded_job(self, job: Callable) -> Callable:
+        return functools.partial(_run_guarded, job, self.errors)
+
+    def process(self, *args, **kwargs) -> multiprocessing.Process:
+        worker = multiprocessing.Process(*args, **kwargs)
+        self.workers.append(worker)
+        return worker
+
+    def queue(self) -> "_WatchedQueue":
+        return _WatchedQueue(self)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+        self.check()
+
+    def check(self) -> None:
+        if os.getpid() != self.owner:  # a worker (forked with this object) has no children to check
+            return
+        dead = [w for w in self.workers if w.exitcode not in (None, 0)]
+        if dead:
+            for worker in self.workers:
+                if worker.is_alive():
+                    worker.terminate()
+            for worker in self.workers:
+                worker.join(5)
+            error = self.errors.get() if not self.errors.empty() else f"exit code {dead[0].exitcode}"
+            raise WriterWorkerDied(f"a process of FFCV's .beton writer died: {error}")
+
+
+def _run_guarded(job: Callable, errors: multiprocessing.SimpleQueue, *args) -> None:
+    """A writer worker's ``job``; its error, if any, goes to ``errors`` in one line."""
+    try:
+        job(*args)
+    except BaseException as exc:  # noqa: BLE001 - reported to the writing process, which ends the write
+        errors.put(f"{type(exc).__name__}: {exc}")
+        os._exit(1)
+
+
+class _WatchedQueue(multiprocessing.queues.Queue):
+    """A queue whose blocking ``get`` in the writing process checks the workers every half second."""
+
+    def __init__(self, watch: _WorkerWatch):
+        super().__init__(ctx=multiprocessing.get_context())
+        self._watch = watch
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        watch = getattr(self, "_watch", None)
+        if not block or timeout is not None or watch is None or os.getpid() != watch.owner:
+            return super().get(block, timeout)
+        while True:
+            try:
+                return super().get(timeout=0.5)
+            except queue.Empty:
+                watch.check()
+
+
 @dataclass(frozen=True)
 class BetonSettings:
     """The converter's FFCV options (their defaults live in ``ConvertOptions``)."""
@@ -101,13 +181,24 @@ def write_beton(path: Path, items: list[tuple[str, int]], settings: BetonSetting
         "index": IntField(),
     }
     writer = DatasetWriter(str(path), fields, page_size=page_size_for(settings.max_resolution), num_workers=jobs)
+    watch = _WorkerWatch()
     bar = ffcv_writer.tqdm  # labelled: FFCV's own bar says nothing of what it writes
-    ffcv_writer.tqdm = (functools.partial(bar, desc=f"writing {path.name}") if progress
-                        else functools.partial(bar, disable=True))
+    patched = {"tqdm": (functools.partial(bar, desc=f"writing {path.name}") if progress
+                        else functools.partial(bar, disable=True)),
+               "Process": watch.process, "Queue": watch.queue, "sleep": watch.sleep,
+               "worker_job_indexed_dataset": watch.guarded_job(ffcv_writer.worker_job_indexed_dataset)}
+    originals = {name: getattr(ffcv_writer, name) for name in patched}
+    for name, value in patched.items():
+        setattr(ffcv_writer, name, value)
     try:
         writer.from_indexed_dataset(_Samples(items, errors_path, settings.max_resolution), chunksize=100)
+    except WriterWorkerDied:
+        writer.metadata_sm.close()
+        writer.metadata_sm.unlink()
+        raise
     finally:
-        ffcv_writer.tqdm = bar
+        for name, value in originals.items():
+            setattr(ffcv_writer, name, value)
     if os.path.exists(errors_path):
         with open(errors_path) as f:
             errors = f.read().strip()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,9 @@ FORMATS = ("ffcv", "dali")
 
 class ConversionError(RuntimeError):
     """The conversion cannot proceed; the message says why and what to do."""
+
+
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -42,6 +46,10 @@ class ConvertOptions:
         self.formats = tuple(self.formats)
         if not self.splits or len(set(self.splits)) != len(self.splits):
             raise ValueError(f"--splits must name distinct splits, got {','.join(self.splits) or 'nothing'}")
+        bad = [s for s in self.splits if not SPLIT_NAME.fullmatch(s)]
+        if bad:  # a split names folders under --out: '..' or 'a/b' would reach outside them
+            raise ValueError(f"--splits takes plain folder names (letters, digits, '.', '-', '_', not starting with "
+                             f"'.'), got {', '.join(repr(s) for s in bad)}")
         if not self.formats or not set(self.formats) <= set(FORMATS):
             raise ValueError(f"--formats must be a non-empty subset of {','.join(FORMATS)}, got {','.join(self.formats) or 'nothing'}")
         if self.labeled_list is not None and self.labeled_fraction is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipelines.images import UNSCALABLE_MODES, open_rgb
+from pipelines.images import open_rgb, refusal
 
 # Outcome of inspecting one file.
 COPY = "copy"  # a baseline/progressive RGB JPEG: stored as its original bytes
@@ -35,8 +35,10 @@ class Verdict:
     nbytes: int = 0
 
 
-def inspect_file(path: str) -> Verdict:
+def inspect_file(path: str, max_side: int | None = None) -> Verdict:
     """Read and fully decode ``path`` to decide whether to copy, re-encode or skip it.
+    ``max_side`` (FFCV's ``--max-resolution``): skip an image so elongated that resizing its long
+    side to it would leave its short side 0 pixels (FFCV's writer would fail on it).
 
     Decoding uses JPEG DCT scaling (``draft``), which still parses every
     entropy-coded byte, so truncation and corrupt data are caught at a
@@ -51,7 +53,7 @@ def inspect_file(path: str) -> Verdict:
         return Verdict(SKIP, "empty-file", "0 bytes")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            fmt, mode = img.format, img.mode
+            fmt, mode, (width, height) = img.format, img.mode, img.size
             orientation = img.getexif().get(EXIF_ORIENTATION, 1) if fmt == "JPEG" else 1
             if fmt == "JPEG":
                 img.draft(mode, (max(img.width // 8, 1), max(img.height // 8, 1)))
@@ -63,8 +65,12 @@ def inspect_file(path: str) -> Verdict:
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
         return Verdict(SKIP, reason, f"{type(e).__name__}: {e}")
-    if mode in UNSCALABLE_MODES:
-        return Verdict(SKIP, "unsupported-mode", f"mode {mode}: no defined 8-bit scaling (32-bit or float samples)")
+    problem = refusal(fmt, mode)
+    if problem:
+        return Verdict(SKIP, *problem)
+    if max_side is not None and min(width, height) * max_side < max(width, height):
+        return Verdict(SKIP, "too-elongated", f"{width}x{height} pixels: the short side would be 0 pixels "
+                       f"at --max-resolution {max_side}")
     if fmt != "JPEG":
         return Verdict(REENCODE, f"format:{fmt}", None, len(data))
     if mode != "RGB":

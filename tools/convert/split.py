@@ -3,6 +3,7 @@ sample list, DALI shards and FFCV ``.beton`` under temporary names, then rename 
 return the split's manifest entry (``tools.convert_imagenet`` drives it split by split)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -17,9 +18,9 @@ from tqdm import tqdm
 from pipelines.format import layout
 from pipelines.format.manifest import file_record
 from pipelines.image_folder import list_split
-from pipelines.labeled import LabeledSubset, match_list, stratified
+from pipelines.labeled import LabeledSubset, match_list, read_list_lines, stratified
 from tools.convert.dali_shards import ShardTask, plan_shards, write_shard
-from tools.convert.ffcv_beton import BetonSettings, write_beton
+from tools.convert.ffcv_beton import BetonSettings, WriterWorkerDied, write_beton
 from tools.convert.options import ConversionError, ConvertOptions
 from tools.convert.source import SKIP, SourceChanged, Verdict, inspect_file, source_state
 
@@ -48,7 +49,7 @@ def convert_split(split: str, split_dir: Path, out: Path, classes: list[str], op
     timings = {"inspect": time.perf_counter() - start}
     labeled = _labeled_subset(split, found, options)
 
-    _remove_split_outputs(out, split)
+    remove_targets(out, split)  # claimed by the caller (claim_targets)
     staged: dict[Path, Path] = {}  # partial name -> final name; renamed once everything is written
 
     def stage(final: Path) -> Path:
@@ -56,25 +57,29 @@ def convert_split(split: str, split_dir: Path, out: Path, classes: list[str], op
         _partial(final).parent.mkdir(parents=True, exist_ok=True)
         return _partial(final)
 
-    _write_samples(stage(layout.samples_path(out, split)), found.accepted)
-    if labeled is not None:
-        stage(layout.labeled_path(out, split)).write_text("".join(f"{i}\n" for i in labeled.indices))
-    shards: list[dict] = []
-    if "dali" in options.formats:
-        t = time.perf_counter()
-        shards = _write_dali(stage(layout.shard_dir(out, split)), out, split, found.accepted, options, pool)
-        timings["dali"] = time.perf_counter() - t
-    if "ffcv" in options.formats:
-        t = time.perf_counter()
-        try:
-            write_beton(stage(layout.beton_path(out, split)), [(a.source, a.label) for a in found.accepted],
-                        BetonSettings(options.max_resolution, options.jpeg_quality, options.compress_probability),
-                        options.jobs, options.progress)
-        except SourceChanged as e:
-            raise ConversionError(str(e)) from e
-        timings["ffcv"] = time.perf_counter() - t
-    for partial, final in staged.items():
-        os.replace(partial, final)
+    try:
+        _write_samples(stage(layout.samples_path(out, split)), found.accepted)
+        if labeled is not None:
+            stage(layout.labeled_path(out, split)).write_text("".join(f"{i}\n" for i in labeled.indices))
+        shards: list[dict] = []
+        if "dali" in options.formats:
+            t = time.perf_counter()
+            shards = _write_dali(stage(layout.shard_dir(out, split)), out, split, found.accepted, options, pool)
+            timings["dali"] = time.perf_counter() - t
+        if "ffcv" in options.formats:
+            t = time.perf_counter()
+            try:
+                write_beton(stage(layout.beton_path(out, split)), [(a.source, a.label) for a in found.accepted],
+                            BetonSettings(options.max_resolution, options.jpeg_quality, options.compress_probability),
+                            options.jobs, options.progress)
+            except (SourceChanged, WriterWorkerDied) as e:
+                raise ConversionError(str(e)) from e
+            timings["ffcv"] = time.perf_counter() - t
+        for partial, final in staged.items():
+            os.replace(partial, final)
+    except BaseException:  # a full disk, a dead worker, Ctrl-C: free what was written (ours: claimed)
+        remove_targets(out, split)
+        raise
 
     t = time.perf_counter()
     files = [file_record(p, out) for p in _listed_files(staged.values())]
@@ -114,7 +119,8 @@ def _inspect_split(split: str, split_dir: Path, classes: list[str], options: Con
     sources = [str(split_dir / path) for path in listing.paths]
     accepted: list[Accepted] = []
     skipped = list(listing.ignored)
-    verdicts = _ordered_map(pool, inspect_file, sources, 64, _bar(options, len(sources), f"{split}: inspect"))
+    inspect = functools.partial(inspect_file, max_side=options.max_resolution if "ffcv" in options.formats else None)
+    verdicts = _ordered_map(pool, inspect, sources, 64, _bar(options, len(sources), f"{split}: inspect"))
     for path, label, source, verdict in zip(listing.paths, listing.labels, sources, verdicts):
         if verdict.action != SKIP:
             accepted.append(Accepted(source, path, label, verdict))
@@ -138,7 +144,7 @@ def _labeled_subset(split: str, found: Inspection, options: ConvertOptions) -> L
     if split != options.labeled_split:
         return None
     if options.labeled_list is not None:
-        lines = Path(options.labeled_list).read_text().splitlines()
+        lines = read_list_lines(options.labeled_list)
         subset = match_list(lines, [a.path for a in found.accepted], {s["path"]: s["reason"] for s in found.skipped})
         problem = subset.problems()
         if problem and not options.allow_missing:
@@ -184,15 +190,45 @@ def _listed_files(finals: Iterable[Path]) -> list[Path]:
     return files
 
 
-def _remove_split_outputs(out: Path, split: str) -> None:
-    """Delete a split's outputs and leftovers of an interrupted run, so it is redone from scratch."""
-    for final in (layout.samples_path(out, split), layout.labeled_path(out, split),
-                  layout.shard_dir(out, split), layout.beton_path(out, split)):
-        for path in (final, _partial(final)):
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+def split_targets(out: Path, split: str) -> list[Path]:
+    """Every path a conversion of ``split`` writes: its final outputs and their partial names."""
+    finals = (layout.samples_path(out, split), layout.labeled_path(out, split),
+              layout.shard_dir(out, split), layout.beton_path(out, split))
+    return [path for final in finals for path in (final, _partial(final))]
+
+
+def claim_targets(out: Path, split: str, previous: dict | None) -> list[str]:
+    """The paths (relative to ``out``) of ``split_targets``, once each one that exists is known to be
+    ours: a partial name (``layout.PARTIAL``, the converter's own suffix), or listed by the split's
+    previous manifest entry (``previous``: its written ``files``, or the ``outputs`` an interrupted
+    run claimed). Anything else there is someone's file: the conversion is refused naming it, and
+    nothing is deleted."""
+    previous = previous or {}
+    recorded = {f["path"] for f in previous.get("files", [])} | set(previous.get("outputs", []))
+    claimed = []
+    for path in split_targets(out, split):
+        rel = path.relative_to(out).as_posix()
+        claimed.append(rel)
+        if not os.path.lexists(path) or rel in recorded or rel.endswith(layout.PARTIAL):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            inside = sorted(p for p in path.rglob("*") if not p.is_dir() or p.is_symlink())
+            foreign = [p for p in inside if p.relative_to(out).as_posix() not in recorded]
+        else:
+            foreign = [path]
+        if foreign:
+            raise ConversionError(f"--out {out} holds {foreign[0]}, which no conversion recorded writing; the converter "
+                                  "deletes only files it wrote: move it away, or choose another --out")
+    return claimed
+
+
+def remove_targets(out: Path, split: str) -> None:
+    """Delete ``split``'s outputs and partial leftovers (claimed by ``claim_targets`` first)."""
+    for path in split_targets(out, split):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _partial(final: Path) -> Path:

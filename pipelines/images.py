@@ -23,7 +23,7 @@ UNSCALABLE_MODES = frozenset({"I", "F"})
 # converter) and DALI's decoder (which reads an ImageFolder tree's files as they are). PIL alone
 # reads the others (GIF, ICO, ...): they are refused everywhere, so that every backend uses the
 # same images of a tree.
-SHARED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM"})
+SHARED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM"})  # MPO: a camera JPEG
 
 
 def refusal(fmt: str | None, mode: str) -> tuple[str, str] | None:

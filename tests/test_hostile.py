@@ -161,7 +161,7 @@ def test_l1_a_foreign_file_where_a_split_is_written_is_refused(tree, tmp_path, c
     assert (out / "samples" / "train.jsonl").read_text() == "my own notes\n"
 
 
-@pytest.mark.parametrize("splits", ["..", "a/b", ".hidden", "train,../x"])
+@pytest.mark.parametrize("splits", ["..", "a/b", ".hidden", "train,../x", "train.partial"])
 def test_l2_splits_take_plain_folder_names(tree, tmp_path, splits):
     with pytest.raises(ValueError, match="--splits takes plain folder names"):
         ConvertOptions(src=str(tree), out=str(tmp_path / "o"), splits=tuple(splits.split(",")))
@@ -191,6 +191,19 @@ def _odd_image(path: Path, kind: str) -> None:
         Image.fromarray(np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32), mode="F").save(path, "TIFF")
     else:  # a GIF named .JPEG
         Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).convert("P").save(path, "GIF")
+
+
+def test_l4_a_camera_jpeg_that_pil_calls_mpo_is_read_everywhere(tmp_path):
+    split = tmp_path / "train"
+    make_image_folder(split, 2, 3, 24)
+    mpo = split / "n00000000" / "camera.JPEG"
+    first, second = (Image.fromarray(np.full((24, 24, 3), v, np.uint8)) for v in (60, 200))
+    first.save(mpo, "MPO", save_all=True, append_images=[second])
+    assert Image.open(mpo).format == "MPO"
+    assert inspect_file(str(mpo)).reason == "format:MPO"  # re-encoded by the converter, not skipped
+    assert np.asarray(open_rgb(str(mpo))).mean() == pytest.approx(60, abs=2)
+    index = index_image_folder(split)
+    FileImages(index).checked(index.paths.index("n00000000/camera.JPEG"))
 
 
 @pytest.mark.parametrize("kind, reason", [("float-tiff", "unsupported-mode"), ("gif", "unsupported-format")])
@@ -367,7 +380,38 @@ def test_h1_a_full_disk_while_writing_the_beton_ends_the_converter_in_one_line(t
     assert convert_imagenet.main(["--src", str(tree), "--out", str(out), "--formats", "ffcv", "--jobs", "2",
                                   "--no-progress"]) == 2
     assert "FFCV's .beton writer died: OSError: [Errno 28] No space left on device" in _err(capsys)
-    assert not list((out / "ffcv").glob("*.partial"))  # the space a failed write took is given back
+    assert (out / "ffcv").is_dir() and list((out / "ffcv").iterdir()) == []  # the space a failed write took is given back
+
+
+WORKER_DIES = """
+import os, sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from tools.convert import ffcv_beton
+real_load = ffcv_beton.load_rgb
+
+def load_rgb(path):  # the OOM killer, as far as the writer can tell
+    if path.endswith("die.JPEG"):
+        os._exit(9)
+    return real_load(path)
+
+ffcv_beton.load_rgb = load_rgb
+items = [({die!r}, 0)] + [({ok!r}, 0)] * 30000  # 300 chunks: more than FFCV's work-queue pipe holds
+try:
+    ffcv_beton.write_beton(Path({out!r}), items, ffcv_beton.BetonSettings(64, 90, 0.5), jobs=2, progress=False)
+except ffcv_beton.WriterWorkerDied as exc:
+    print(exc)
+"""
+
+
+def test_h1_a_writer_worker_killed_mid_write_ends_the_write_and_the_process(tmp_path):
+    pytest.importorskip("ffcv")
+    ok, die = make_image_folder(tmp_path / "src", 1, 2, 24)
+    die = die.rename(die.with_name("die.JPEG"))
+    script = WORKER_DIES.format(repo=str(REPO), die=str(die), ok=str(ok), out=str(tmp_path / "x.beton"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "a process of FFCV's .beton writer died: exit code 9"
 
 
 def test_t1_a_full_disk_during_a_checkpoint_is_a_checkpoint_error_and_keeps_the_old_one(small_disk):
@@ -398,6 +442,13 @@ def test_t2_resuming_from_an_exported_encoder_is_a_one_line_error(tree, tmp_path
     torch.save({"conv1.weight": torch.zeros(2, 3, 3, 3)}, export)
     assert pretrain.main(_pretrain_args(tree, tmp_path / "run", "--resume", str(export))) == 2
     assert "cannot be resumed: it is an exported encoder" in _err(capsys)
+
+
+@pytest.mark.timeout(60)
+def test_t2_resuming_from_a_named_pipe_is_refused_without_opening_it(tree, tmp_path, capsys):
+    os.mkfifo(tmp_path / "ckpt.pt")
+    assert pretrain.main(_pretrain_args(tree, tmp_path / "run", "--resume", str(tmp_path / "ckpt.pt"))) == 2
+    assert "no checkpoint file or run folder at" in _err(capsys)
 
 
 def test_w5_resume_takes_a_run_folder(tmp_path):
@@ -431,8 +482,10 @@ def test_t3_a_mid_epoch_resume_on_a_smaller_dataset_is_a_one_line_error(tmp_path
         for i in range(5, 10):
             (data / "train" / f"n{cls:08d}" / f"n{cls:08d}_{i}.JPEG").unlink()
     capsys.readouterr()
+    metrics = (run_dir / "metrics.csv").read_text()
     assert pretrain.main([*args, "--resume", "auto"]) == 2
     assert "checkpoint stopped at step 4 of epoch 0, but an epoch now has 2 steps" in _err(capsys)
+    assert (run_dir / "metrics.csv").read_text() == metrics  # refused before anything was rewritten
 
 
 def test_w11_a_read_only_run_folder_is_refused_at_start(tmp_path, monkeypatch):

@@ -74,7 +74,9 @@ def write_text_atomic(path: Path, text: str, what: str = "file") -> None:
 
 
 TRAINING_KEYS = ("model", "optimizer", "train_state", "config", "world_size")
-TEMP_PATTERN = re.compile(r"^\.tmp-.+\.[A-Za-z0-9_]{8}$")  # pipelines.atomic_write's temp files (mkstemp)
+# pipelines.atomic_write's temp files (mkstemp's 8 characters) of the files a run writes itself
+TEMP_PATTERN = re.compile(r"^\.tmp-(ckpt-\d{9}\.pt|config\.yaml|summary\.json|metrics\.csv|curves\.png|wandb_run_id"
+                          r"|encoder_[^/]+)\.[A-Za-z0-9_]{8}$")
 
 
 def save_checkpoint(state: dict, run_dir: Path, global_step: int, keep: int) -> Path:

@@ -81,7 +81,7 @@ class Trainer:
     schedule: WarmupCosineSchedule
     loaders: Loaders
     steps_per_epoch: int
-    logger: RunLogger | None
+    logger: RunLogger | None  # main rank of a run; attached after the resume checks
 
     @property
     def model(self) -> torch.nn.Module:  # DDP-wrapped when distributed
@@ -252,7 +252,7 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[dict, Path] | None:
                               "pass --resume auto to continue it, or choose another run.output_dir")
         return None
     path = run_dir if resume == "auto" else Path(resume)
-    if resume != "auto" and not path.exists():
+    if resume != "auto" and not (path.is_dir() or path.is_file()):  # a pipe would block the reader
         raise ConfigError(f"--resume: no checkpoint file or run folder at {path}")
     try:
         if path.is_dir() or resume == "auto":  # a run folder: its newest readable checkpoint
@@ -266,7 +266,9 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[dict, Path] | None:
         raise ConfigError(f"--resume: {exc}") from None
 
 
-def build_trainer(cfg: PretrainConfig, ctx: DistContext, resume_step: int | None, write: bool = True) -> Trainer:
+def build_trainer(cfg: PretrainConfig, ctx: DistContext) -> Trainer:
+    """Everything a run builds, writing nothing: the run attaches its ``RunLogger`` once it has
+    checked that the checkpoint fits (``_run``)."""
     try:
         precision = resolve_precision(cfg.run.precision, ctx.device)  # once per run
     except ValueError as exc:  # fp16 without CUDA
@@ -282,8 +284,7 @@ def build_trainer(cfg: PretrainConfig, ctx: DistContext, resume_step: int | None
                                         start_lr=o.start_lr, peak_lr=o.lr, final_lr=o.final_lr)
     except ValueError as exc:
         raise ConfigError(f"optim (epochs/warmup_epochs): {exc}") from exc
-    logger = RunLogger(Path(cfg.run.output_dir), cfg, resume_step) if ctx.is_main and write else None
-    return Trainer(cfg, ctx, kit, schedule, loaders, steps, logger)
+    return Trainer(cfg, ctx, kit, schedule, loaders, steps, None)
 
 
 def run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none", allow_schedule_change: bool = False) -> dict:
@@ -309,11 +310,14 @@ def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path, allo
     seed_everything(cfg.run.seed)
     configure_backends(cfg, ctx.device)
     state = TrainState(**loaded[0]["train_state"]) if loaded else TrainState()
-    tr = build_trainer(cfg, ctx, state.global_step if loaded else None)
-    if state.step > tr.steps_per_epoch:
+    tr = build_trainer(cfg, ctx)
+    if state.step > tr.steps_per_epoch:  # before the logger trims metrics.csv to the checkpoint
+        tr.loaders.train.close()
         raise ConfigError(f"cannot resume: the checkpoint stopped at step {state.step} of epoch {state.epoch}, but an "
                           f"epoch now has {tr.steps_per_epoch} steps (the dataset, or run.max_steps_per_epoch, "
                           "changed since); resume with the data and settings the run started with")
+    if ctx.is_main:
+        tr.logger = RunLogger(run_dir, cfg, state.global_step if loaded else None)
     resumed = None
     if loaded:
         saved, path = loaded
@@ -394,7 +398,7 @@ def dry_run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none") -> dict
         resolve_resume(resume, Path(cfg.run.output_dir))
     seed_everything(cfg.run.seed)
     configure_backends(cfg, ctx.device)
-    tr = build_trainer(cfg, ctx, None, write=False)
+    tr = build_trainer(cfg, ctx)
     if ctx.is_main:
         print(banner(cfg, ctx.world_size, ctx.device, tr.kit.precision.name, tr.loaders, tr.steps_per_epoch, None))
     loader = tr.loaders.train

@@ -7,6 +7,7 @@ import multiprocessing.queues
 import os
 import queue
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,7 @@ class _WorkerWatch:
     def __init__(self):
         self.owner = os.getpid()
         self.workers: list[multiprocessing.Process] = []
+        self.queues: list[_WatchedQueue] = []
         self.errors = multiprocessing.SimpleQueue()  # a dying worker's error, in one line (not a file: the disk may be full)
 
     def guarded_job(self, job: Callable) -> Callable:
@@ -96,7 +98,8 @@ class _WorkerWatch:
         return worker
 
     def queue(self) -> "_WatchedQueue":
-        return _WatchedQueue(self)
+        self.queues.append(_WatchedQueue(self))
+        return self.queues[-1]
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
@@ -113,7 +116,13 @@ class _WorkerWatch:
             for worker in self.workers:
                 worker.join(5)
             error = self.errors.get() if not self.errors.empty() else f"exit code {dead[0].exitcode}"
+            for q in self.queues:  # FFCV's work queue holds every chunk not taken: its feeder thread
+                q.cancel_join_thread()  # would block the interpreter's exit on a pipe nobody reads
+                q.close()
             raise WriterWorkerDied(f"a process of FFCV's .beton writer died: {error}")
+
+    def close(self) -> None:
+        self.errors.close()
 
 
 def _run_guarded(job: Callable, errors: multiprocessing.SimpleQueue, *args) -> None:
@@ -171,9 +180,8 @@ def write_beton(path: Path, items: list[tuple[str, int]], settings: BetonSetting
     import ffcv.writer as ffcv_writer
     from ffcv.writer import DatasetWriter
 
-    errors_path = f"{path}.errors"
-    if os.path.exists(errors_path):
-        os.remove(errors_path)
+    fd, errors_path = tempfile.mkstemp(prefix="beton-errors-", suffix=".txt")  # outside --out: nothing of ours there
+    os.close(fd)
     fields = {
         "image": RGBImageField(write_mode="proportion", max_resolution=settings.max_resolution,
                                jpeg_quality=settings.jpeg_quality, compress_probability=settings.compress_probability),
@@ -192,6 +200,8 @@ def write_beton(path: Path, items: list[tuple[str, int]], settings: BetonSetting
         setattr(ffcv_writer, name, value)
     try:
         writer.from_indexed_dataset(_Samples(items, errors_path, settings.max_resolution), chunksize=100)
+        with open(errors_path) as f:
+            errors = f.read().strip()
     except WriterWorkerDied:
         writer.metadata_sm.close()
         writer.metadata_sm.unlink()
@@ -199,8 +209,7 @@ def write_beton(path: Path, items: list[tuple[str, int]], settings: BetonSetting
     finally:
         for name, value in originals.items():
             setattr(ffcv_writer, name, value)
-    if os.path.exists(errors_path):
-        with open(errors_path) as f:
-            errors = f.read().strip()
+        watch.close()
         os.remove(errors_path)
+    if errors:
         raise SourceChanged(f"{path}: source files could not be written (changed since inspection?):\n{errors}")

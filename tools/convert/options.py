@@ -46,10 +46,10 @@ class ConvertOptions:
         self.formats = tuple(self.formats)
         if not self.splits or len(set(self.splits)) != len(self.splits):
             raise ValueError(f"--splits must name distinct splits, got {','.join(self.splits) or 'nothing'}")
-        bad = [s for s in self.splits if not SPLIT_NAME.fullmatch(s)]
+        bad = [s for s in self.splits if not SPLIT_NAME.fullmatch(s) or s.endswith(".partial")]
         if bad:  # a split names folders under --out: '..' or 'a/b' would reach outside them
             raise ValueError(f"--splits takes plain folder names (letters, digits, '.', '-', '_', not starting with "
-                             f"'.'), got {', '.join(repr(s) for s in bad)}")
+                             f"'.' nor ending with '.partial'), got {', '.join(repr(s) for s in bad)}")
         if not self.formats or not set(self.formats) <= set(FORMATS):
             raise ValueError(f"--formats must be a non-empty subset of {','.join(FORMATS)}, got {','.join(self.formats) or 'nothing'}")
         if self.labeled_list is not None and self.labeled_fraction is not None:

@@ -204,7 +204,13 @@ def claim_targets(out: Path, split: str, previous: dict | None) -> list[str]:
     run claimed). Anything else there is someone's file: the conversion is refused naming it, and
     nothing is deleted."""
     previous = previous or {}
-    recorded = {f["path"] for f in previous.get("files", [])} | set(previous.get("outputs", []))
+    outputs = previous.get("outputs", [])
+    if not isinstance(outputs, list) or not all(isinstance(p, str) for p in outputs):
+        raise ConversionError(f"{out / layout.MANIFEST}: split {split!r} lists its outputs in an unknown shape; "
+                              "move --out's contents away or choose another --out")
+    if previous.get("complete") is False and "outputs" not in previous:  # an older converter's interrupted split:
+        outputs = [p.relative_to(out).as_posix() for p in split_targets(out, split)]  # it wrote these names
+    recorded = {f["path"] for f in previous.get("files", [])} | set(outputs)
     claimed = []
     for path in split_targets(out, split):
         rel = path.relative_to(out).as_posix()

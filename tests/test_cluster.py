@@ -121,6 +121,49 @@ def test_log_rows_average_their_window_and_tensorboard_keeps_the_resumed_step(da
     assert [e.step for e in acc.Scalars("train/loss")] == [5, 10]
 
 
+class _Killed(BaseException):
+    """A kill stand-in: nothing in the run catches it."""
+
+
+@pytest.mark.parametrize("killed_at_epoch", [0, 1])
+def test_a_run_stopped_before_its_knn_evaluation_evaluates_it_on_resume(data_root, tmp_path, monkeypatch,
+                                                                         killed_at_epoch):
+    """A kill (or an end-of-epoch preemption) between an epoch's checkpoint and its kNN evaluation
+    lost that epoch's point for good, and after the last epoch the summary's kNN figures too."""
+    import torch
+
+    from train import pretrain
+    from train.config import load_config
+    from train.distributed import DistContext
+
+    cpu = DistContext(0, 1, 0, torch.device("cpu"))
+
+    def knn_points(run_dir: Path) -> dict[int, tuple[str, str]]:
+        return {int(r["global_step"]): (r["knn_top1"], r["knn_top5"]) for r in read_metrics(run_dir) if r["knn_top1"]}
+
+    settings = {**SETTINGS, "run.knn_every_epochs": 1}
+    reference = pretrain.run(load_config(None, tiny_overrides(data_root, tmp_path / "ref", **settings)), cpu)
+    expected = knn_points(tmp_path / "ref")
+    assert len(expected) == 2
+
+    real_evaluate, calls = pretrain.evaluate_knn, []
+
+    def killed_on_the_chosen_epoch(tr):
+        calls.append(1)
+        if len(calls) == killed_at_epoch + 1:
+            raise _Killed
+        return real_evaluate(tr)
+
+    cfg = load_config(None, tiny_overrides(data_root, tmp_path / "run", **settings))
+    monkeypatch.setattr(pretrain, "evaluate_knn", killed_on_the_chosen_epoch)
+    with pytest.raises(_Killed):
+        pretrain.run(cfg, cpu)
+    monkeypatch.setattr(pretrain, "evaluate_knn", real_evaluate)
+    summary = pretrain.run(cfg, cpu, resume="auto")
+    assert knn_points(tmp_path / "run") == expected
+    assert summary["knn_top1"] == pytest.approx(reference["knn_top1"])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_slurm_script_checkpoints_and_requeues_on_sigusr1(data_root, tmp_path):

@@ -334,7 +334,15 @@ def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path, allo
                      resumed), flush=True)
     if tr.loaders.knn_off and ctx.is_main:
         print(f"note: kNN monitor off (run.knn_every_epochs={cfg.run.knn_every_epochs}): {tr.loaders.knn_off}")
-    knn = earlier_knn(run_dir) if loaded and state.epoch >= cfg.optim.epochs else None  # a finished run's
+    knn = None
+    if loaded and state.step == 0 and state.epoch > 0 and knn_due(cfg, state.epoch - 1) and ctx.is_main:
+        # the checkpoint is an epoch's end: its kNN point is in metrics.csv unless the run stopped
+        # (preempted, killed) between that checkpoint and the evaluation; then it is evaluated now
+        knn = tr.logger.knn_at(state.global_step)
+        if knn is None:
+            knn = log_knn(tr, state, state.epoch - 1, "evaluated on resume: the run stopped before it")
+    if knn is None and loaded and state.epoch >= cfg.optim.epochs:
+        knn = earlier_knn(run_dir)  # a finished run's
     try:
         with Preemption(cfg.run.preempt_signals, ctx.distributed, ctx.device) as preemption:
             while state.epoch < cfg.optim.epochs:
@@ -345,12 +353,8 @@ def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path, allo
                 if preemption.agreed(collective_point=True):
                     raise Preempted(f"stopped by {preemption.received or 'a signal on another rank'} at the end of "
                                     f"epoch {epoch}; checkpoint written in {run_dir}: continue with --resume auto")
-                if cfg.run.knn_every_epochs and (epoch + 1) % cfg.run.knn_every_epochs == 0 and ctx.is_main:
-                    knn = evaluate_knn(tr)
-                    if knn is not None:
-                        tr.logger.log({"global_step": state.global_step, "epoch": epoch, **knn})
-                        tr.logger.write_curves()
-                        print(f"epoch {epoch}: kNN top-1 {knn['knn_top1']:.2f}%  top-5 {knn['knn_top5']:.2f}%")
+                if knn_due(cfg, epoch) and ctx.is_main:
+                    knn = log_knn(tr, state, epoch)
     except NonFiniteLossError as exc:
         raise NonFiniteLossError(f"{exc}. Last good checkpoint kept in {run_dir}; "
                                  "lower optim.lr or set loss.on_nonfinite=skip") from exc
@@ -366,6 +370,22 @@ def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path, allo
         tr.logger.write_summary(summary)
         tr.logger.close()
     return summary
+
+
+def knn_due(cfg: PretrainConfig, epoch: int) -> bool:
+    """Whether the kNN monitor evaluates after ``epoch`` (0-based)."""
+    return bool(cfg.run.knn_every_epochs) and (epoch + 1) % cfg.run.knn_every_epochs == 0
+
+
+def log_knn(tr: Trainer, state: TrainState, epoch: int, note: str = "") -> dict[str, float] | None:
+    """Evaluate the kNN monitor after ``epoch``, log it at the current global step, redraw the curves."""
+    knn = evaluate_knn(tr)
+    if knn is not None:
+        tr.logger.log({"global_step": state.global_step, "epoch": epoch, **knn})
+        tr.logger.write_curves()
+        print(f"epoch {epoch}: kNN top-1 {knn['knn_top1']:.2f}%  top-5 {knn['knn_top5']:.2f}%"
+              + (f" ({note})" if note else ""))
+    return knn
 
 
 def earlier_knn(run_dir: Path) -> dict | None:

@@ -103,6 +103,15 @@ class RunLogger:
             self._wandb.log({k: v for k, v in row.items() if k != "global_step" and isinstance(v, (int, float))},
                             step=row["global_step"])
 
+    def knn_at(self, global_step: int) -> dict[str, float] | None:
+        """The kNN figures metrics.csv holds for ``global_step``, if any."""
+        self._csv_file.flush()
+        with open(self.csv_path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("global_step") == str(global_step) and row.get("knn_top1"):
+                    return {key: float(row[key]) for key in ("knn_top1", "knn_top5") if row.get(key)}
+        return None
+
     def write_curves(self) -> Path:
         """``curves.png`` from metrics.csv (see the module docstring)."""
         self._csv_file.flush()

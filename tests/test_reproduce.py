@@ -67,6 +67,11 @@ def test_verdict_says_when_a_difference_is_noise():
     slow = [_curve([10, 20, 41], 150), _curve([12, 21, 42], 150), _curve([11, 19, 40], 150)]  # 1.5x the images
     line = rep.verdict("x", "simclr", baseline, slow, rep.compute_saved(dict(enumerate(baseline)), dict(enumerate(slow))))
     assert "needs more images than simclr beyond the seed spread" in line and "not distinguishable" not in line.split(";")[-1]
+    # more images on average, but one seed needs fewer: no saving, and none claimed as noise
+    mixed = [_curve([10, 20, 41], 150), _curve([12, 21, 42], 150), _curve([41, 42, 43], 150)]
+    line = rep.verdict("x", "simclr", baseline, mixed, rep.compute_saved(dict(enumerate(baseline)),
+                                                                         dict(enumerate(mixed))))
+    assert line.endswith("; no saving: more images than simclr on average, within the seed spread"), line
 
 
 def test_summary_tables_hold_the_per_seed_values_and_their_bands():

@@ -151,7 +151,8 @@ def verdict(name: str, baseline_name: str, baseline: Sequence[Sequence[Point]], 
         if frac.n > 1 and frac.low > 1.0:
             noise = f"; it needs more images than {baseline_name} beyond the seed spread"
         elif frac.n > 1 and frac.high >= 1.0:
-            noise = "; the saving is not distinguishable from noise"
+            noise = ("; the saving is not distinguishable from noise" if frac.mean < 1.0 else
+                     f"; no saving: more images than {baseline_name} on average, within the seed spread")
         parts.append(f"reaches {baseline_name}'s best mean ({saved['target_top1']:.1f}%) in {saved['reached']} of {n} "
                      f"seeds, with {frac.text('.2f')} of its images ({half}){noise}")
     return "; ".join(parts)

@@ -39,6 +39,11 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]
         raise
 
 
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """UTF-8 ``text`` to ``path`` through ``write_atomically``."""
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -74,13 +74,11 @@ def jpeg_is_complete(data: bytes | memoryview) -> bool:
     return False
 
 
-def encoded_size(data: bytes | memoryview) -> tuple[int, int]:
-    """(height, width) of an encoded image, as decoded without EXIF rotation."""
-    size = jpeg_size(data)
-    if size is None:  # PNG, BMP, ... (ImageFolder trees may hold them)
-        with Image.open(io.BytesIO(bytes(data))) as img:
-            size = img.height, img.width
-    return size
+def pil_header(data: bytes | memoryview) -> tuple[tuple[int, int], str | None, str]:
+    """(height, width), format and mode of a non-JPEG encoded image (PNG, BMP, ...: ImageFolder
+    trees may hold them), from its header as PIL reads it (PIL refuses sizes over MAX_PIXELS)."""
+    with Image.open(io.BytesIO(bytes(data))) as img:
+        return (img.height, img.width), img.format, img.mode
 
 
 class EncodedImages:
@@ -112,12 +110,12 @@ class EncodedImages:
         if size is not None and not jpeg_is_complete(data):
             raise BadImageError(f"image {self.describe(i)} is truncated or damaged "
                                 "(no JPEG scan reaching an end marker)")
-        if size is None:  # PNG, BMP, ...: PIL reads the header (and refuses sizes over MAX_PIXELS)
+        if size is None:
             try:
-                with Image.open(io.BytesIO(bytes(data))) as img:
-                    size, problem = (img.height, img.width), refusal(img.format, img.mode)
+                size, fmt, mode = pil_header(data)
             except Exception as exc:  # PIL raises many types; all mean "bad file"
                 raise BadImageError(f"cannot read the size of image {self.describe(i)}: {exc}") from exc
+            problem = refusal(fmt, mode)
             if problem:  # the rule every reader applies (pipelines.images)
                 raise BadImageError(f"image {self.describe(i)}: {problem[1]}")
         return np.frombuffer(data, dtype=np.uint8), np.asarray(size, dtype=np.int64)

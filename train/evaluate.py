@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from pipelines.atomic_write import write_atomically
+from pipelines.atomic_write import write_text_atomically
 from pipelines.augment.reference import eval_transform
 from pipelines.errors import DataError
 from pipelines.eval_data import EvalImages, capped_ids, open_split_images
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.output:
         text = json.dumps({**result, "settings": asdict(s)}, indent=2) + "\n"
         try:
-            write_atomically(a.output, lambda f: f.write(text.encode("utf-8")))
+            write_text_atomically(a.output, text)
         except OSError as exc:
             print(f"error: --output {a.output} cannot be written ({exc.strerror or exc}); the result is above",
                   file=sys.stderr)

@@ -30,13 +30,17 @@ METRIC_FIELDS = ("global_step", "epoch", "step", "lr", "loss", "loss_ntxent", "l
                  "loss_memax", "images_per_s", "data_wait_frac", "skipped", "bad_images", "knn_top1", "knn_top5")
 
 
+def link_refused(path: Path) -> RunDirError:
+    return RunDirError(f"{path} is a symbolic link; remove it (the run never writes through links)")
+
+
 def open_appending(path: Path):
     """``path`` opened to append text, never through a symbolic link (refused, naming it)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise RunDirError(f"{path} is a symbolic link; remove it (the run never writes through links)") from None
+            raise link_refused(path) from None
         raise
     return os.fdopen(fd, "a", newline="")
 
@@ -75,7 +79,7 @@ class RunLogger:
         if not os.path.lexists(self.csv_path):
             return
         if self.csv_path.is_symlink():
-            raise RunDirError(f"{self.csv_path} is a symbolic link; remove it (the run never writes through links)")
+            raise link_refused(self.csv_path)
         with open(self.csv_path, newline="") as f:
             rows = list(csv.DictReader(f))
         if resume_step is None:

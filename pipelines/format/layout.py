@@ -122,7 +122,3 @@ def read_labeled(out: Path, split: str) -> list[int]:
     """Sample indices of the labeled subset."""
     return [int(line) for line in labeled_path(out, split).read_text().split()]
 
-
-def recorded_path(out: Path, record: dict) -> Path:
-    """The file of a manifest ``record`` (``read_manifest`` checked that it stays inside ``out``)."""
-    return Path(out) / record["path"]

@@ -5,7 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pipelines.atomic_write import write_atomically
+from pipelines.atomic_write import write_text_atomically
 
 # 2: webdataset .cls/.idx members in ASCII decimal (1: 4-byte little-endian int32).
 FORMAT_VERSION = 2
@@ -22,8 +22,7 @@ def file_record(path: Path, out: Path) -> dict:
 
 def write_json(path: Path, payload: dict) -> None:
     """Write ``payload`` to ``path`` through a temporary file and a rename (never through a link)."""
-    text = json.dumps(payload, indent=1) + "\n"
-    write_atomically(path, lambda f: f.write(text.encode("utf-8")))
+    write_text_atomically(path, json.dumps(payload, indent=1) + "\n")
 
 
 def new_manifest(settings: dict) -> dict:

@@ -444,6 +444,85 @@ def test_detached_gather_differentiates_each_ranks_own_anchors_only(tmp_path):
         torch.testing.assert_close(got["grad"], mine.grad, rtol=1e-10, atol=1e-12)
 
 
+def _official_worker(rank: int, port: int, out_dir: str) -> None:
+    with _gloo_group(rank, port):
+        b = _fixed_batch()
+        n = N_GLOBAL // WORLD
+        z = torch.cat([b["v1"][rank * n : (rank + 1) * n], b["v2"][rank * n : (rank + 1) * n]]).requires_grad_(True)
+        loss = init_nt_xent_loss(n, T, WORLD, gather="official")(z)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grad": z.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _naive_official_nt_xent(anchors: torch.Tensor, keys: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+    """The official code's formula, written differently: for local anchor ``a`` (rows ``[v1; v2]``
+    of ``n`` images each), ``-log(exp(cos(a, pos)/t) / sum_{k != a} exp(cos(a, k)/t))`` over the
+    keys; ``keys`` are whatever the caller passes (constants for the official gradient)."""
+    total = 0.0
+    for i in range(2 * n):
+        me, pos = offset + i, offset + (i + n) % (2 * n)
+        den = sum(torch.exp(_cos(anchors[i], keys[k]) / T) for k in range(keys.shape[0]) if k != me)
+        total = total - torch.log(torch.exp(_cos(anchors[i], keys[pos]) / T) / den)
+    return total / (2 * n)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_official_gather_differentiates_anchors_only_at_two_ranks(tmp_path):
+    """The authors' NT-Xent (``AllGather.apply(z.detach())``): each rank's gradient is that of its
+    own anchors' mean with every key, its own included, a constant; the value is the global mean."""
+    mp.spawn(_official_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    b = _fixed_batch()
+    n = N_GLOBAL // WORLD
+    blocks = [torch.cat([b["v1"][r * n : (r + 1) * n], b["v2"][r * n : (r + 1) * n]]) for r in range(WORLD)]
+    keys = torch.cat(blocks).detach()
+    values = [_naive_official_nt_xent(blocks[r], keys, r * 2 * n, n) for r in range(WORLD)]
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got["loss"], sum(values) / WORLD, rtol=1e-12, atol=1e-12)
+        anchors = blocks[rank].clone().requires_grad_(True)
+        _naive_official_nt_xent(anchors, keys, rank * 2 * n, n).backward()
+        torch.testing.assert_close(got["grad"], anchors.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_official_gather_on_one_process_holds_every_key_constant():
+    """At one process too: the value is NT-Xent's, the gradient the anchor side alone (about half)."""
+    torch.manual_seed(3)
+    z = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    got = init_nt_xent_loss(4, T, 1, gather="official")(z)
+    (g_official,) = torch.autograd.grad(got, z)
+    anchors = z.detach().clone().requires_grad_(True)
+    ref = _naive_official_nt_xent(anchors, z.detach(), 0, 4)
+    ref.backward()
+    torch.testing.assert_close(got, naive_nt_xent(z.detach(), T), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_official, anchors.grad, rtol=1e-10, atol=1e-12)
+    (g_full,) = torch.autograd.grad(init_nt_xent_loss(4, T, 1)(z), z)
+    assert not torch.allclose(g_official, g_full)  # the full gradient differentiates the keys too
+
+
+def test_official_gather_multiview_keeps_the_value():
+    """With multi-crop views the value is the multi-view NT-Xent's; only anchors carry gradient."""
+    torch.manual_seed(4)
+    z = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)  # 3 views x 4 images
+    got = init_nt_xent_loss(4, T, 1, gather="official", views=3)(z)
+    torch.testing.assert_close(got, naive_multiview_nt_xent(z.detach(), 3, T), rtol=1e-12, atol=1e-12)
+    (g,) = torch.autograd.grad(got, z)
+    keys = z.detach()
+    anchors = z.detach().clone().requires_grad_(True)
+    # anchor side by hand: the mean over anchors of the mean over positives, keys held constant
+    zn_a = torch.nn.functional.normalize(anchors, dim=1)
+    zn_k = torch.nn.functional.normalize(keys, dim=1)
+    terms = []
+    for i in range(12):
+        logits = torch.stack([zn_a[i] @ zn_k[k] / T for k in range(12) if k != i])
+        others = [k for k in range(12) if k != i]
+        pos = [others.index(p) for p in others if p % 4 == i % 4]
+        terms.append(torch.logsumexp(logits, 0) - logits[pos].mean())
+    torch.stack(terms).mean().backward()
+    torch.testing.assert_close(g, anchors.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_detached_gather_is_the_plain_loss_on_one_process():
     z = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
     a = init_nt_xent_loss(4, T, 1, gather="detached")(z)

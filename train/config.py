@@ -23,6 +23,7 @@ from model import check_arch
 from pipelines.augment.recipe import AugmentConfig, SimCLRRecipe, views_per_image
 from pipelines.bad_images import POLICIES as BAD_IMAGE_POLICIES
 from pipelines.spec import BACKENDS
+from train.losses import GATHERS
 from train.objectives import METHODS
 from train.preemption import signal_numbers
 from train.step import HOST_SYNCS
@@ -62,12 +63,20 @@ class ModelConfig:
     head_hidden_dim: int = 2048
     head_out_dim: int = 128  # SimCLR and SwAV: 128; PAWS: 2048
     pred_hidden_dim: int | None = None  # PAWS's prediction head: head_out_dim // 4 when null
-    sync_bn: bool = True
+    sync_bn: bool = True  # SyncBatchNorm with several ranks on CUDA
+    sync_bn_group_size: int = 0  # ranks per SyncBN group, consecutive (SwAV's script: 8); 0: every rank
     channels_last: bool = True
+
+
+OPTIMIZERS = ("lars", "larc")
 
 
 @dataclass
 class OptimConfig:
+    # "lars": the suncet and PAWS code's LARS (train.lars: biases and BatchNorm excluded from the trust
+    # ratio and weight decay, lr inside the momentum buffer); "larc": SwAV's script, SGD + apex LARC
+    # (train.larc: every parameter adapted and decayed, lr outside the momentum buffer)
+    name: str = "lars"
     epochs: int = 500
     start_lr: float = 0.6
     lr: float = 4.8
@@ -110,7 +119,9 @@ class LossConfig:
     # (effective_suncet_weight; chosen on held-out images, RESULTS.md). "fixed": NT-Xent + suncet_weight x SuNCEt
     suncet_weight_rule: str = "paper_ratio"
     supervised_epochs: int | None = None  # SuNCEt switched off from this epoch on (None: never)
-    ntxent_gather: str = "grad"  # "grad": SimCLR's gradient through the gather; "detached": the official code's
+    # which NT-Xent rows carry gradient (train.losses.init_nt_xent_loss): "grad" every row (SimCLR's formula);
+    # "official" only the anchors, every key a constant (the official SuNCEt code); "detached" a rank's own rows
+    ntxent_gather: str = "grad"
     on_nonfinite: str = "stop"  # "stop" the run, or "skip" the step and count it
     swav: SwAVConfig = field(default_factory=SwAVConfig)
     paws: PAWSConfig = field(default_factory=PAWSConfig)
@@ -206,11 +217,13 @@ class PretrainConfig:
             signal_numbers(r.preempt_signals)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if l.ntxent_gather not in ("grad", "detached"):
-            raise ConfigError(f"loss.ntxent_gather must be 'grad' or 'detached', got {l.ntxent_gather!r}")
+        if l.ntxent_gather not in GATHERS:
+            raise ConfigError(f"loss.ntxent_gather must be one of {GATHERS}, got {l.ntxent_gather!r}")
         if l.suncet_weight_rule not in SUNCET_WEIGHT_RULES:
             raise ConfigError(f"loss.suncet_weight_rule must be one of {SUNCET_WEIGHT_RULES}, "
                               f"got {l.suncet_weight_rule!r}")
+        if o.name not in OPTIMIZERS:
+            raise ConfigError(f"optim.name must be one of {OPTIMIZERS}, got {o.name!r}")
         self._validate_method()
         positive_ints = {
             "data.unlabeled_batch_size": d.unlabeled_batch_size,
@@ -276,6 +289,12 @@ class PretrainConfig:
             raise ConfigError("run.max_steps_per_epoch must be >= 1 or null")
         if world_size < 1:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
+        g = self.model.sync_bn_group_size
+        if g < 0:
+            raise ConfigError(f"model.sync_bn_group_size must be >= 0 (0: every rank), got {g}")
+        if 0 < g < world_size and world_size % g:
+            raise ConfigError(f"model.sync_bn_group_size={g} does not divide the world size {world_size}: use a "
+                              f"divisor of it, or 0 to synchronise every rank")
 
 
     def _validate_method(self) -> None:

@@ -157,6 +157,24 @@ def shutdown_distributed() -> None:
         gc.collect()
 
 
+def sync_bn_process_group(group_size: int):
+    """The process group this rank's SyncBatchNorm layers synchronise over: consecutive ranks in
+    groups of ``group_size`` (SwAV's ``--syncbn_process_group_size``, apex's
+    ``create_syncbn_process_group``); None, every rank, for 0 or a size >= the world size. Every
+    rank must call it (``new_group`` is collective), with a size that divides the world size."""
+    rank, world = get_rank_and_world()
+    if group_size == 0 or group_size >= world:
+        return None
+    if world % group_size:
+        raise ValueError(f"model.sync_bn_group_size={group_size} does not divide the world size {world}")
+    mine = None
+    for start in range(0, world, group_size):
+        group = dist.new_group(list(range(start, start + group_size)))
+        if start <= rank < start + group_size:
+            mine = group
+    return mine
+
+
 def get_rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

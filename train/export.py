@@ -40,7 +40,7 @@ from model.encoder import TIMM_PREFIX
 from pipelines.errors import DataError
 from train import checkpoint as ckpt
 from train.config import PretrainConfig, config_from_dict
-from train.objectives import head_factory
+from train.objectives import head_factory, head_per_resolution
 
 FORMATS = ("torchvision", "timm", "safetensors", "native")
 SAFETENSORS_HINT = "pip install safetensors"
@@ -216,6 +216,7 @@ def load_pretrained(path: str | Path) -> tuple[PretrainModel, PretrainConfig, Pa
     except ValueError as exc:  # ConfigError too: a config this version does not know, or an arch it cannot build
         raise DataError(f"{path}: its config cannot be used by this version ({exc})") from None
     m = cfg.model
-    model = build_model(m.arch, channels_last=m.channels_last, sync_bn=False, head=head_factory(cfg))
+    model = build_model(m.arch, channels_last=m.channels_last, sync_bn=False, head=head_factory(cfg),
+                        head_per_resolution=head_per_resolution(cfg))
     model.load_state_dict(state["model"])
     return model.eval(), cfg, path, state

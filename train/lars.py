@@ -9,7 +9,78 @@ import torch
 from torch import nn
 
 
-class LARS(torch.optim.Optimizer):
+class LayerwiseSGD(torch.optim.Optimizer):
+    """What LARS and LARC (``train.larc``) share: the step's handling of a GradScaler
+    (``_step_supports_amp_scaling``: the multi-tensor path unscales and takes the inf flag
+    without a host sync), ``skip_if`` masking, and the momentum buffers. A subclass gives the
+    update: ``_update_per_parameter`` (the reference) and ``_update_foreach``."""
+
+    def __init__(self, params: Iterable, defaults: dict, foreach: bool) -> None:
+        super().__init__(params, defaults)
+        self.foreach = bool(foreach)  # not a group option: checkpoints load into either path
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Read by ``torch.amp.GradScaler.step``: when True, the scaler does not
+        unscale the gradients nor call ``.item()`` on its inf check; it sets
+        ``self.grad_scale`` and ``self.found_inf`` (device tensors) for the
+        duration of ``step`` and the optimizer unscales and masks the update itself.
+        The multi-tensor path does; the per-parameter loop leaves both to the
+        scaler, as before (one host sync per step)."""
+        return self.foreach
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None, *,
+             skip_if: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One update. ``skip_if``: a 0-d bool tensor on the parameters' device;
+        where it is True the step leaves parameters and momentum buffers exactly
+        as they are, without a host sync (the training step passes it when it
+        does not sync per step). With a GradScaler on the multi-tensor path the
+        scaler's ``found_inf`` skips the same way."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:
+            skip_if = found_inf > 0 if skip_if is None else skip_if | (found_inf > 0)
+        inv_scale = None
+        if grad_scale is not None:  # as GradScaler.unscale_: reciprocal in float64, then float32
+            inv_scale = grad_scale.double().reciprocal().float()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if not params:
+                continue
+            if self.foreach:
+                self._update_foreach(group, params, skip_if, inv_scale)
+            else:
+                if inv_scale is not None:
+                    raise RuntimeError(f"{type(self).__name__}: grad_scale is only handled by the multi-tensor path (foreach=True)")
+                self._update_per_parameter(group, params, skip_if)
+        return loss
+
+    def _buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            out.append(state["momentum_buffer"])
+        return out
+
+    def _update_per_parameter(self, group: dict, params: list[torch.Tensor], skip: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+    def _update_foreach(self, group: dict, params: list[torch.Tensor], skip: torch.Tensor | None,
+                        inv_scale: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+
+class LARS(LayerwiseSGD):
     """Momentum SGD with layer-wise adaptive rate scaling.
 
     For each parameter ``p`` with gradient ``grad`` in a group with
@@ -58,8 +129,7 @@ class LARS(torch.optim.Optimizer):
             nesterov=nesterov,
             lars_adapt=lars_adapt,
         )
-        super().__init__(params, defaults)
-        self.foreach = bool(foreach)  # not a group option: checkpoints load into either path
+        super().__init__(params, defaults, foreach)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -75,59 +145,6 @@ class LARS(torch.optim.Optimizer):
             raise ValueError("LARS: nesterov momentum requires momentum > 0")
         if not isinstance(group["lars_adapt"], bool):
             raise ValueError(f"LARS: lars_adapt must be True or False, got {group['lars_adapt']!r}")
-
-    @property
-    def _step_supports_amp_scaling(self) -> bool:
-        """Read by ``torch.amp.GradScaler.step``: when True, the scaler does not
-        unscale the gradients nor call ``.item()`` on its inf check; it sets
-        ``self.grad_scale`` and ``self.found_inf`` (device tensors) for the
-        duration of ``step`` and LARS unscales and masks the update itself.
-        The multi-tensor path does; the per-parameter loop leaves both to the
-        scaler, as before (one host sync per step)."""
-        return self.foreach
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None, *,
-             skip_if: torch.Tensor | None = None) -> torch.Tensor | None:
-        """One update. ``skip_if``: a 0-d bool tensor on the parameters' device;
-        where it is True the step leaves parameters and momentum buffers exactly
-        as they are, without a host sync (the training step passes it when it
-        does not sync per step). With a GradScaler on the multi-tensor path the
-        scaler's ``found_inf`` skips the same way."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None:
-            skip_if = found_inf > 0 if skip_if is None else skip_if | (found_inf > 0)
-        inv_scale = None
-        if grad_scale is not None:  # as GradScaler.unscale_: reciprocal in float64, then float32
-            inv_scale = grad_scale.double().reciprocal().float()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError("LARS does not support sparse gradients")
-            if not params:
-                continue
-            if self.foreach:
-                self._update_foreach(group, params, skip_if, inv_scale)
-            else:
-                if inv_scale is not None:
-                    raise RuntimeError("LARS: grad_scale is only handled by the multi-tensor path (foreach=True)")
-                self._update_per_parameter(group, params, skip_if)
-        return loss
-
-    def _buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            out.append(state["momentum_buffer"])
-        return out
 
     def _update_per_parameter(self, group: dict, params: list[torch.Tensor], skip: torch.Tensor | None) -> None:
         """The reference: one small tensor op after another, parameter by parameter."""

@@ -105,7 +105,7 @@ def nt_xent_positives(local_pairs: int, world_size: int, device: torch.device | 
     return view_positives(local_pairs, 2, world_size, device)[:, 0]
 
 
-GATHERS = ("grad", "detached")
+GATHERS = ("grad", "detached", "official")  # loss.ntxent_gather
 
 
 def _nt_xent_terms(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -145,13 +145,20 @@ def init_nt_xent_loss(
     denominator, as SimCLR's positive does. ``world_size`` defaults to the
     current process group's.
 
-    ``gather`` (``loss.ntxent_gather``): ``"grad"`` (default) passes gradients
-    through the gather, so a W-rank step equals one process on the whole batch
-    (SimCLR's formula). ``"detached"`` is what the official SuNCEt code did:
-    each rank differentiates only the terms of its own anchors, the other
-    ranks' rows acting as constants (the value returned is still the global
-    mean, identical on every rank, so decisions on it agree). With one
-    process the two are the same.
+    ``gather`` (``loss.ntxent_gather``) says which rows carry gradient; the value is the
+    same global mean in every case:
+
+    - ``"grad"`` (default): gradients pass through the gather, so a W-rank step equals one
+      process on the whole batch (SimCLR's formula: every row is differentiated as anchor and
+      as key).
+    - ``"official"``: what the official SuNCEt code trains (``init_simclr_loss``:
+      ``AllGather.apply(z.detach())``): every key is a constant, this rank's own rows
+      included, so only the anchor side is differentiated, at any world size (one process
+      too). Its NT-Xent gradient is about half of ``"grad"``'s, so SuNCEt weighs about twice
+      as much against it.
+    - ``"detached"``: each rank differentiates its own anchors *and* its own rows as keys;
+      the other ranks' rows are constants. With one process it is ``"grad"``; it is not what
+      any official code does (an earlier version of this docstring said it was).
     """
     if isinstance(local_images, bool) or not isinstance(local_images, int) or local_images < 1:
         raise ValueError(f"local_images must be an integer >= 1, got {local_images!r}")
@@ -165,8 +172,9 @@ def init_nt_xent_loss(
     rows = local_rows * world
     positives = view_positives(local_images, views, world, device)
     self_mask = torch.eye(rows, dtype=torch.bool, device=device)
-    if gather == "detached" and world > 1:
-        return _detached_nt_xent(local_rows, inv_t, world, positives, self_mask)
+    if gather == "official" or (gather == "detached" and world > 1):
+        return _local_anchor_nt_xent(local_rows, inv_t, world, positives, self_mask,
+                                     own_keys_with_grad=gather == "detached")
 
     def loss(z: torch.Tensor) -> torch.Tensor:
         _check_rows(z, local_rows, views, positives.device)
@@ -190,24 +198,31 @@ def _check_rows(z: torch.Tensor, local_rows: int, views: int, device: torch.devi
         raise ValueError(f"nt_xent: z is on {z.device} but the loss was built for {device}")
 
 
-def _detached_nt_xent(local_rows: int, inv_t: float, world: int, positives: torch.Tensor,
-                      self_mask: torch.Tensor) -> NTXentFn:
-    """NT-Xent whose gradient flows through this rank's rows only (see ``init_nt_xent_loss``)."""
-    rank = get_rank_and_world()[0]
+def _local_anchor_nt_xent(local_rows: int, inv_t: float, world: int, positives: torch.Tensor,
+                          self_mask: torch.Tensor, own_keys_with_grad: bool) -> NTXentFn:
+    """NT-Xent differentiated through this rank's anchors only, every other rank's rows acting as
+    constant keys; this rank's own rows as keys too when not ``own_keys_with_grad`` (``"official"``).
+    The value is the global mean (see ``init_nt_xent_loss``); with DDP's averaging the gradient is
+    that of the global mean with those keys held constant."""
+    rank = get_rank_and_world()[0] if world > 1 else 0
     mine = slice(rank * local_rows, (rank + 1) * local_rows)
     views = positives.shape[1] + 1
 
     def loss(z: torch.Tensor) -> torch.Tensor:
         _check_rows(z, local_rows, views, positives.device)
-        # 1. normalise; gather every rank's rows as constants, then put this rank's own back with gradient
+        # 1. normalise; gather every rank's rows as constants (this rank's put back with gradient
+        #    for "detached")
         zn = F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=1)
         keys = all_gather_no_grad(zn.detach())
         _check_gathered("nt_xent", keys.shape[0], self_mask.shape[0], world)
-        keys = torch.cat([keys[: mine.start], zn, keys[mine.stop :]])
+        if own_keys_with_grad:
+            keys = torch.cat([keys[: mine.start], zn, keys[mine.stop :]])
         # 2. this rank's anchors against every row, itself removed from the softmax
         logits = (zn @ keys.T * inv_t).masked_fill(self_mask[mine], float("-inf"))
         local = _nt_xent_terms(logits, positives[mine])
         # 3. the value of the global mean, the gradient of this rank's mean
+        if world == 1:
+            return local
         total = all_reduce_no_grad(local.detach()) / world
         return local + (total - local.detach())
 

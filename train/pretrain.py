@@ -28,7 +28,7 @@ from train.console import Progress, banner
 from train.data import Loaders, build_loaders
 from train.distributed import DeviceError, DistContext, all_reduce_sum, init_distributed, shutdown_distributed
 from train.knn import extract_features, knn_accuracy
-from train.lars import LARS
+from train.lars import LayerwiseSGD
 from train.precision import resolve_precision
 from train.preemption import PREEMPTED_EXIT, Preempted, Preemption
 from train.resume import global_batch, resumed_config
@@ -92,7 +92,7 @@ class Trainer:
         return self.kit.core
 
     @property
-    def optimizer(self) -> LARS:
+    def optimizer(self) -> LayerwiseSGD:
         return self.kit.optimizer
 
     @property

@@ -28,19 +28,23 @@ from train.config import ConfigError, PretrainConfig, config_from_dict, config_t
 from train.data import support_spec
 
 # Model settings that change no weight: a checkpoint resumes with any value of them.
-WEIGHTLESS_MODEL_KEYS = ("sync_bn", "channels_last")
+WEIGHTLESS_MODEL_KEYS = ("sync_bn", "sync_bn_group_size", "channels_last")
 # Optimiser settings that change the learning-rate schedule of the steps still to come.
 SCHEDULE_KEYS = ("epochs", "warmup_epochs", "start_lr", "lr", "final_lr")
 PER_RANK_KEYS = ("unlabeled_batch_size", "support_classes", "support_images_per_class")
 
 
 def check_model(saved_cfg: PretrainConfig, cfg: PretrainConfig) -> None:
-    """Refuse a checkpoint whose objective or model differs from the config's (its head and
-    weights would not load, or would train towards another loss)."""
+    """Refuse a checkpoint whose objective, optimizer or model differs from the config's (its head,
+    weights or optimizer state would not load, or would train towards another loss)."""
     if saved_cfg.loss.method != cfg.loss.method:
         raise ConfigError(f"cannot resume: the checkpoint trained loss.method={saved_cfg.loss.method}, this run asks "
                           f"for {cfg.loss.method}; resume with loss.method={saved_cfg.loss.method} or start another "
                           "run.output_dir")
+    if saved_cfg.optim.name != cfg.optim.name:
+        raise ConfigError(f"cannot resume: the checkpoint trained with optim.name={saved_cfg.optim.name}, this run "
+                          f"asks for {cfg.optim.name} (their states do not load into each other); resume with "
+                          f"optim.name={saved_cfg.optim.name} or start another run.output_dir")
     saved, now = config_to_dict(saved_cfg.model), config_to_dict(cfg.model)
     changed = [f"model.{k}: {v!r} in the checkpoint, {now[k]!r} now" for k, v in saved.items()
                if v != now[k] and k not in WEIGHTLESS_MODEL_KEYS]

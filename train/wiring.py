@@ -14,9 +14,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model import build_model
 from train.config import ConfigError, PretrainConfig, effective_suncet_weight
-from train.objectives import ObjectiveSpec, build_objective, head_factory
-from train.distributed import DistContext
-from train.lars import LARS, lars_param_groups
+from train.objectives import ObjectiveSpec, build_objective, head_factory, head_per_resolution
+from train.distributed import DistContext, sync_bn_process_group
+from train.larc import LARC, larc_param_groups
+from train.lars import LARS, LayerwiseSGD, lars_param_groups
 from train.precision import Precision
 from train.step import HostLead, StepSettings, TrainStep
 
@@ -31,19 +32,28 @@ def configure_backends(cfg: PretrainConfig, device: torch.device) -> None:
 
 
 def build_model_and_optimizer(cfg: PretrainConfig, ctx: DistContext, precision: Precision):
-    """(bare model, DDP-wrapped or bare model, LARS, GradScaler) on ``ctx.device``.
+    """(bare model, DDP-wrapped or bare model, optimizer, GradScaler) on ``ctx.device``.
     SyncBN only where it works: several ranks on CUDA."""
     m, o = cfg.model, cfg.optim
     sync_bn = m.sync_bn and ctx.distributed and ctx.device.type == "cuda"
-    core = build_model(m.arch, channels_last=m.channels_last, sync_bn=sync_bn, head=head_factory(cfg))
+    core = build_model(m.arch, channels_last=m.channels_last, sync_bn=sync_bn, head=head_factory(cfg),
+                       head_per_resolution=head_per_resolution(cfg),
+                       sync_bn_group=sync_bn_process_group(m.sync_bn_group_size) if sync_bn else None)
     core.to(ctx.device)
     model = core
     if ctx.distributed:
         model = DistributedDataParallel(core, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-    optimizer = LARS(lars_param_groups(core, o.weight_decay), lr=o.start_lr, momentum=o.momentum,
-                     trust_coefficient=o.trust_coefficient, nesterov=o.nesterov, foreach=cfg.compute.lars_foreach)
+    optimizer = build_optimizer(cfg, core)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision.use_grad_scaler)
     return core, model, optimizer, scaler
+
+
+def build_optimizer(cfg: PretrainConfig, model: torch.nn.Module) -> LayerwiseSGD:
+    """``optim.name``'s optimizer over ``model``'s parameters, at the schedule's first learning rate."""
+    o = cfg.optim
+    kind, groups = (LARC, larc_param_groups) if o.name == "larc" else (LARS, lars_param_groups)
+    return kind(groups(model, o.weight_decay), lr=o.start_lr, momentum=o.momentum,
+                trust_coefficient=o.trust_coefficient, nesterov=o.nesterov, foreach=cfg.compute.lars_foreach)
 
 
 @dataclass
@@ -56,7 +66,7 @@ class StepKit:
     precision: Precision
     core: torch.nn.Module  # the bare model (checkpoints, kNN, export)
     model: torch.nn.Module  # DDP-wrapped when distributed
-    optimizer: LARS
+    optimizer: LayerwiseSGD
     scaler: torch.amp.GradScaler
     host_lead_steps: int  # see compute.max_host_lead_steps
     _steps: dict[bool, TrainStep] = field(default_factory=dict, repr=False)

@@ -6,7 +6,9 @@ three things (``../shared/STYLE.md`` 16):
 - the views it reads (``VIEWS``, a sentence for the console; ``PretrainConfig.validate``
   refuses what it cannot train);
 - its head: ``head(cfg)``, a factory of the encoder's feature dimension
-  (``model.build_model(..., head=...)``);
+  (``model.build_model(..., head=...)``), and ``HEAD_PER_RESOLUTION``, whether the head runs
+  on each resolution group on its own (PAWS) or once on every view (SimCLR, SwAV), as the
+  authors' code does (``model.PretrainModel``);
 - its loss: ``build(spec)`` returns an ``Objective``, built once per phase of the
   run (with or without SuNCEt) by ``train.wiring``.
 
@@ -80,6 +82,11 @@ def objective_module(method: str):
 def head_factory(cfg) -> Callable[[int], nn.Module]:
     """The head of ``cfg``'s objective, as a factory of the encoder's feature dimension."""
     return objective_module(cfg.loss.method).head(cfg)
+
+
+def head_per_resolution(cfg) -> bool:
+    """Whether ``cfg``'s objective runs its head per resolution group (``model.PretrainModel``)."""
+    return objective_module(cfg.loss.method).HEAD_PER_RESOLUTION
 
 
 def build_objective(spec: ObjectiveSpec, model: nn.Module) -> Objective:

@@ -35,6 +35,7 @@ from train.distributed import all_gather_no_grad, all_gather_with_grad, all_redu
 from train.objectives import NoState, ObjectiveSpec, Outputs
 
 VIEWS = "the support images and every view; targets from the first two views of group 0"
+HEAD_PER_RESOLUTION = True  # the suncet repository's src/resnet.py: backbone and head per resolution group
 TARGET_FLOOR = 1e-4  # sharpened targets below this are zeroed (the official code's numerical guard)
 
 

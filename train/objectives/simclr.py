@@ -15,6 +15,7 @@ from train.losses import init_nt_xent_loss, init_suncet_loss
 from train.objectives import NoState, ObjectiveSpec, Outputs
 
 VIEWS = "every view of every group: the other views of an image are its positives"
+HEAD_PER_RESOLUTION = False  # SimCLR's multi-crop: one head call on every view
 
 
 def head(cfg) -> Callable[[int], nn.Module]:

@@ -42,6 +42,7 @@ from train.losses import init_suncet_loss
 from train.objectives import ObjectiveSpec, Outputs
 
 VIEWS = "codes from the first two views of group 0; every view predicts them"
+HEAD_PER_RESOLUTION = False  # facebookresearch/swav src/resnet50.py: the head runs once on every crop's features
 ASSIGNED = 2  # crops codes are assigned from: views 0 and 1 (the global ones)
 
 

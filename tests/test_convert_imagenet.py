@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import shutil
 import sys
@@ -261,8 +262,26 @@ def test_plan_shards_balances_and_rounds_to_the_multiple():
     shards = plan_shards(1000, shard_size=64, shard_multiple=8)
     assert len(shards) == 16 and {len(r) for r in shards} <= {62, 63}
     assert [i for r in shards for i in r] == list(range(1000))
-    assert len(plan_shards(5, shard_size=64, shard_multiple=8)) == 5  # never an empty shard
     assert plan_shards(0, 64, 8) == []
+
+
+def test_plan_shards_on_small_splits_keeps_shards_at_least_half_full():
+    assert len(plan_shards(1000, 1024, 64)) == 1  # issue 35: was 64 shards of 15 images
+    assert len(plan_shards(3925, 1024, 64)) == 4  # Imagenette's val: 4 x 981, not 64 x 61
+    assert len(plan_shards(1_281_167, 1024, 64)) == 1280  # ImageNet's train and val: rounded to 64 as before
+    assert len(plan_shards(50_000, 1024, 64)) == 64
+    for n, size, multiple in [(n, s, m) for n in (1, 5, 17, 100, 999, 4097) for s in (1, 2, 7, 64)
+                              for m in (1, 3, 8, 12, 64)]:
+        shards = plan_shards(n, size, multiple)
+        lengths = [len(r) for r in shards]
+        assert [i for r in shards for i in r] == list(range(n)), (n, size, multiple)
+        assert max(lengths) <= size and max(lengths) - min(lengths) <= 1 and min(lengths) >= 1
+        # brute force: the fewest shards sharing the largest factor with the multiple, among the counts
+        # that keep shards at least half full (the fewest shards possible when none does)
+        least = math.ceil(n / size)
+        fitting = [c for c in range(least, n + 1) if n // c >= max(1, size // 2)] or [least]
+        expected = min(fitting, key=lambda c: (-math.gcd(c, multiple), c))
+        assert len(shards) == expected, (n, size, multiple)
 
 
 # ---------------------------------------------------------------------------
@@ -407,7 +426,7 @@ def test_imagenette_conversion(tmp_path):
     assert counts["val"] == {"seen": 3925, "written": 3925, "reencoded": 69, "skipped": 0}
     reasons = {r["reason"] for e in manifest["splits"].values() for r in e["reencoded"]}
     assert reasons == {"mode:L"}  # the 242 single-channel JPEGs
-    assert len(manifest["splits"]["val"]["dali_shards"]) == 64
+    assert len(manifest["splits"]["val"]["dali_shards"]) == 4  # 3925 images: 4 shards of 981 (plan_shards)
 
 
 def test_verify_converted_finds_edited_and_truncated_files(converted, tmp_path, capsys):

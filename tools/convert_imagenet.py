@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FFCV 'proportion' mode: share of images stored as JPEG, the rest raw")
     p.add_argument("--shard-size", type=int, default=ConvertOptions.shard_size, help="DALI: most samples per shard")
     p.add_argument("--shard-multiple", type=int, default=ConvertOptions.shard_multiple,
-                   help="DALI: shard count is rounded up to a multiple of this, for balance across ranks")
+                   help="DALI: shard count is rounded up to a multiple of this, for balance across ranks (on a "
+                        "small split, of its largest divisor that keeps shards at least half of --shard-size)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     p.add_argument("--strict", action="store_true", help="stop at the first bad file instead of skipping it")
     p.add_argument("--allow-missing", action="store_true",

@@ -29,17 +29,22 @@ INDEX_VERSION = "v1.2"
 
 
 def plan_shards(num_samples: int, shard_size: int, shard_multiple: int) -> list[range]:
-    """Split ``0..num_samples-1`` into contiguous shards of at most ``shard_size``.
+    """Split ``0..num_samples-1`` into contiguous shards of at most ``shard_size``, sizes
+    differing by at most one.
 
-    The shard count is rounded up to a multiple of ``shard_multiple`` (capped
-    at one sample per shard) and sizes differ by at most one, so any world
-    size dividing ``shard_multiple`` gets the same number of shards per rank
-    and the same number of samples to within one per shard.
+    The shard count is rounded up to a multiple of ``shard_multiple``, so that any world size
+    dividing it gets the same number of shards per rank, unless that would leave shards of
+    fewer than half ``shard_size`` samples (a small split: 1,000 images at 1024 and 64 would
+    make 64 shards of 15). Then it is rounded up to a multiple of the largest divisor of
+    ``shard_multiple`` that keeps shards that full, down to 1: no rounding.
     """
     if num_samples <= 0:
         return []
-    count = math.ceil(num_samples / shard_size)
-    count = min(math.ceil(count / shard_multiple) * shard_multiple, num_samples)
+    least = math.ceil(num_samples / shard_size)
+    for multiple in sorted((d for d in range(1, shard_multiple + 1) if shard_multiple % d == 0), reverse=True):
+        count = math.ceil(least / multiple) * multiple
+        if multiple == 1 or num_samples // count >= max(1, shard_size // 2):
+            break
     bounds = [num_samples * i // count for i in range(count + 1)]
     return [range(bounds[i], bounds[i + 1]) for i in range(count)]
 

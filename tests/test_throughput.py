@@ -333,3 +333,17 @@ def test_bench_imports_point_down():
     for name in mine:
         path = repo / "train" / f"{name}.py"
         assert not {n for n in imports(path) if n == "tools" or n.startswith("tools.")}, path
+
+
+def test_views_take_crop_scales_in_exponent_notation():
+    """Issue 34: ``2x32:1e-3-1`` was refused, its ``-`` taken for the range's."""
+    from train.config import load_config
+
+    yaml = cli.parse_views("2x32:1e-3-1,6x16:.05-1E-1")
+    assert yaml == "[{count: 2, resolution: 32, crop_scale: [0.001, 1.0]}, {count: 6, resolution: 16, crop_scale: [0.05, 0.1]}]"
+    groups = load_config(None, [f"augment.views={yaml}"]).augment.view_groups()
+    assert [(g.count, g.resolution, tuple(g.recipe.crop_scale)) for g in groups] == [(2, 32, (0.001, 1.0)),
+                                                                                   (6, 16, (0.05, 0.1))]
+    for bad in ("2x16:1e-3", "2x16:-1-2", "2x16:1e-3-", "2x16:0.1-0.4-1"):
+        with pytest.raises(ValueError, match="--views: expected COUNTxRES"):
+            cli.parse_views(bad)

@@ -44,6 +44,7 @@ import datetime
 import gc
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -101,21 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+NUMBER = r"(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"  # 1, 0.14, .5, 1e-3, 2.5E+1
+VIEW_GROUP = re.compile(rf"(\d+)x(\d+)(?::({NUMBER})-({NUMBER}))?")
+
+
 def parse_views(text: str) -> str:
     """``--views 2x224:0.14-1,6x96:0.05-0.14`` as the YAML list ``augment.views`` takes."""
     groups = []
     for item in text.split(","):
-        shape, _, scale = item.strip().partition(":")
-        count, x, resolution = shape.partition("x")
-        try:
-            group = {"count": int(count), "resolution": int(resolution)}
-            if scale:
-                lo, hi = scale.split("-")
-                group["crop_scale"] = [float(lo), float(hi)]
-        except ValueError:
-            raise ValueError(f"--views: expected COUNTxRES[:LO-HI] per group, e.g. 2x224:0.14-1, got {item!r}") from None
-        if not x:
-            raise ValueError(f"--views: expected COUNTxRES[:LO-HI] per group, e.g. 2x224:0.14-1, got {item!r}")
+        match = VIEW_GROUP.fullmatch(item.strip())
+        if match is None:
+            raise ValueError(f"--views: expected COUNTxRES[:LO-HI] per group, e.g. 2x224:0.14-1 or 6x96:1e-3-0.14, "
+                             f"got {item!r}")
+        count, resolution, lo, hi = match.groups()
+        group = {"count": int(count), "resolution": int(resolution)}
+        if lo is not None:
+            group["crop_scale"] = [float(lo), float(hi)]
         groups.append("{" + ", ".join(f"{k}: {v}" for k, v in group.items()) + "}")
     return "[" + ", ".join(groups) + "]"
 

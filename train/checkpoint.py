@@ -147,24 +147,48 @@ def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> tupl
     return None
 
 
-def rng_state() -> dict:
-    """Every global RNG's state as tensors and plain types (``weights_only``-loadable)."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's RNG states as tensors and plain types (``weights_only``-loadable): Python's,
+    numpy's, torch's CPU generator and, on a CUDA ``device``, that device's generator only (the
+    other visible devices are other ranks' to save)."""
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
              "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    py, npy = state["python"], state["numpy"]
+def gather_rng_states(device: torch.device) -> dict | None:
+    """``{"ranks": [rng_state(device) of rank 0, 1, ...]}`` on rank 0, None on the others: what a
+    checkpoint keeps. A collective when distributed: call it on every rank."""
+    own = rng_state(device)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return {"ranks": [own]}
+    main = torch.distributed.get_rank() == 0
+    ranks = [None] * torch.distributed.get_world_size() if main else None
+    torch.distributed.gather_object(own, ranks, dst=0)
+    return {"ranks": ranks} if main else None
+
+
+def set_rng_state(state: dict, rank: int = 0, device: torch.device | None = None) -> None:
+    """Restore rank ``rank``'s generators from a checkpoint's ``state`` (``gather_rng_states``), its
+    CUDA generator into ``device``. On another number of ranks, rank r takes saved rank
+    ``r mod (saved ranks)``'s. A checkpoint of an older version holds rank 0's states, with CUDA
+    as every device rank 0 saw: ``device`` takes the entry of its index when there is one."""
+    if "ranks" in state:
+        own = state["ranks"][rank % len(state["ranks"])]
+        cuda = own.get("cuda")
+    else:
+        own, devices = state, state.get("cuda") or []
+        cuda = devices[device.index or 0] if device is not None and (device.index or 0) < len(devices) else None
+    py, npy = own["python"], own["numpy"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
     np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
                          npy["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(own["torch"])
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)

@@ -99,7 +99,7 @@ class Trainer:
     def scaler(self) -> torch.amp.GradScaler:
         return self.kit.scaler
 
-    def checkpoint_state(self, state: TrainState, objective: dict) -> dict:
+    def checkpoint_state(self, state: TrainState, objective: dict, rng: dict) -> dict:
         return {
             "model": self.core.state_dict(),
             "objective": objective,  # SwAV's queue; empty for the others
@@ -109,14 +109,15 @@ class Trainer:
             "config": config_to_dict(self.cfg),
             "world_size": self.ctx.world_size,
             "global_batch": global_batch(self.cfg, self.ctx.world_size),  # what a resumed run keeps
-            "rng": ckpt.rng_state(),
+            "rng": rng,  # every rank's generators (ckpt.gather_rng_states)
             "loader": self.loaders.train.state_dict(),  # what the stream needs beyond (epoch, step)
         }
 
     def save(self, state: TrainState) -> None:
         objective = self.kit.objective_state()  # on every rank: SwAV gathers every rank's queue
+        rng = ckpt.gather_rng_states(self.ctx.device)  # on every rank: each saves its own generators
         if self.ctx.is_main:
-            ckpt.save_checkpoint(self.checkpoint_state(state, objective), Path(self.cfg.run.output_dir),
+            ckpt.save_checkpoint(self.checkpoint_state(state, objective, rng), Path(self.cfg.run.output_dir),
                                  state.global_step, self.cfg.run.keep_checkpoints)
         if self.ctx.distributed:
             torch.distributed.barrier()
@@ -325,7 +326,7 @@ def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path, allo
         tr.optimizer.load_state_dict(saved["optimizer"])
         tr.scaler.load_state_dict(saved["scaler"])
         tr.kit.resume_objective(saved.get("objective") or {})
-        ckpt.set_rng_state(saved["rng"])
+        ckpt.set_rng_state(saved["rng"], ctx.rank, ctx.device)
         if saved.get("loader") is not None:
             tr.loaders.train.load_state_dict(saved["loader"])
         resumed = f"resumed from {path.name} at epoch {state.epoch} step {state.step}, global step {state.global_step}"
@@ -335,16 +336,17 @@ def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path, allo
     if tr.loaders.knn_off and ctx.is_main:
         print(f"note: kNN monitor off (run.knn_every_epochs={cfg.run.knn_every_epochs}): {tr.loaders.knn_off}")
     knn = None
-    if loaded and state.step == 0 and state.epoch > 0 and knn_due(cfg, state.epoch - 1) and ctx.is_main:
-        # the checkpoint is an epoch's end: its kNN point is in metrics.csv unless the run stopped
-        # (preempted, killed) between that checkpoint and the evaluation; then it is evaluated now
-        knn = tr.logger.knn_at(state.global_step)
-        if knn is None:
-            knn = log_knn(tr, state, state.epoch - 1, "evaluated on resume: the run stopped before it")
-    if knn is None and loaded and state.epoch >= cfg.optim.epochs:
-        knn = earlier_knn(run_dir)  # a finished run's
     try:
-        with Preemption(cfg.run.preempt_signals, ctx.distributed, ctx.device) as preemption:
+        with Preemption(cfg.run.preempt_signals, ctx.distributed, ctx.device, cfg.run.preempt_grace_s,
+                        cfg.run.output_dir) as preemption:
+            if loaded and state.step == 0 and state.epoch > 0 and knn_due(cfg, state.epoch - 1) and ctx.is_main:
+                # the checkpoint is an epoch's end: its kNN point is in metrics.csv unless the run stopped
+                # (preempted, killed) between that checkpoint and the evaluation; then it is evaluated now
+                knn = tr.logger.knn_at(state.global_step)
+                if knn is None:
+                    knn = log_knn(tr, state, state.epoch - 1, "evaluated on resume: the run stopped before it")
+            if knn is None and loaded and state.epoch >= cfg.optim.epochs:
+                knn = earlier_knn(run_dir)  # a finished run's
             while state.epoch < cfg.optim.epochs:
                 train_one_epoch(tr, state, preemption)
                 epoch = state.epoch

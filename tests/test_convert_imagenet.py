@@ -25,8 +25,9 @@ from PIL import Image
 from tests.helpers.imagefolder import make_image_folder, smooth_image
 from pipelines.format import layout
 from tools.convert.dali_shards import plan_shards
+from tools.convert.ffcv_beton import FFCV_MIN_PAGE, JPEG_SLACK, BetonSettings, PagePlan, plan_pages
 from pipelines.labeled import stratified
-from tools.convert.source import load_rgb
+from tools.convert.source import Verdict, load_rgb
 from tools.convert_imagenet import ConversionError, ConvertOptions, convert, main
 
 SIZE = (64, 48)  # (width, height) of every image, so FFCV's SimpleRGBImageDecoder can read them all
@@ -305,6 +306,45 @@ def test_cli_fraction_draw_is_class_stratified(tree, tmp_path, capsys):
     meta = Reader(str(layout.beton_path(out, "train"))).metadata["f0"]
     assert max(meta["width"].max(), meta["height"].max()) == 32  # 64x48 sources, longest side now 32
     assert main(argv) == 0  # a rerun with the same settings finds the split complete
+
+
+def test_a_small_beton_is_its_samples_and_at_most_a_header_page_and_a_last_page(tmp_path):
+    """Issue 35: 1,000 CIFAR-sized images made a 25 MB .beton (three 8 MiB pages: the header's and
+    one per writer worker) for 2 MB of samples. The bound here is FFCV's smallest page, twice."""
+    pytest.importorskip("ffcv", reason="pip install .[ffcv]")
+    from ffcv.reader import Reader
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_image_folder(src / "train", 4, 50, 32, seed=0)
+    convert(ConvertOptions(src=str(src), out=str(out), splits=("train",), formats=("ffcv",), jobs=2, progress=False))
+    beton = layout.beton_path(out, "train")
+    reader = Reader(str(beton))
+    stored = int(reader.alloc_table["size"].sum())  # the bytes of every sample's image, as FFCV reads them
+    assert beton.stat().st_size <= stored + reader.alloc_table.nbytes + 2 * FFCV_MIN_PAGE
+    assert reader.metadata["f2"].tolist() == list(range(200))  # still FFCV-readable, indices in order
+    assert reader.metadata["f1"].tolist() == [s["label"] for s in layout.read_samples(out, "train")]
+
+
+def _verdicts(count: int, size: tuple[int, int], nbytes: int) -> list[Verdict]:
+    return [Verdict("copy", nbytes=nbytes, size=size)] * count
+
+
+def test_beton_pages_fit_eight_of_the_largest_samples_and_workers_eight_pages_each():
+    settings = BetonSettings(max_resolution=512, jpeg_quality=90, compress_probability=0.5)
+    imagenet = plan_pages(_verdicts(1_281_167, (500, 375), 110_000), settings, jobs=32)
+    assert imagenet == PagePlan(8 << 20, 32)  # 562,500-byte raw images: 8 x 566,596 needs 8 MiB; ~430 GB of data
+    assert plan_pages(_verdicts(1000, (32, 32), 1000), settings, jobs=2) == PagePlan(FFCV_MIN_PAGE, 1)
+    for size, resolution in [((4000, 3000), 512), ((4000, 3000), 1024), ((300, 4000), 2048), ((64, 48), 64)]:
+        plan = plan_pages(_verdicts(10, size, 10_000), BetonSettings(resolution, 90, 0.5), jobs=4)
+        # FFCV's resize, written out: the long side to the resolution, the short side truncated
+        long, short = max(size), min(size)
+        raw = 3 * min(long, resolution) * (short * resolution // long if long > resolution else short)
+        need = 8 * (raw + JPEG_SLACK)
+        assert plan.page_size >= max(need, FFCV_MIN_PAGE) and (plan.page_size == FFCV_MIN_PAGE
+                                                               or plan.page_size // 2 < need), (size, resolution)
+        assert plan.page_size & (plan.page_size - 1) == 0 and plan.workers == 1  # 10 images: one worker
+    all_jpeg = BetonSettings(512, 90, 1.0)  # the expected data counts the source's JPEG bytes
+    assert plan_pages(_verdicts(4000, (500, 375), 110_000), all_jpeg, jobs=64).workers == 4000 * 110_000 // (64 << 20)
 
 
 def test_stratified_draw_counts_and_seed():

@@ -398,7 +398,8 @@ def load_rgb(path):  # the OOM killer, as far as the writer can tell
 ffcv_beton.load_rgb = load_rgb
 items = [({die!r}, 0)] + [({ok!r}, 0)] * 30000  # 300 chunks: more than FFCV's work-queue pipe holds
 try:
-    ffcv_beton.write_beton(Path({out!r}), items, ffcv_beton.BetonSettings(64, 90, 0.5), jobs=2, progress=False)
+    ffcv_beton.write_beton(Path({out!r}), items, ffcv_beton.BetonSettings(64, 90, 0.5), ffcv_beton.PagePlan(1 << 21, 2),
+                           progress=False)
 except ffcv_beton.WriterWorkerDied as exc:
     print(exc)
 """
@@ -517,9 +518,9 @@ def test_w11_a_read_only_run_folder_is_refused_at_start(tmp_path, monkeypatch):
     ("data.knn_max_samples=0", "data.knn_max_samples must be >= 1"),
     ("run.knn_every_epochs=-1", "run.knn_every_epochs must be >= 0"),
     ("loss.supervised_epochs=-1", "loss.supervised_epochs must be >= 0 or null"),
-    ("augment.std=[0,0,0]", "augment.std must be > 0"),
+    ("augment.std=[0,0,0]", "augment.std must be >= 0.001"),
     ("augment.blur_kernel_fraction=5", "augment.blur_kernel_fraction must be in (0, 1]"),
-    ("augment.crop_ratio=[0,0]", "augment.crop_ratio must satisfy"),
+    ("augment.crop_ratio=[0,0]", "augment.crop_ratio must be > 0 in every entry"),
 ])
 def test_t4_t5_w6_impossible_values_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError) as exc:
@@ -532,7 +533,7 @@ def test_t4_fp16_on_a_cpu_is_a_one_line_error(tree, tmp_path, capsys):
     assert "run.precision=fp16 needs CUDA" in _err(capsys)
 
 
-@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("1e30", 1e30), ("-2E+2", -200.0)])
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("1e30", 1e30), ("+2E+2", 200.0)])
 def test_w4_numbers_without_a_dot_are_numbers(text, value):
     assert load_config(None, [f"optim.lr={text}"]).optim.lr == value
 

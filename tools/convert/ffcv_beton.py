@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from tools.convert.source import SourceChanged, load_rgb
+from tools.convert.source import SourceChanged, Verdict, load_rgb
 
 INSTALL_HINT = "pip install .[ffcv]  (from the repository root; or `make setup`)"
 
@@ -152,6 +152,14 @@ class _WatchedQueue(multiprocessing.queues.Queue):
                 watch.check()
 
 
+def _open_buffered(file, mode: str = "r", buffering: int = -1, *args, **kwargs):
+    """``open`` for FFCV's page writer (``ffcv.memory_allocator``), buffered. It opens the ``.beton``
+    unbuffered, whose ``write`` returns the bytes it wrote: on a full disk a page was cut short
+    without an error (seen once pages became 2 MiB). A buffered file writes the rest or raises,
+    in the worker, which ``_WorkerWatch`` reports."""
+    return open(file, mode, -1 if buffering == 0 else buffering, *args, **kwargs)
+
+
 @dataclass(frozen=True)
 class BetonSettings:
     """The converter's FFCV options (their defaults live in ``ConvertOptions``)."""
@@ -161,15 +169,54 @@ class BetonSettings:
     compress_probability: float  # 'proportion' mode: share of images stored JPEG, the rest raw
 
 
-def page_size_for(max_resolution: int) -> int:
-    """FFCV page size that fits the largest raw image (FFCV's default 8 MiB at least)."""
-    need = 3 * max_resolution * max_resolution + 4096
-    return max(1 << 23, 1 << (need - 1).bit_length())
+FFCV_MIN_PAGE = 1 << 21  # ffcv.writer.MIN_PAGE_SIZE: FFCV's writer refuses smaller pages
+SAMPLES_PER_PAGE = 8  # a page holds at least this many of the largest samples
+JPEG_SLACK = 4096  # bytes a JPEG may exceed its raw pixels by (headers and tables of a tiny image)
 
 
-def write_beton(path: Path, items: list[tuple[str, int]], settings: BetonSettings, jobs: int,
+@dataclass(frozen=True)
+class PagePlan:
+    """How FFCV's writer lays out a ``.beton``: ``page_size`` bytes per page, ``workers`` processes.
+
+    The writer pads the header to one page and each worker ends on a page of its own that it
+    writes whole, filled or not; a page also ends with the gap left by the sample that did not
+    fit. So the page is the smallest power of two (at least FFCV's 2 MiB) holding
+    ``SAMPLES_PER_PAGE`` of the largest samples (the gap stays under 1/8 of a page), and each
+    worker gets at least ``SAMPLES_PER_PAGE`` pages of the expected data (the last pages and the
+    header's stay under about 1/8 of the file): 1,000 CIFAR images at 2 workers and 8 MiB pages
+    were a 25 MB file for 2 MB of data, and are about 4 MB so."""
+
+    page_size: int
+    workers: int
+
+
+def stored_raw_bytes(size: tuple[int, int], max_resolution: int) -> int:
+    """Bytes of an image of ``size`` (width, height) stored raw: FFCV's ``resizer`` scales the
+    longest side down to ``max_resolution`` (never up), truncating, then 3 bytes a pixel."""
+    width, height = size
+    ratio = max_resolution / max(width, height)
+    if ratio < 1:
+        width, height = int(ratio * width), int(ratio * height)
+    return 3 * width * height
+
+
+def plan_pages(verdicts: list[Verdict], settings: "BetonSettings", jobs: int) -> PagePlan:
+    """The ``PagePlan`` for the accepted images judged by ``verdicts``. The expected data counts a
+    raw image at its raw bytes and a JPEG at its source file's bytes scaled by the resize."""
+    raw = [stored_raw_bytes(v.size, settings.max_resolution) for v in verdicts]
+    need = SAMPLES_PER_PAGE * (max(raw, default=0) + JPEG_SLACK)
+    page_size = max(FFCV_MIN_PAGE, 1 << (need - 1).bit_length())
+    share = settings.compress_probability
+    expected = sum((1 - share) * r + share * min(r, v.nbytes * r / max(1, 3 * v.size[0] * v.size[1]))
+                   for r, v in zip(raw, verdicts))
+    workers = max(1, min(jobs, int(expected // (SAMPLES_PER_PAGE * page_size))))
+    return PagePlan(page_size, workers)
+
+
+def write_beton(path: Path, items: list[tuple[str, int]], settings: BetonSettings, pages: PagePlan,
                 progress: bool = True) -> None:
-    """Write ``items`` (absolute source path, label) to ``path``; sample ``i`` gets index ``i``.
+    """Write ``items`` (absolute source path, label) to ``path`` laid out by ``pages``; sample ``i``
+    gets index ``i``.
     FFCV's writer draws its own progress bar and has no switch for it; ``progress=False``
     (``--no-progress``) silences it through the name it calls.
 
@@ -177,6 +224,7 @@ def write_beton(path: Path, items: list[tuple[str, int]], settings: BetonSetting
     """
     require_ffcv()
     from ffcv.fields import IntField, RGBImageField
+    import ffcv.memory_allocator as ffcv_allocator
     import ffcv.writer as ffcv_writer
     from ffcv.writer import DatasetWriter
 
@@ -188,7 +236,7 @@ def write_beton(path: Path, items: list[tuple[str, int]], settings: BetonSetting
         "label": IntField(),
         "index": IntField(),
     }
-    writer = DatasetWriter(str(path), fields, page_size=page_size_for(settings.max_resolution), num_workers=jobs)
+    writer = DatasetWriter(str(path), fields, page_size=pages.page_size, num_workers=pages.workers)
     watch = _WorkerWatch()
     bar = ffcv_writer.tqdm  # labelled: FFCV's own bar says nothing of what it writes
     patched = {"tqdm": (functools.partial(bar, desc=f"writing {path.name}") if progress
@@ -198,6 +246,7 @@ def write_beton(path: Path, items: list[tuple[str, int]], settings: BetonSetting
     originals = {name: getattr(ffcv_writer, name) for name in patched}
     for name, value in patched.items():
         setattr(ffcv_writer, name, value)
+    ffcv_allocator.open = _open_buffered  # the name its pages are opened by (a builtin until then)
     try:
         writer.from_indexed_dataset(_Samples(items, errors_path, settings.max_resolution), chunksize=100)
         with open(errors_path) as f:
@@ -209,6 +258,7 @@ def write_beton(path: Path, items: list[tuple[str, int]], settings: BetonSetting
     finally:
         for name, value in originals.items():
             setattr(ffcv_writer, name, value)
+        del ffcv_allocator.open
         watch.close()
         os.remove(errors_path)
     if errors:

@@ -32,7 +32,8 @@ class Verdict:
     action: str
     reason: str | None = None
     detail: str | None = None
-    nbytes: int = 0
+    nbytes: int = 0  # of the source file
+    size: tuple[int, int] = (0, 0)  # (width, height) of an accepted image, in pixels
 
 
 def inspect_file(path: str, max_side: int | None = None) -> Verdict:
@@ -72,14 +73,14 @@ def inspect_file(path: str, max_side: int | None = None) -> Verdict:
         return Verdict(SKIP, "too-elongated", f"{width}x{height} pixels: the short side would be 0 pixels "
                        f"at --max-resolution {max_side}")
     if fmt != "JPEG":
-        return Verdict(REENCODE, f"format:{fmt}", None, len(data))
+        return Verdict(REENCODE, f"format:{fmt}", None, len(data), (width, height))
     if mode != "RGB":
-        return Verdict(REENCODE, f"mode:{mode}", None, len(data))
+        return Verdict(REENCODE, f"mode:{mode}", None, len(data), (width, height))
     if orientation not in (None, 1):
         # Decoders disagree on applying EXIF rotation (PIL, hence torchvision and
         # FFCV here, does not); storing rotation-free pixels keeps backends equal.
-        return Verdict(REENCODE, f"exif-orientation:{orientation}", None, len(data))
-    return Verdict(COPY, None, None, len(data))
+        return Verdict(REENCODE, f"exif-orientation:{orientation}", None, len(data), (width, height))
+    return Verdict(COPY, None, None, len(data), (width, height))
 
 
 def load_rgb(path: str) -> np.ndarray:

@@ -20,7 +20,7 @@ from pipelines.format.manifest import file_record
 from pipelines.image_folder import list_split
 from pipelines.labeled import LabeledSubset, match_list, read_list_lines, stratified
 from tools.convert.dali_shards import ShardTask, plan_shards, write_shard
-from tools.convert.ffcv_beton import BetonSettings, WriterWorkerDied, write_beton
+from tools.convert.ffcv_beton import BetonSettings, WriterWorkerDied, plan_pages, write_beton
 from tools.convert.options import ConversionError, ConvertOptions
 from tools.convert.source import SKIP, SourceChanged, Verdict, inspect_file, source_state
 
@@ -69,9 +69,10 @@ def convert_split(split: str, split_dir: Path, out: Path, classes: list[str], op
         if "ffcv" in options.formats:
             t = time.perf_counter()
             try:
+                settings = BetonSettings(options.max_resolution, options.jpeg_quality, options.compress_probability)
                 write_beton(stage(layout.beton_path(out, split)), [(a.source, a.label) for a in found.accepted],
-                            BetonSettings(options.max_resolution, options.jpeg_quality, options.compress_probability),
-                            options.jobs, options.progress)
+                            settings, plan_pages([a.verdict for a in found.accepted], settings, options.jobs),
+                            options.progress)
             except (SourceChanged, WriterWorkerDied) as e:
                 raise ConversionError(str(e)) from e
             timings["ffcv"] = time.perf_counter() - t

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import logging
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -345,6 +347,45 @@ def test_beton_pages_fit_eight_of_the_largest_samples_and_workers_eight_pages_ea
         assert plan.page_size & (plan.page_size - 1) == 0 and plan.workers == 1  # 10 images: one worker
     all_jpeg = BetonSettings(512, 90, 1.0)  # the expected data counts the source's JPEG bytes
     assert plan_pages(_verdicts(4000, (500, 375), 110_000), all_jpeg, jobs=64).workers == 4000 * 110_000 // (64 << 20)
+
+
+UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
+
+
+def _near(text: str, nbytes: int) -> bool:
+    """``text`` (``12.3 kB``) is ``nbytes`` rounded to its last digit."""
+    value, unit = text.split()
+    step = UNITS[unit] * (1 if unit == "B" else 0.1)
+    return abs(float(value) * UNITS[unit] - nbytes) <= step / 2 + 1e-9
+
+
+def _bytes_under(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and p.name != ".convert.lock")
+
+
+def test_last_line_names_the_output_folder_and_its_bytes_per_format_and_split(converted, caplog):
+    out = converted.out  # a rerun finds both splits complete, and still ends with the line
+    with caplog.at_level(logging.INFO, logger="tools.convert_imagenet"):
+        assert main(["--src", str(converted.src), "--out", str(out), "--labeled-list", converted.options.labeled_list,
+                     "--allow-missing", "--shard-size", "4", "--shard-multiple", "1", "--jobs", "2",
+                     "--no-progress"]) == 0
+    assert "already converted" in caplog.records[0].getMessage()
+    last = caplog.records[-1].getMessage()
+    size = r"(\d+(?:\.\d)? [kMG]?B)"
+    found = re.fullmatch(rf"output: (\S+) \({size}; pass this folder as data.root\): ffcv {size} \(train {size}, "
+                         rf"val {size}\), dali {size} \(train {size} in (\d+) shards?, val {size} in (\d+) shards?\), "
+                         rf"listings {size}", last)
+    assert found, last
+    (folder, total, ffcv, ffcv_train, ffcv_val, dali, dali_train, train_shards, dali_val, val_shards,
+     listings) = found.groups()
+    assert folder == str(out) and _near(total, _bytes_under(out))
+    assert _near(ffcv_train, layout.beton_path(out, "train").stat().st_size)
+    assert _near(ffcv_val, layout.beton_path(out, "val").stat().st_size) and _near(ffcv, _bytes_under(out / "ffcv"))
+    assert _near(dali_train, _bytes_under(layout.shard_dir(out, "train")))
+    assert _near(dali_val, _bytes_under(layout.shard_dir(out, "val"))) and _near(dali, _bytes_under(out / "dali"))
+    assert int(train_shards) == len(layout.shard_files(out, "train")[0])
+    assert int(val_shards) == len(layout.shard_files(out, "val")[0])
+    assert _near(listings, _bytes_under(out) - _bytes_under(out / "ffcv") - _bytes_under(out / "dali"))
 
 
 def test_stratified_draw_counts_and_seed():

@@ -106,6 +106,7 @@ def _convert(options: ConvertOptions, src: Path, out: Path, classes: list[str]) 
             manifest["splits"][split] = convert_split(split, src / split, out, classes, options, pool)
             write_json(out / layout.MANIFEST, manifest)
             log.info("%s", _summary(split, manifest["splits"][split]))
+    log.info("%s", _holdings(out, manifest))
     return manifest
 
 
@@ -199,6 +200,36 @@ def _summary(split: str, entry: dict) -> str:
             if labeled[key]:
                 text += f"; {len(labeled[key])} listed names {key}"
     return text
+
+
+def _holdings(out: Path, manifest: dict) -> str:
+    """The last line: the folder to train on and the bytes it holds, per format and split."""
+    sizes = {name: Counter() for name in (*layout.FORMAT_DIRS, "listings")}  # format -> split -> bytes
+    for split, entry in manifest["splits"].items():
+        for record in entry["files"] if entry.get("complete") else []:
+            sizes[layout.format_of(record["path"])][split] += record["bytes"]
+    listings = (sizes.pop("listings").total() + manifest.get("labels_file", {}).get("bytes", 0)
+                + (out / layout.MANIFEST).stat().st_size)
+    parts = []
+    for name, by_split in sizes.items():
+        if by_split:
+            shards = {s: len(manifest["splits"][s]["dali_shards"]) for s in by_split} if name == "dali" else {}
+            parts.append(f"{name} {_size(by_split.total())} (" + ", ".join(
+                f"{s} {_size(n)}" + (f" in {shards[s]} shard{'s' * (shards[s] != 1)}" if shards else "")
+                for s, n in by_split.items()) + ")")
+    total = listings + sum(by_split.total() for by_split in sizes.values())
+    return f"output: {out} ({_size(total)}; pass this folder as data.root): {', '.join(parts)}, listings {_size(listings)}"
+
+
+def _size(nbytes: float) -> str:
+    """``nbytes`` in decimal units: ``812 B``, ``25.2 MB``."""
+    if nbytes < 1000:
+        return f"{int(nbytes)} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        nbytes /= 1000
+        if round(nbytes, 1) < 1000:
+            break
+    return f"{nbytes:.1f} {unit}"
 
 
 # ---------------------------------------------------------------------------

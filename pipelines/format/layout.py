@@ -25,6 +25,7 @@ from pipelines.errors import DataError
 MANIFEST = "manifest.json"
 LABELS = "labels.json"
 PARTIAL = ".partial"  # suffix of outputs being written; renamed when the split completes
+FORMAT_DIRS = ("ffcv", "dali")  # a format's folder, named after it; the rest are listings
 
 # Members of each webdataset sample: JPEG bytes, label, sample index (both ASCII decimal, as
 # webdataset writes and reads ``.cls``).
@@ -47,6 +48,12 @@ def beton_path(out: Path, split: str) -> Path:
 
 def shard_dir(out: Path, split: str) -> Path:
     return Path(out) / "dali" / split
+
+
+def format_of(path: str) -> str:
+    """What a file of a conversion (``path`` relative to it) belongs to: ``ffcv``, ``dali`` or ``listings``."""
+    top = path.split("/", 1)[0]
+    return top if top in FORMAT_DIRS else "listings"
 
 
 def shard_name(shard: int) -> str:

@@ -24,13 +24,23 @@ mode, a comma-separated list, or ``all``:
   uint8 batches of all the step's views; figure = views/s.
 - ``e2e``: the config's training step fed by the loader: unlabeled images/s
   and the fraction of step time spent waiting in ``next(loader)``.
+- ``host``: each backend built as on a GPU, on whatever this machine is: the
+  host's CPU time per unlabeled image and the cores one GPU needs to be fed
+  at ``--feed-rate`` (and, on a GPU, at the compute-only rate); what is left
+  out on a CPU-only machine is in ``tools.bench.host_cost``.
 
 Every figure is the median, min and max over ``--windows`` timed windows of
 ``--steps / --windows`` steps each, after ``--warmup`` steps; device work is
 synchronised at the end of each window. CPU cores used = CPU seconds of this
 process and its worker processes / wall seconds; peak RSS = the largest
 resident memory of this process plus the unique memory (USS) of its workers,
-sampled at window ends.
+sampled at window ends. CPU ms/img = CPU seconds of the process and its workers
+per unlabeled image: the figure that a busy machine disturbs least.
+
+The JSON report (``--json``) is written again after every measurement
+(``"complete": false`` until the last), so that a run stopped by a time limit
+keeps what it measured. An e2e figure above the compute-only step beyond noise
+is flagged with a warning: the machine's load changed between the two.
 
 Exit status: 0 when every requested measurement ran (a backend or module that
 is not installed is reported ``unavailable``), 1 when one failed (an ``error``
@@ -39,6 +49,7 @@ row, e.g. a data root that does not exist), 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import gc
@@ -52,18 +63,19 @@ from typing import Callable
 
 import torch
 
+from pipelines.atomic_write import write_text_atomically
 from train.config import BACKENDS, ConfigError, PretrainConfig, load_config
 from train.data import build_loaders, loader_spec
 from train.distributed import DeviceError, DistContext, init_distributed, shutdown_distributed
 from train.precision import Precision, resolve_precision
 from train.wiring import build_step_kit, configure_backends, host_lead_steps
-from tools.bench import measure, pil_reference
+from tools.bench import host_cost, measure, pil_reference, render
 from tools.bench import report as report_lib
 from tools.bench.env import environment, usable_cores
 from tools.bench.variants import CONFIG, parse_variants
 
-MODES = ("decode", "loader", "compute", "augment", "e2e")
-DATA_MODES = ("decode", "loader", "e2e")
+MODES = ("decode", "loader", "compute", "augment", "e2e", "host")
+DATA_MODES = ("decode", "loader", "e2e", "host")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="timed steps per mode, split into --windows windows")
     p.add_argument("--windows", type=int, default=5, help="timed windows; figures are their median, min and max")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before the first window")
-    p.add_argument("--json", help="write the full report (every figure and window) here")
+    p.add_argument("--feed-rate", type=float, default=2000.0, metavar="IMG_S",
+                   help="--mode host: the unlabeled images/s one GPU is to be fed at (default 2000)")
+    p.add_argument("--json", help="write the full report (every figure and window) here, after every measurement")
     p.add_argument("--plot", help="write a PNG bar chart here")
     return p
 
@@ -186,24 +200,31 @@ def train_stream(cfg: PretrainConfig, backend: str, data_for: dict[str, str], ct
 
 
 def run_modes(cfg: PretrainConfig, ctx: DistContext, modes: tuple[str, ...], backends: tuple[str, ...],
-              data_for: dict[str, str], timing: measure.Timing, args: argparse.Namespace) -> list[dict]:
-    """Every requested measurement on this rank, in a fixed order, as result rows."""
+              data_for: dict[str, str], timing: measure.Timing, args: argparse.Namespace,
+              measured: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """Every requested measurement on this rank, in a fixed order, as result rows; ``measured``
+    sees the rows so far after each measurement (the JSON report is written there)."""
     # Random inputs can overflow: skip such a step (counted) rather than end the benchmark.
     cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, on_nonfinite="skip"))
     precision = resolve_precision(cfg.run.precision, ctx.device)
     shape = measure.step_shape(cfg)
     dist = ctx.distributed
-    rows = []
+    rows: list[dict] = []
+
+    def add(*new: dict) -> None:
+        rows.extend(new)
+        measured(rows)
+
     if "decode" in modes:
         workers = args.decode_workers or max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         root = Path(cfg.data.root) / cfg.data.train_split
-        rows.append(result_row("decode", "-", lambda: measure.measure_decode(root, shape, timing, workers,
-                                                                             cfg.run.seed), dist))
+        add(result_row("decode", "-", lambda: measure.measure_decode(root, shape, timing, workers, cfg.run.seed), dist))
     if "compute" in modes:
         progress(f"compute: timing {args.step_variants}")
-        rows += measure.compute_rows(cfg, ctx, timing, parse_variants(args.step_variants))
+        add(*measure.compute_rows(cfg, ctx, timing, parse_variants(args.step_variants)))
     if "augment" in modes:
-        rows.append(result_row("augment", "-", lambda: measure.measure_augment(cfg, shape, timing, ctx.device), dist))
+        add(result_row("augment", "-", lambda: measure.measure_augment(cfg, shape, timing, ctx.device), dist))
+    buffered = cfg.data.num_workers * cfg.data.prefetch_factor  # batches the workers prepare ahead
     fed = [m for m in ("loader", "e2e") if m in modes]
     kit = None
     for backend in backends if fed else ():
@@ -211,12 +232,11 @@ def run_modes(cfg: PretrainConfig, ctx: DistContext, modes: tuple[str, ...], bac
             stream = train_stream(cfg, backend, data_for, ctx, precision.input_dtype)
             batches = measure.endless(stream)
         except Exception as exc:  # ImportError: backend not installed (unavailable); else an error (missing data, ...)
-            rows += [measure.failure_row(m, exc, dist, backend=backend) for m in fed]
+            add(*[measure.failure_row(m, exc, dist, backend=backend) for m in fed])
             continue
         if "loader" in modes:
-            buffered = cfg.data.num_workers * cfg.data.prefetch_factor
-            rows.append(result_row("loader", backend,
-                                   lambda: measure.measure_loader(batches, shape, timing, ctx.device, buffered), dist))
+            add(result_row("loader", backend,
+                           lambda: measure.measure_loader(batches, shape, timing, ctx.device, buffered), dist))
         if "e2e" in modes:
             if kit is None:
                 torch.manual_seed(cfg.run.seed + ctx.rank)
@@ -224,13 +244,25 @@ def run_modes(cfg: PretrainConfig, ctx: DistContext, modes: tuple[str, ...], bac
                 kit.model.train()
             kit.host_lead_steps = host_lead_steps(with_backend(cfg, backend, data_for), ctx.device)  # as training
             # Alone, e2e would time the workers' prefetched batches first: drain them in the warm-up.
-            e2e_timing = timing if "loader" in modes else dataclasses.replace(
-                timing, warmup=timing.warmup + cfg.data.num_workers * cfg.data.prefetch_factor)
-            rows.append(result_row("e2e", backend,
-                                   lambda: measure.measure_e2e(kit, batches, shape, e2e_timing, ctx.device), dist))
+            e2e_timing = timing if "loader" in modes else dataclasses.replace(timing, warmup=timing.warmup + buffered)
+            add(result_row("e2e", backend,
+                           lambda: measure.measure_e2e(kit, batches, shape, e2e_timing, ctx.device), dist))
         batches.close()
         del stream, batches
         gc.collect()  # stop this backend's workers before measuring the next
+    for backend in backends if "host" in modes else ():
+        try:
+            with host_cost.built_as_on_gpu(backend, ctx.device):
+                stream = train_stream(cfg, backend, data_for, ctx, precision.input_dtype)
+            batches = host_cost.host_batches(stream, backend, ctx.device)
+        except Exception as exc:
+            add(measure.failure_row("host", exc, dist, backend=backend))
+            continue
+        add(result_row("host", backend,
+                       lambda: measure.measure_loader(batches, shape, timing, ctx.device, buffered), dist))
+        batches.close()
+        del stream, batches
+        gc.collect()
     return rows
 
 
@@ -269,11 +301,18 @@ def shape_summary(cfg: PretrainConfig, precision: Precision, args: argparse.Name
 
 
 def build_report(rows: list[dict], cfg: PretrainConfig, ctx: DistContext, timing: measure.Timing,
-                 args: argparse.Namespace, argv: list[str]) -> dict:
+                 args: argparse.Namespace, argv: list[str], complete: bool = True) -> dict:
+    """The report of ``rows`` (ratios, warnings, host cores and verdicts filled in); ``complete``
+    False while measurements are still to come (under torchrun, rank 0's figures only until then)."""
     report_lib.add_ratios(rows)
+    warnings = report_lib.e2e_above_compute(rows)
+    compute = report_lib.compute_reference(rows)
+    compute_rate = report_lib.median(compute) if compute is not None and ctx.device.type == "cuda" else None
+    report_lib.add_host_cores(rows, args.feed_rate, compute_rate)
     launcher = f"torchrun --nproc_per_node={ctx.world_size} -m" if ctx.distributed else "python -m"
     return {
         "schema": "tools.throughput/1",
+        "complete": complete,
         "command": f"{launcher} tools.throughput {shlex.join(argv)}",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "unit": "img/s/GPU" if ctx.device.type == "cuda" else "img/s/process",
@@ -281,19 +320,27 @@ def build_report(rows: list[dict], cfg: PretrainConfig, ctx: DistContext, timing
         "shape": shape_summary(cfg, resolve_precision(cfg.run.precision, ctx.device), args),
         "timing": {"warmup_steps": timing.warmup, "windows": timing.windows,
                    "steps_per_window": timing.steps_per_window},
+        "feed_rate": args.feed_rate,
+        "compute_rate": compute_rate,
         "results": rows,
+        "warnings": warnings,
         "verdicts": report_lib.verdicts(rows),
     }
 
 
+def write_json(report: dict, path: str) -> None:
+    """Replace ``path`` whole (a run killed while writing leaves the previous version)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(Path(path), json.dumps(report, indent=2) + "\n")
+
+
 def write_outputs(report: dict, args: argparse.Namespace) -> None:
-    print(report_lib.markdown_report(report), end="")
+    print(render.markdown_report(report), end="")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(report, args.json)
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        report_lib.save_plot(report, args.plot)
+        render.save_plot(report, args.plot)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,8 +376,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         torch.manual_seed(cfg.run.seed + ctx.rank)
         configure_backends(cfg, ctx.device)  # as the trainer does (cuDNN autotuning)
+        def measured(rows: list[dict]) -> None:  # the JSON so far, so that a killed run keeps it
+            if args.json and ctx.is_main:
+                write_json(build_report(copy.deepcopy(rows), cfg, ctx, timing, args, argv, complete=False), args.json)
+
         try:
-            rows = run_modes(cfg, ctx, modes, backends, data_for, timing, args)
+            rows = run_modes(cfg, ctx, modes, backends, data_for, timing, args, measured)
         except ValueError as exc:  # e.g. fp16 requested on CPU
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -115,6 +115,7 @@ class Window:
     steps: int
     seconds: float
     wait_seconds: float
+    cpu_seconds: float  # of this process and its workers
 
 
 @dataclass
@@ -154,10 +155,10 @@ def run_windows(timed: Sequence[Timed], timing: Timing, sync: Callable[[], None]
                 wait += item.step() or 0.0
             item.end_window()
             sync()
-            seconds = time.perf_counter() - t0
-            cpu[i] += meter.cpu_seconds() - cpu0
+            seconds, cpu_used = time.perf_counter() - t0, meter.cpu_seconds() - cpu0
+            cpu[i] += cpu_used
             wall[i] += seconds
-            windows[i].append(Window(timing.steps_per_window, seconds, wait))
+            windows[i].append(Window(timing.steps_per_window, seconds, wait, cpu_used))
             meter.sample()
     peak = meter.stop()["peak_rss_mb"]
     return [(w, {"cpu_cores_used": c / s if s > 0 else 0.0, "peak_rss_mb": peak, "warmup_seconds": t})
@@ -165,9 +166,14 @@ def run_windows(timed: Sequence[Timed], timing: Timing, sync: Callable[[], None]
 
 
 def window_figures(windows: list[Window], resources: dict, per_step: dict[str, int]) -> dict:
-    """Rates of ``per_step`` counts (e.g. images_per_s: B) over the windows, plus resources."""
+    """Rates of ``per_step`` counts (e.g. images_per_s: B) over the windows, plus resources and
+    ``cpu_ms_per_image``: CPU time (this process and its workers) per ``images_per_s`` item, the
+    figure that a busy machine disturbs least."""
     seconds = [w.seconds for w in windows]
     figures = {key: report_lib.rates([w.steps * n for w in windows], seconds).as_dict() for key, n in per_step.items()}
+    images = per_step["images_per_s"]
+    figures["cpu_ms_per_image"] = report_lib.Spread.of(1000 * w.cpu_seconds / (w.steps * images)
+                                                       for w in windows).as_dict()
     figures.update(resources)
     cores = resources["cpu_cores_used"]
     figures["images_per_s_per_core"] = figures["images_per_s"]["median"] / cores if cores > 0 else None
@@ -349,6 +355,8 @@ def compute_rows(cfg: PretrainConfig, ctx: DistContext, timing: Timing, variants
         figures = window_figures(windows, resources, {"images_per_s": vshape.unlabeled, "views_per_s": vshape.views})
         figures["skipped_steps"] = driver.skipped
         rows[name] = report_lib.ok_row("compute", "-", figures, variant=name, settings=settings)
+    for name in variants:
+        rows[name]["reference"] = variants_lib.reference_of(name, variants)
     return [rows[name] for name in variants]
 
 

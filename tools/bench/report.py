@@ -1,4 +1,4 @@
-"""Result rows, figures, verdict and output formats of ``tools.throughput``.
+"""Result rows, figures, ratios, warnings and verdicts of ``tools.throughput`` (``render`` shows them).
 
 Pure functions of measured timings: no torch, no device, so the verdict and
 the report layout can be tested on synthetic numbers.
@@ -10,21 +10,23 @@ report::
      "reason": None | str,
      "figures": {"images_per_s": SPREAD, "views_per_s": SPREAD, ...,   # per GPU / process
                  "cpu_cores_used": float, "images_per_s_per_core": float,
+                 "cpu_ms_per_image": SPREAD,   # CPU time of the process and its workers
                  "peak_rss_mb": float, "steps": int},
      "ranks": [FIGURES, ...],          # one per rank, only under torchrun
      "aggregate": {"images_per_s": float, ...},  # sum over ranks of the medians
      "vs_torch": float | None,         # images_per_s / the torch row's, same mode
      "vs_pil": float | None,           # images_per_s / the PIL baseline's (pil-reference), same mode
-     "vs_decode": float | None}        # loader decodes_per_s / the decode ceiling
+     "vs_decode": float | None,        # loader decodes_per_s / the decode ceiling
+     "suspect": True,                  # only on an e2e row faster than compute-only (e2e_above_compute)
+     "cores_at_feed_rate": float}      # only on a host row (add_host_cores)
 
 where ``SPREAD`` is ``{"median", "min", "max", "windows": [...]}`` over the
 timed windows (see ``Spread``). A ``compute`` row also names its step
 ``variant`` (``config`` unless ``--step-variants`` says otherwise) and the
-``settings`` it ran with, and, with several variants, ``vs_eager``: the SPREAD
-of its images/s over the reference variant's (``eager`` when timed, else the
-first variant: e.g. SimCLR's step against other objectives'), window by window
-(the variants are timed in turns, so window i of each saw the same moment of the
-machine); ``reference`` names that variant.
+``settings`` it ran with, its ``reference`` variant (``tools.bench.variants.reference_of``)
+and, with several variants, ``vs_eager``: the SPREAD of its images/s over the
+reference's, window by window (the variants are timed in turns, so window i of
+each saw the same moment of the machine).
 """
 from __future__ import annotations
 
@@ -38,10 +40,6 @@ LOADER_BOUND_WAIT = 0.10
 
 BACKEND_NAMES = ("torch", "dali", "ffcv")
 BASELINE = "pil-reference"  # the loader users run today (tools/bench/pil_reference.py)
-
-# What the main figure counts, by mode.
-FIGURE_NOTE = ("main figure: loader/compute/e2e = unlabeled images/s (each gives the shape's views; views/s adds "
-               "the support); decode = images decoded/s; augment = views augmented/s")
 
 SUMMED_KEYS = ("images_per_s", "views_per_s", "decodes_per_s", "cpu_cores_used", "peak_rss_mb")
 
@@ -205,14 +203,14 @@ def compute_reference(rows: Sequence[dict]) -> dict | None:
 def add_ratios(rows: list[dict]) -> None:
     """Fill ``vs_torch`` and ``vs_pil`` (same mode: against our torch backend and against the PIL
     baseline), ``vs_decode`` (loader decodes vs the decode ceiling) and, with several compute
-    variants, ``vs_eager``."""
+    variants, ``vs_eager`` (against the row's ``reference`` variant)."""
     variants = [r for r in rows if r["mode"] == "compute"]
-    eager = next((r for r in variants if r.get("variant") == "eager"), variants[0] if variants else None)
+    by_name = {r.get("variant", "config"): r for r in variants}
     for row in variants:
-        if len(variants) > 1 and eager is not None and row["status"] == eager["status"] == "ok":
-            mine, ref = row["figures"]["images_per_s"]["windows"], eager["figures"]["images_per_s"]["windows"]
-            row["vs_eager"] = Spread.of(a / b for a, b in zip(mine, ref)).as_dict()
-            row["reference"] = eager.get("variant")
+        ref = by_name.get(row.get("reference"))
+        if len(variants) > 1 and ref is not None and row["status"] == ref["status"] == "ok":
+            mine, theirs = row["figures"]["images_per_s"]["windows"], ref["figures"]["images_per_s"]["windows"]
+            row["vs_eager"] = Spread.of(a / b for a, b in zip(mine, theirs)).as_dict()
     torch_rows = {r["mode"]: r for r in rows if r["backend"] == "torch"}
     baseline_rows = {r["mode"]: r for r in rows if r["backend"] == BASELINE}
     decode = next((r for r in rows if r["mode"] == "decode"), None)
@@ -222,19 +220,25 @@ def add_ratios(rows: list[dict]) -> None:
         for key, refs in (("vs_torch", torch_rows), ("vs_pil", baseline_rows)):
             ref = refs.get(row["mode"])
             theirs = median(ref) if ref is not None else None
-            row[key] = mine / theirs if mine is not None and theirs and row["backend"] != "-" else None
+            comparable = row["backend"] != "-" and row["mode"] != "host"  # host: CPU time is the figure
+            row[key] = mine / theirs if mine is not None and theirs and comparable else None
         decodes = median(row, "decodes_per_s") if row["mode"] == "loader" else None
         row["vs_decode"] = decodes / ceiling if decodes is not None and ceiling else None
 
 
 def verdicts(rows: list[dict]) -> list[dict]:
-    """One verdict per backend with a loader or e2e figure in ``rows``."""
+    """One verdict per backend with a loader or e2e figure in ``rows`` (none drawn from a
+    ``suspect`` e2e row: call ``e2e_above_compute`` first)."""
     compute = compute_reference(rows)
     compute_ips = median(compute) if compute is not None else None
     out = []
     for backend in dict.fromkeys(r["backend"] for r in rows if r["mode"] in ("loader", "e2e")):
         loader = next((r for r in rows if r["mode"] == "loader" and r["backend"] == backend), None)
         e2e = next((r for r in rows if r["mode"] == "e2e" and r["backend"] == backend), None)
+        if e2e is not None and e2e.get("suspect"):
+            out.append({"backend": backend, "bound": None, "factor": None,
+                        "text": "not drawn: e2e ran faster than the compute-only step (see the warning)"})
+            continue
         wait = e2e["figures"].get("data_wait_frac", {}) if e2e and e2e.get("figures") else {}
         v = verdict(wait_frac=wait.get("overall", median(e2e, "data_wait_frac")) if e2e else None,
                     e2e_ips=median(e2e) if e2e else None,
@@ -244,138 +248,44 @@ def verdicts(rows: list[dict]) -> list[dict]:
     return out
 
 
-# --------------------------------------------------------------------------- Markdown
+# --------------------------------------------------------------------------- checks and host cores
+
+# An e2e figure above the compute-only step's best window by more than this share is not a
+# speed-up but a change of machine load between the two measurements (``e2e_above_compute``).
+E2E_ABOVE_COMPUTE = 0.05
 
 
-def _num(x: float | None, digits: int = 1) -> str:
-    return "" if x is None else f"{x:,.{digits}f}"
-
-
-def _ratio(x: float | None) -> str:
-    if x is None:
-        return ""
-    return f"{x:.2f}x" if x >= 0.01 else f"{x:.2g}x"
-
-
-def _mode_cell(row: dict) -> str:
-    variant = row.get("variant", "config")
-    return row["mode"] if variant == "config" else f"{row['mode']}: {variant}"
-
-
-def _spread_cell(spread: dict | None) -> tuple[str, str]:
-    if spread is None:
-        return "", ""
-    return _num(spread["median"]), f"{_num(spread['min'])}–{_num(spread['max'])}"
-
-
-def markdown_table(rows: Sequence[dict], unit: str) -> str:
-    """The result rows as a Markdown table; ``unit`` names the per-device
-    figure (``img/s/GPU`` or ``img/s/process``)."""
-    head = (f"| mode | backend | {unit} (median) | min–max | views/s | decodes/s | img/s/core | CPU cores | "
-            "peak RSS MB | data wait | vs PIL baseline | vs torch | vs decode |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+def e2e_above_compute(rows: list[dict]) -> list[str]:
+    """A warning for each e2e row faster than the compute-only step beyond noise (above its best
+    window by more than ``E2E_ABOVE_COMPUTE``). A step fed by a loader cannot outrun the same step
+    on batches already in place, so the machine's load changed between the measurements: the row
+    is marked ``suspect``, and ``verdicts`` draws no verdict from it."""
+    compute = compute_reference(rows)
     for row in rows:
-        if row["status"] != "ok":
-            label = "error" if row["status"] == "error" else "unavailable"
-            if row["status"] == "unavailable" and row["backend"] in BACKEND_NAMES:
-                label = "backend unavailable"
-            cells = [_mode_cell(row), row["backend"], f"{label}: {row['reason']}"] + [""] * 10
-            lines.append("| " + " | ".join(cells) + " |")
-            continue
-        f = row["figures"]
-        ips, ips_range = _spread_cell(f.get("images_per_s"))
-        wait = f.get("data_wait_frac")
-        cells = [
-            _mode_cell(row), row["backend"], ips, ips_range,
-            _spread_cell(f.get("views_per_s"))[0], _spread_cell(f.get("decodes_per_s"))[0],
-            _num(f.get("images_per_s_per_core")), _num(f.get("cpu_cores_used"), 2), _num(f.get("peak_rss_mb"), 0),
-            "" if wait is None else f"{100 * wait['median']:.0f}%",
-            _ratio(row.get("vs_pil")), _ratio(row.get("vs_torch")), _ratio(row.get("vs_decode")),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def variant_lines(rows: Sequence[dict]) -> list[str]:
-    """With several compute variants: each one's images/s relative to the reference variant
-    (eager, else the first), window by window, its settings and its warm-up time (compilation included)."""
-    variants = [r for r in rows if r["mode"] == "compute" and r["status"] == "ok"]
-    if len(variants) < 2:
+        row.pop("suspect", None)
+    if compute is None or compute["status"] != "ok":
         return []
-    reference = next((r.get("reference") for r in variants if r.get("reference")), "eager")
-    lines = ["", f"step variants (compute img/s over {reference}'s, window by window: median (min–max); warm-up "
-                 "includes compilation):"]
-    for row in variants:
-        ratio = row.get("vs_eager")
-        rel = "" if ratio is None else f"{ratio['median']:.2f}x ({ratio['min']:.2f}–{ratio['max']:.2f}x)"
-        settings = ", ".join(f"{k}={v}" for k, v in row.get("settings", {}).items())
-        lines.append(f"  {row['variant']}: {rel or 'no eager row to compare with'}; {settings}; "
-                     f"warm-up {row['figures'].get('warmup_seconds', 0.0):.1f} s")
-    return lines
+    spread = compute["figures"]["images_per_s"]
+    out = []
+    for row in rows:
+        fed = median(row) if row["mode"] == "e2e" else None
+        if fed is None or fed <= spread["max"] * (1 + E2E_ABOVE_COMPUTE):
+            continue
+        row["suspect"] = True
+        out.append(f"e2e / {row['backend']} ran at {fed:,.1f} img/s, {fed / spread['median']:.2f}x the compute-only "
+                   f"step ({spread['median']:,.1f} img/s, best window {spread['max']:,.1f}). A step fed by a loader "
+                   "cannot outrun the same step on batches already in memory: the machine's load changed between "
+                   "the two measurements, and this backend's ratios and verdict do not hold. Measure on a quieter "
+                   "machine, or with more steps and windows (--steps, --windows) so that both span the same "
+                   "conditions; CPU ms per image is the figure that load disturbs least.")
+    return out
 
 
-def describe_groups(shape: dict) -> str:
-    """``2 views at 224 px`` or ``2 x 224 px + 6 x 96 px views`` (older reports: two views)."""
-    groups = shape.get("view_groups") or [{"count": 2, "resolution": shape["resolution"]}]
-    if len(groups) == 1:
-        return f"{groups[0]['count']} views at {groups[0]['resolution']} px"
-    return " + ".join(f"{g['count']} x {g['resolution']} px" for g in groups) + " views; " \
-        f"{shape['network_images_per_unlabeled']:.2f} images and {shape['pixels_per_unlabeled_in_global_views']:.2f} " \
-        "global views of pixels through the network per unlabeled image"
-
-
-def markdown_report(report: dict) -> str:
-    """Header (device, versions, shapes), the table, aggregates and verdicts."""
-    env, shape = report["environment"], report["shape"]
-    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
-    lines = [
-        f"device: {env['device']}  (world size {env['world_size']}, {env['torch_threads']} torch threads per process)",
-        f"versions: {versions}",
-        f"shape: {shape['arch']}, {shape['unlabeled_batch_size']} x ({describe_groups(shape)})"
-        f" + {shape['support_images']} support ({shape['support_classes']} classes"
-        f" x {shape['support_images_per_class']}"
-        f" x {shape['support_views']} views), {shape['precision']}, channels-last {shape['channels_last']}, "
-        f"{shape['num_workers']} loader workers",
-        f"timing: {report['timing']['warmup_steps']} warm-up steps, then {report['timing']['windows']} windows of "
-        f"{report['timing']['steps_per_window']} steps",
-        "",
-        markdown_table(report["results"], report["unit"]),
-        "",
-        FIGURE_NOTE,
-    ]
-    if env["world_size"] > 1:
-        lines.append("")
-        for row in report["results"]:
-            if row["status"] == "ok" and "images_per_s" in row.get("aggregate", {}):
-                lines.append(f"aggregate {row['mode']}/{row['backend']}: "
-                             f"{row['aggregate']['images_per_s']:,.1f} img/s over {env['world_size']} ranks")
-    lines += variant_lines(report["results"])
-    notes = [f"{_mode_cell(r)}/{r['backend']}: {r['figures']['skipped_steps']} steps skipped on a non-finite loss"
-             for r in report["results"] if r["status"] == "ok" and r["figures"].get("skipped_steps")]
-    lines += [""] + [f"verdict {v['backend']}: {v['text']}" for v in report["verdicts"]] + notes
-    return "\n".join(lines).rstrip() + "\n"
-
-
-PLOT_SUFFIX = {"decode": " (decodes)", "augment": " (views)"}
-
-
-def save_plot(report: dict, path: str) -> None:
-    """Horizontal bars of each ok row's median images/s, whiskers min–max."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in report["results"] if r["status"] == "ok"]
-    labels = [f"{_mode_cell(r)} / {r['backend']}" + PLOT_SUFFIX.get(r["mode"], "") for r in rows]
-    spreads = [r["figures"]["images_per_s"] for r in rows]
-    med = [s["median"] for s in spreads]
-    err = [[m - s["min"] for m, s in zip(med, spreads)], [s["max"] - m for m, s in zip(med, spreads)]]
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
-    ax.barh(labels, med, xerr=err, color="tab:blue", capsize=3)
-    ax.invert_yaxis()
-    ax.set_xlabel(report["unit"] + " (median, whiskers min–max)")
-    ax.set_title(report["environment"]["device"], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def add_host_cores(rows: list[dict], feed_rate: float, compute_rate: float | None) -> None:
+    """``host`` rows: the cores one GPU's loader needs, CPU ms per unlabeled image x the rate
+    (``--feed-rate``, and on a GPU the compute-only step's rate)."""
+    for row in rows:
+        if row["mode"] == "host" and row["status"] == "ok":
+            ms = row["figures"]["cpu_ms_per_image"]["median"]
+            row["cores_at_feed_rate"] = ms * feed_rate / 1000
+            row["cores_at_compute_rate"] = ms * compute_rate / 1000 if compute_rate else None

@@ -10,8 +10,12 @@ graphs; CUDA only), and a precision (``fp32``, ``bf16``, ``fp16``, ``auto``).
 
 A variant ``@FILE`` is the config with the YAML overlay FILE merged over it (its
 ``_base_`` files too): another objective or shape, each timed at its own batch
-shape, against the first variant when there is no ``eager``, e.g.
-``--step-variants @configs/repro_arms/simclr.yaml,@configs/repro_arms/swav.yaml``.
+shape, e.g. ``--step-variants @configs/repro_arms/simclr.yaml,@configs/repro_arms/swav.yaml``;
+``@FILE+foreach+nosync`` is that overlay's eager step with those switches.
+
+Each variant is compared, window by window, with its reference (``reference_of``):
+``@FILE+tokens`` with ``@FILE`` when that is timed too (each objective's switches
+against its own step), any other with ``eager`` when timed, else with the first variant.
 """
 from __future__ import annotations
 
@@ -36,30 +40,46 @@ def parse_variants(text: str) -> tuple[str, ...]:
     if not names:
         raise ValueError("--step-variants: no variant given")
     for name in names:
-        if not name.startswith("@"):
-            tokens(name)
+        split_name(name)
     return names
 
 
-def tokens(name: str) -> list[str]:
-    if name == CONFIG or name.startswith("@"):
-        return []
+def split_name(name: str) -> tuple[str | None, list[str]]:
+    """``@FILE+foreach`` -> (FILE, [foreach]); ``foreach+nosync`` -> (None, [foreach, nosync]);
+    ``config`` and ``@FILE`` have no tokens. Unknown tokens are refused, naming them."""
+    overlay = None
+    if name.startswith("@"):
+        overlay, _, name = name[1:].partition("+")
+        if not name:
+            return overlay, []
+    if name == CONFIG and overlay is None:
+        return None, []
     parts = name.split("+")
     unknown = [t for t in parts if t != EAGER and t not in SWITCHES and t not in PRECISIONS]
     if unknown:
         raise ValueError(f"--step-variants: unknown token(s) {', '.join(unknown)} in {name!r}; use {CONFIG}, or "
-                         f"{EAGER} and/or {'/'.join(SWITCHES)} and a precision ({'/'.join(PRECISIONS)}) joined by +")
-    return parts
+                         f"{EAGER} and/or {'/'.join(SWITCHES)} and a precision ({'/'.join(PRECISIONS)}) joined by +, "
+                         "after @FILE+ or alone")
+    return overlay, parts
+
+
+def reference_of(name: str, names: tuple[str, ...] | list[str]) -> str:
+    """The variant that ``name`` is compared with (see the module docstring)."""
+    overlay, tokens = split_name(name)
+    if overlay is not None and tokens and f"@{overlay}" in names:
+        return f"@{overlay}"
+    return EAGER if EAGER in names else names[0]
 
 
 def variant_config(cfg: PretrainConfig, name: str) -> PretrainConfig:
-    """``cfg`` with the ``compute`` section (and precision) of variant ``name``."""
-    if name == CONFIG:
+    """``cfg`` (or its ``@FILE`` overlay) with the ``compute`` section (and precision) of variant ``name``."""
+    overlay, tokens = split_name(name)
+    if overlay is not None:
+        cfg = with_overlay(cfg, overlay)
+    if not tokens:
         return cfg
-    if name.startswith("@"):
-        return with_overlay(cfg, name[1:])
     compute, precision = dataclasses.replace(cfg.compute, **EAGER_SETTINGS), cfg.run.precision
-    for token in tokens(name):
+    for token in tokens:
         if token in PRECISIONS:
             precision = token
         elif token in SWITCHES:

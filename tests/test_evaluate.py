@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tests.pretrain_helpers import make_split_tree, tiny_config
 from train import evaluate, pretrain
 from train.distributed import DistContext
+from train.finetune import finetune_network, finetune_optimizer
 from train.knn import knn_accuracy
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
@@ -75,12 +76,12 @@ def test_finetune_starts_from_a_zero_classifier_and_steps_as_nesterov_sgd():
     """One step on two 2-d 'images' through an identity encoder, worked by hand: every logit
     starts at 0 (softmax 1/C), the weight gradient is (p - y)^T x / N, and Nesterov from zero
     momentum moves the weight by -lr (1 + momentum) g."""
-    net = evaluate.finetune_network(torch.nn.Identity(), 2, 3)
+    net = finetune_network(torch.nn.Identity(), 2, 3)
     assert (net[1].weight == 0).all()
     x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 2])
     bias = net[1].bias.detach().clone()
     torch.testing.assert_close(net(x).detach(), bias.expand(2, 3))  # the weight adds nothing yet
-    opt = evaluate.finetune_optimizer(net, lr=0.5)
+    opt = finetune_optimizer(net, lr=0.5)
     p = torch.softmax(bias.expand(2, 3), dim=1)  # the logits are the bias alone
     grad_w = (p - F.one_hot(y, 3).float()).T @ x / 2
     F.cross_entropy(net(x), y).backward()

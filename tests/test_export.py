@@ -143,14 +143,15 @@ def test_a_timm_backbone_trains_exports_and_reloads_with_identical_features(tmp_
     summary = pretrain.run(tiny_config(data, tmp_path / "run", **overrides), CPU)
     name = arch.split("/")[1]
     assert Path(summary["encoder"]).name == f"encoder_timm-{name}_timm.pth"
-    from train.export import load_encoder, load_pretrained, read_info
+    from train.export import load_encoder, load_pretrained
 
     model, cfg, _, _ = load_pretrained(tmp_path / "run")
-    reloaded = load_encoder(summary["encoder"], read_info(summary["encoder"]).arch).eval()
+    reloaded, info = load_encoder(summary["encoder"])
+    assert info.arch == arch
     direct = timm.create_model(name, pretrained=False, num_classes=0, **(
         {"dynamic_img_size": True} if "vit" in name else {}))
     missing, unexpected = direct.load_state_dict(torch.load(summary["encoder"], weights_only=True), strict=False)
     assert not missing and not unexpected
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(reloaded.features(x), model.features(x))
+    torch.testing.assert_close(reloaded(x), model.features(x))
     torch.testing.assert_close(direct.eval()(x), model.features(x), rtol=1e-4, atol=1e-4)

@@ -3,10 +3,10 @@
 Formats: ``torchvision`` (default for torchvision archs), ``timm``, ``safetensors``, ``native``
 (the encoder's own keys: the default for other archs); see ``train.export``. Every export gets
 a sidecar ``<out>.json`` with its arch, image side, normalisation and labeled-subset rule, which
-``train.evaluate`` reads. Load the ``torchvision`` result with::
+``train.evaluate`` reads; both files are checked before either is written. Load any export with::
 
-    model = torchvision.models.resnet50()
-    model.load_state_dict(torch.load("encoder.pth", weights_only=True), strict=False)  # only fc.* missing
+    from train.export import load_encoder
+    encoder, info = load_encoder("encoder.pth")  # eval mode; info.transform() prepares an image
 
 Exit status: 0 written, 2 refused (the one-line message says why).
 """
@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from pipelines.errors import DataError
 from train import checkpoint as ckpt
 from train.config import ConfigError
-from train.export import FORMATS, EncoderInfo, ExportError, default_format, export_encoder, load_pretrained
+from train.export import (CONFIG_HISTORY_KEY, FORMATS, EncoderInfo, ExportError, check_format, default_format,
+                          export_encoder, export_files, load_pretrained)
+from train.output_files import check_writable, refuse_existing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,27 +29,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=None, choices=FORMATS,
                    help="file format of the encoder (default: torchvision for torchvision archs, timm for "
                         "timm/<name>, native otherwise)")
-    p.add_argument("--out", required=True, help="file to write (refused if it exists, unless --force)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--out", required=True,
+                   help="file to write, with its sidecar <out>.json (refused if either exists, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace --out and <out>.json if they exist")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out = Path(args.out)
     try:
-        if out.exists() and not args.force:
-            raise ExportError(f"--out {out} exists; pass --force to replace it")
-        if not out.parent.is_dir():
-            raise ExportError(f"--out {out}: folder {out.parent} does not exist")
+        out = check_writable(args.out, "--out")
+        files = export_files(out)  # the encoder and its sidecar: both checked before either is written
+        refuse_existing(files, "--out", "pass --force to replace them, or choose another --out", args.force)
         model, cfg, path, state = load_pretrained(args.checkpoint)
         step = state.get("train_state", {}).get("global_step")
         fmt = args.format or default_format(model.arch)
-        export_encoder(model, out, fmt, EncoderInfo.of(cfg, path, step))
+        check_format(model.arch, fmt)
+        export_encoder(model, out, fmt, EncoderInfo.of(cfg, path, step, state.get(CONFIG_HISTORY_KEY)))
     except (ConfigError, DataError, ExportError, ckpt.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote the {model.arch} encoder of {path} (global step {step}) as {fmt}: {out} (+ {out}.json)")
+    print(f"wrote the {model.arch} encoder of {path} (global step {step}) as {fmt}: {files[0]} (+ {files[1]}, "
+          "its sidecar; load both with train.export.load_encoder)")
     return 0
 
 

@@ -17,96 +17,47 @@ scored (top-1 / top-5) on the held-out split:
   momentum 0.9, cosine learning rate, no weight decay), with the official
   protocols' epochs and learning rate per 256 images (``--finetune-protocol``):
   ``suncet`` (``src/fine_tune.py``: 30 epochs, 0.05) or ``paws``
-  (``configs/paws/imgnt_fine_tune.yaml``: 50 epochs, 0.02).
+  (``configs/paws/imgnt_fine_tune.yaml``: 50 epochs, 0.02); one line per epoch,
+  and the fine-tuned model saved as an export (``train.finetune``).
 
 The labeled subset is the one the run used (its labeled list, or the same
 stratified draw from its seed) unless ``--labeled-list`` / ``--labeled-fraction``
 say otherwise. ``--data`` is an ImageFolder root (``<train>/<class>/<image>``,
 ``<val>/...``) for every backend, or a converted directory with DALI shards
-(``tools.convert_imagenet``), read directly from the tars.
+(``tools.convert_imagenet``), read directly from the tars. An exported encoder is
+described by its sidecar (``train.encoder_info``), checked before use.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
-import os
 import sys
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
-from tqdm import tqdm
 
+from model import PretrainModel, check_arch
 from pipelines.atomic_write import write_text_atomically
-from pipelines.augment.reference import eval_transform
+from pipelines.augment.recipe import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.errors import DataError
-from pipelines.eval_data import EvalImages, capped_ids, open_split_images
-from pipelines.format.converted import is_converted, open_converted
-from pipelines.labeled import LabeledSpec, choose_labeled
 from train import checkpoint as ckpt
 from train.config import ConfigError, PretrainConfig
-from train.data import labeled_spec
 from train.distributed import DeviceError, choose_device
-from train.export import ExportError, is_safetensors, load_encoder, load_pretrained, read_info
-from train.knn import extract_features, knn_accuracy
+from train.encoder_info import (MAX_RESOLUTION, MIN_RESOLUTION, EncoderInfo, ExportError, is_safetensors,
+                                read_info, sidecar)
+from train.eval_inputs import EvalData, build_eval_data
+from train.eval_settings import FINETUNE_PROTOCOLS, METHODS, SNN_TEMPERATURE, EvalSettings
+from train.export import CONFIG_HISTORY_KEY, encoder_model, export_files, load_pretrained
+from train.finetune import finetune
+from train.knn import extract_features, knn_accuracy, topk_accuracy
+from train.output_files import check_writable, refuse_existing
 
-METHODS = ("knn", "snn", "linear", "finetune")
-# Fine-tuning protocols of the official code: (epochs, learning rate per 256 images).
-FINETUNE_PROTOCOLS = {"suncet": (30, 0.05), "paws": (50, 0.02)}
-SNN_TEMPERATURE = 0.1
-
-
-@dataclass
-class EvalSettings:
-    """How to evaluate; ``None`` fields fall back to the checkpoint's config."""
-
-    method: str = "knn"
-    train_split: str | None = None
-    val_split: str | None = None
-    labeled_list: str | None = None
-    labeled_fraction: float | None = None
-    val_max_samples: int | None = None  # random cap of the held-out set (seeded)
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    linear_l2: float = 1e-4  # L2 penalty of the logistic regression (on the mean loss)
-    linear_max_iter: int = 300
-    finetune_epochs: int = 30  # FINETUNE_PROTOCOLS["suncet"]
-    finetune_lr: float = 0.05  # per 256 images
-    snn_temperature: float = SNN_TEMPERATURE
-    finetune_batch_size: int = 64
-    batch_size: int = 256  # feature extraction / scoring
-    num_workers: int = 2
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.knn_k < 1 or self.finetune_epochs < 1 or self.batch_size < 1 or self.finetune_batch_size < 1:
-            raise ConfigError("knn k, fine-tune epochs and batch sizes must be >= 1")
-        if self.labeled_fraction is not None and not 0 < self.labeled_fraction <= 1:
-            raise ConfigError(f"labeled fraction must be in (0, 1], got {self.labeled_fraction}")
-        positive = {"--snn-temperature": self.snn_temperature, "--knn-temperature": self.knn_temperature,
-                    "--lr": self.finetune_lr}
-        for flag, value in positive.items():
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{flag} must be finite and > 0, got {value}")
-        if not (math.isfinite(self.linear_l2) and self.linear_l2 >= 0):
-            raise ConfigError(f"--linear-l2 must be finite and >= 0, got {self.linear_l2}")
-        if self.val_max_samples is not None and self.val_max_samples < 1:
-            raise ConfigError(f"--val-max-samples must be >= 1 (or left out for the whole split), "
-                              f"got {self.val_max_samples}")
-        if self.num_workers < 0:
-            raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
-        if not 0 <= self.seed < 2 ** 32:
-            raise ConfigError(f"--seed must be in [0, 2**32), got {self.seed}")
+__all__ = ["EvalSettings", "evaluate_checkpoint", "fit_linear_probe", "main", "snn_probabilities", "topk_accuracy"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None,
                    help="encoder architecture of an exported encoder (default: its sidecar's; resnet50 without one)")
     p.add_argument("--resolution", type=int, default=None,
-                   help="image side for an exported encoder (default: its sidecar's; 224 without one; a training "
-                        "checkpoint knows its own)")
+                   help=f"image side for an exported encoder, {MIN_RESOLUTION}-{MAX_RESOLUTION} (default: its "
+                        "sidecar's; 224 without one; a training checkpoint knows its own)")
     p.add_argument("--method", default="knn", choices=METHODS,
                    help="knn: weighted kNN on frozen features; snn: PAWS's soft nearest neighbours on the head's "
                         "embedding; linear: logistic regression on frozen features; finetune: encoder + a "
@@ -140,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the protocol's)")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate per 256 images (default: the "
                                                            "protocol's)")
+    p.add_argument("--finetune-out", default=None,
+                   help="where --method finetune saves its model, an export with its classifier (default: "
+                        "finetuned_<protocol>_seed<seed>.pth beside the checkpoint; refused if it exists)")
+    p.add_argument("--finetune-val-every", type=int, default=1,
+                   help="score the held-out split every N fine-tuning epochs (0: after the last only)")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch for features and scoring")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--seed", type=int, default=0, help="seed of draws (held-out cap, fine-tuning order)")
@@ -149,58 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# --------------------------------------------------------------------------- checkpoint and data
-
-
-@dataclass
-class EvalData:
-    labeled: Dataset  # eval transform
-    labeled_augmented: Dataset  # fine-tuning transform
-    val: Dataset
-    num_classes: int
-
-
-def finetune_transform(resolution: int, mean, std) -> v2.Compose:
-    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(resolution, scale=(0.08, 1.0), antialias=True),
-                       v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-
-
-def labeled_for(cfg: PretrainConfig, s: EvalSettings, root: Path, paths, labels, where: str) -> np.ndarray:
-    """The run's labeled-subset rule (``pipelines.labeled.choose_labeled``), with --labeled-list
-    or --labeled-fraction taking precedence when given."""
-    spec = labeled_spec(cfg)
-    converted = open_converted(root, s.train_split or cfg.data.train_split).labeled if is_converted(root) else None
-    if s.labeled_list is not None:
-        spec = LabeledSpec(s.labeled_list, spec.fraction, spec.seed)
-    elif s.labeled_fraction is not None:
-        spec, converted = LabeledSpec(None, s.labeled_fraction, spec.seed), None
-    return choose_labeled(spec, paths, labels, where, converted)
-
-
-def build_eval_data(cfg: PretrainConfig, root: Path, s: EvalSettings) -> EvalData:
-    """Labeled train subset and held-out split of ``root`` (an ImageFolder tree, or a conversion's shards)."""
-    d = cfg.data
-    train_split, val_split = s.train_split or d.train_split, s.val_split or d.val_split
-    recipe = cfg.eval_recipe
-    if not root.is_dir():
-        raise DataError(f"data root not found: {root}")
-    train, val = open_split_images(root, train_split), open_split_images(root, val_split)
-    if val.index.classes != train.index.classes:
-        raise DataError(f"class folders of {val.index.root} differ from those of {train.index.root}")
-    labeled = labeled_for(cfg, s, root, train.index.paths, train.labels, str(train.index.root))
-    aug = finetune_transform(recipe.resolution, recipe.mean, recipe.std)
-    return EvalData(EvalImages(train, labeled, eval_transform(recipe)), EvalImages(train, labeled, aug),
-                    EvalImages(val, capped_ids(len(val), s.val_max_samples, s.seed), eval_transform(recipe)),
-                    len(train.index.classes))
-
-
 # --------------------------------------------------------------------------- protocols
-
-
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
-    return {"top1": 100.0 * (top[:, 0] == labels).float().mean().item(),
-            "top5": 100.0 * (top == labels[:, None]).any(dim=1).float().mean().item()}
 
 
 def fit_linear_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float = 1e-4,
@@ -270,52 +175,35 @@ def evaluate_frozen(model, data: EvalData, s: EvalSettings, device, channels_las
     return topk_accuracy(probe(val_f), val_y)
 
 
-def finetune_network(encoder: nn.Module, feature_dim: int, num_classes: int) -> nn.Sequential:
-    """The encoder and a new linear classifier whose weight starts at zero (the official code's
-    ``torch.nn.init.zeros_(encoder.fc.weight)``): every class starts with the same logit."""
-    classifier = nn.Linear(feature_dim, num_classes)
-    nn.init.zeros_(classifier.weight)
-    return nn.Sequential(encoder, classifier)
+# --------------------------------------------------------------------------- checkpoint
 
 
-def finetune_optimizer(net: nn.Module, lr: float) -> torch.optim.SGD:
-    """SGD with Nesterov momentum 0.9 and no weight decay on every parameter (the official protocols)."""
-    return torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
+class Loaded(NamedTuple):
+    """What ``load_for_evaluation`` read."""
+
+    model: PretrainModel  # eval mode; an export's has no head
+    cfg: PretrainConfig  # a checkpoint's config, or the defaults with an export's EncoderInfo applied
+    path: Path  # the file read
+    info: EncoderInfo  # the encoder's description (an export's sidecar, or the checkpoint's config)
+    listed_by: Path | None  # an export's sidecar, whose labeled list is read only from inside --data
 
 
-def finetune(model, data: EvalData, s: EvalSettings, device, channels_last: bool) -> dict[str, float]:
-    """Fine-tune encoder + a new linear layer on the labeled images; score on val."""
-    torch.manual_seed(s.seed)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    net = finetune_network(model.encoder, model.feature_dim, data.num_classes).to(device)
-    batch = min(s.finetune_batch_size, len(data.labeled_augmented))
-    gen = torch.Generator().manual_seed(s.seed)
-    loader = DataLoader(data.labeled_augmented, batch_size=batch, shuffle=True, drop_last=True,
-                        num_workers=s.num_workers, generator=gen)
-    opt = finetune_optimizer(net, s.finetune_lr * batch / 256)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.finetune_epochs * len(loader))
-    net.train()
-    for epoch in tqdm(range(s.finetune_epochs), desc="fine-tune", disable=not s.progress, leave=False):
-        for images, y in loader:
-            loss = F.cross_entropy(net(images.to(device, memory_format=fmt)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    net.eval()
-    scores, labels = [], []
-    val_loader = DataLoader(data.val, batch_size=s.batch_size, shuffle=False, num_workers=s.num_workers)
-    with torch.no_grad():
-        for images, y in tqdm(val_loader, desc="score val", disable=not s.progress, leave=False):
-            scores.append(net(images.to(device, memory_format=fmt)).float().cpu())
-            labels.append(y)
-    return topk_accuracy(torch.cat(scores), torch.cat(labels))
+def check_overrides(arch: str | None, resolution: int | None) -> None:
+    """Refuse an --arch this version cannot build or a --resolution out of range, before any work."""
+    if resolution is not None and not MIN_RESOLUTION <= resolution <= MAX_RESOLUTION:
+        raise ConfigError(f"--resolution must be in [{MIN_RESOLUTION}, {MAX_RESOLUTION}] pixels, got {resolution}")
+    if arch is not None:
+        try:
+            check_arch(arch)
+        except ValueError as exc:
+            raise ConfigError(f"--arch: {exc}") from None
 
 
-def load_for_evaluation(checkpoint: str | Path, arch: str | None, resolution: int | None):
-    """(model, config, file) of a training checkpoint (file or run directory), or of an encoder
-    exported by ``tools.export`` (any format), which needs ``arch`` and ``resolution`` given since
-    it carries no config (defaults for the rest: ImageNet normalisation, the 10 % draw)."""
+def load_for_evaluation(checkpoint: str | Path, arch: str | None, resolution: int | None) -> Loaded:
+    """A training checkpoint (file or run directory), or an encoder exported by ``tools.export``
+    (any format) described by its sidecar; ``arch`` and ``resolution`` override the sidecar's
+    (without one: resnet50 at 224 px, ImageNet normalisation, the 10 % draw)."""
+    check_overrides(arch, resolution)
     path = Path(checkpoint)
     if path.is_file() and not is_safetensors(path):
         state = ckpt.load(path)
@@ -323,40 +211,60 @@ def load_for_evaluation(checkpoint: str | Path, arch: str | None, resolution: in
     else:
         is_training = path.is_dir() or not path.exists()
     if is_training:
-        model, cfg, path, _ = load_pretrained(path)
-        return model, cfg, path
-    cfg = PretrainConfig()
+        model, cfg, path, state = load_pretrained(path)
+        step = state.get("train_state", {}).get("global_step")
+        return Loaded(model, cfg, path, EncoderInfo.of(cfg, path, step, state.get(CONFIG_HISTORY_KEY)), None)
     info = read_info(path)  # the export's arch, image settings and labeled-subset rule
-    if info is not None:
-        cfg = info.apply(cfg)
-    else:
-        print(f"note: {path} has no {path}.json beside it (an export from before it was written): ImageNet "
+    if info is None:
+        print(f"note: {path} has no {sidecar(path)} beside it (an export from before it was written): ImageNet "
               "normalisation and --arch/--resolution are assumed", file=sys.stderr)
-    cfg.model = replace(cfg.model, arch=arch or cfg.model.arch)
-    cfg.augment = replace(cfg.augment, resolution=resolution or cfg.augment.resolution)
-    return load_encoder(path, cfg.model.arch).eval(), cfg, path
+        info = EncoderInfo(arch or "resnet50", resolution or 224, IMAGENET_MEAN, IMAGENET_STD)
+    info = dataclasses.replace(info, arch=arch or info.arch, resolution=resolution or info.resolution)
+    model, _ = encoder_model(path, info.arch, len(info.classes or ()))
+    listed_by = sidecar(path) if sidecar(path).is_file() else path
+    return Loaded(model.eval(), info.apply(PretrainConfig()), path, info, listed_by)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None, s: EvalSettings,
                         arch: str | None = None, resolution: int | None = None) -> dict:
     """Load ``checkpoint`` (a training checkpoint or an exported encoder), evaluate with
-    ``s.method`` and return ``{"method", "top1", "top5", "checkpoint", "num_labeled", "num_val"}``."""
-    model, cfg, path = load_for_evaluation(checkpoint, arch, resolution)
+    ``s.method`` and return ``{"method", "top1", "top5", "checkpoint", "num_labeled", "num_val"}``
+    (fine-tuning adds ``finetune_log``, ``finetuned_model`` and ``notes``)."""
+    loaded = load_for_evaluation(checkpoint, arch, resolution)
+    model, cfg = loaded.model, loaded.cfg
+    note = loaded.info.resolution_note(loaded.path)
+    if note:
+        print(note, file=sys.stderr)
     if data is None and not cfg.data.root:
         raise ConfigError("--data is needed: an exported encoder does not record its data root")
     root = Path(data if data is not None else cfg.data.root)
     device = choose_device(s.device, 0)
     model.to(device)
-    ev = build_eval_data(cfg, root, s)
+    ev = build_eval_data(cfg, root, s, loaded.listed_by)
     cl = cfg.model.channels_last
     if s.method == "finetune":
-        res = finetune(model, ev, s, device, cl)
+        res = finetune(model, ev, s, device, cl, loaded.info)
     elif s.method == "snn":
         res = evaluate_snn(model, ev, s, device, cl)
     else:
         res = evaluate_frozen(model, ev, s, device, cl)
-    return {"method": s.method, **res, "checkpoint": str(path), "num_labeled": len(ev.labeled),
+    return {"method": s.method, **res, "checkpoint": str(loaded.path), "num_labeled": len(ev.labeled),
             "num_val": len(ev.val)}
+
+
+def finetune_target(a: argparse.Namespace) -> str | None:
+    """Where ``--method finetune`` saves its model (``--finetune-out``, or beside the checkpoint),
+    checked before any work: its folder writable, neither it nor its sidecar there already."""
+    if a.method != "finetune":
+        if a.finetune_out:
+            raise ConfigError("--finetune-out applies to --method finetune only")
+        return None
+    source = Path(a.checkpoint)
+    folder = source if source.is_dir() else source.parent
+    out = check_writable(a.finetune_out or folder / f"finetuned_{a.finetune_protocol}_seed{a.seed}.pth",
+                         "--finetune-out")
+    refuse_existing(export_files(out), "--finetune-out", "pass another --finetune-out, or move them away")
+    return str(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,19 +275,22 @@ def main(argv: list[str] | None = None) -> int:
                          labeled_list=a.labeled_list, labeled_fraction=a.labeled_fraction,
                          val_max_samples=a.val_max_samples, knn_k=a.k, knn_temperature=a.knn_temperature,
                          linear_l2=a.linear_l2, finetune_epochs=epochs if a.epochs is None else a.epochs,
-                         finetune_lr=lr if a.lr is None else a.lr,
+                         finetune_lr=lr if a.lr is None else a.lr, finetune_val_every=a.finetune_val_every,
                          snn_temperature=a.snn_temperature, batch_size=a.batch_size, num_workers=a.num_workers,
                          seed=a.seed, device=a.device, progress=not a.no_progress)
         if a.output:  # before the evaluation, not after it
-            check_writable(Path(a.output))
+            check_writable(a.output, "--output")
+        s.finetune_out = finetune_target(a)
         result = evaluate_checkpoint(a.checkpoint, a.data, s, a.arch, a.resolution)
     except (ConfigError, DataError, ckpt.CheckpointError, ExportError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{result['method']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
           f"({result['num_labeled']} labeled, {result['num_val']} val; {result['checkpoint']})")
+    for note in result.get("notes", []):
+        print(note)
     if a.output:
-        text = json.dumps({**result, "settings": asdict(s)}, indent=2) + "\n"
+        text = json.dumps({**result, "settings": dataclasses.asdict(s)}, indent=2) + "\n"
         try:
             write_text_atomically(a.output, text)
         except OSError as exc:
@@ -387,16 +298,6 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     return 0
-
-
-def check_writable(path: Path) -> None:
-    """Refuse an ``--output`` that cannot be written, naming why, before any work is done."""
-    if path.is_dir():
-        raise ConfigError(f"--output {path} is a directory; give a file name")
-    if not path.parent.is_dir():
-        raise ConfigError(f"--output {path}: folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise ConfigError(f"--output {path}: folder {path.parent} is not writable")
 
 
 if __name__ == "__main__":

@@ -16,20 +16,20 @@ Formats (``FORMATS``):
   no torchvision model (``resnet18-small``; ``timm/<name>`` writes timm's own keys, so ``timm``
   is its native format).
 
-Every export also carries what is needed to use it (``EncoderInfo``): the arch, the image side
-and normalisation it was trained at, the run's labeled subset rule and objective, in a sidecar
-``<file>.json`` (and in a ``.safetensors`` file's metadata). ``train.evaluate`` reads them, so an
-export evaluates like the checkpoint it came from; ``load_encoder`` rebuilds any arch from it.
+Every export also carries what is needed to use it (``EncoderInfo``, ``train.encoder_info``):
+the arch, the image side and normalisation it was trained at, the run's labeled subset rule and
+objective, in a sidecar ``<file>.json`` (and in a ``.safetensors`` file's metadata).
+``train.evaluate`` reads them, so an export evaluates like the checkpoint it came from.
+A fine-tuned model (``train.finetune``) is an export too, with its linear layer under ``fc.*``
+and its class names in the sidecar.
 
-``load_pretrained`` reads a training checkpoint (file or run directory) into its model, and
-``load_encoder`` reads an exported encoder back (``train.evaluate`` accepts both).
+``load_encoder`` is the one public loader of every export (``encoder, info = load_encoder(path)``);
+``load_pretrained`` reads a training checkpoint (file or run directory) into its model.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -37,79 +37,19 @@ from torch import nn
 from model import (TORCHVISION_ARCHS, PretrainModel, build_encoder, build_model, check_arch,
                    export_torchvision_state_dict)
 from model.encoder import TIMM_PREFIX
+from pipelines.augment.recipe import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.errors import DataError
 from train import checkpoint as ckpt
 from train.config import PretrainConfig, config_from_dict
+from train.encoder_info import (SAFETENSORS_HINT, EncoderInfo, ExportError, info_json, is_safetensors, read_info,
+                                safetensors_metadata, sidecar)
 from train.objectives import head_factory, head_per_resolution
 
 FORMATS = ("torchvision", "timm", "safetensors", "native")
-SAFETENSORS_HINT = "pip install safetensors"
-
-
-class ExportError(RuntimeError):
-    """The encoder cannot be written or read in the format asked for; the message says why."""
-
-
-@dataclass(frozen=True)
-class EncoderInfo:
-    """What an exported encoder needs besides its tensors to be used as it was trained."""
-
-    arch: str
-    resolution: int  # the first view group's side: what evaluation resizes to
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    method: str = "simclr"
-    labeled_list: str | None = None  # the run's labeled subset: its list, or its stratified draw
-    labeled_fraction: float = 0.1
-    seed: int = 0
-    checkpoint: str | None = None
-    global_step: int | None = None
-
-    @classmethod
-    def of(cls, cfg: PretrainConfig, checkpoint: str | Path | None = None, step: int | None = None) -> EncoderInfo:
-        recipe = cfg.eval_recipe
-        return cls(cfg.model.arch, recipe.resolution, tuple(recipe.mean), tuple(recipe.std), cfg.loss.method,
-                   cfg.data.labeled_list, cfg.data.labeled_fraction, cfg.run.seed,
-                   None if checkpoint is None else str(checkpoint), step)
-
-    def apply(self, cfg: PretrainConfig) -> PretrainConfig:
-        """``cfg`` with this encoder's arch, image settings and labeled-subset rule."""
-        return dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, arch=self.arch),
-            augment=dataclasses.replace(cfg.augment, resolution=self.resolution, mean=tuple(self.mean),
-                                        std=tuple(self.std), views=()),
-            data=dataclasses.replace(cfg.data, labeled_list=self.labeled_list,
-                                     labeled_fraction=self.labeled_fraction),
-            run=dataclasses.replace(cfg.run, seed=self.seed))
-
-
-def sidecar(path: str | Path) -> Path:
-    return Path(f"{path}.json")
-
-
-def read_info(path: str | Path) -> EncoderInfo | None:
-    """The ``EncoderInfo`` of an export (its sidecar, or a ``.safetensors`` file's metadata), if any."""
-    path = Path(path)
-    tree = None
-    if sidecar(path).is_file():
-        try:
-            tree = json.loads(sidecar(path).read_text())
-        except ValueError as exc:
-            raise ExportError(f"{sidecar(path)} is not the JSON tools.export writes: {exc}") from exc
-    elif is_safetensors(path):
-        try:
-            from safetensors import safe_open
-        except ImportError as exc:
-            raise ExportError(f"reading {path} needs the safetensors package: {SAFETENSORS_HINT}") from exc
-        with safe_open(str(path), "pt") as f:
-            raw = (f.metadata() or {}).get("encoder_info")
-        tree = json.loads(raw) if raw else None
-    if tree is None:
-        return None
-    try:
-        return EncoderInfo(**{**tree, "mean": tuple(tree["mean"]), "std": tuple(tree["std"])})
-    except (TypeError, KeyError) as exc:
-        raise ExportError(f"{sidecar(path)} does not describe an encoder: {exc}") from exc
+CLASSIFIER_KEYS = ("fc.weight", "fc.bias")  # a fine-tuned model's linear layer, beside its encoder's tensors
+# A checkpoint's record of the configs its run trained with: [{"global_step", "config"}], one per start
+# or resume, oldest first (EncoderInfo.trained_resolutions reads it; a checkpoint without it: unknown).
+CONFIG_HISTORY_KEY = "config_history"
 
 
 def encoder_state(model: PretrainModel) -> dict[str, torch.Tensor]:
@@ -125,19 +65,33 @@ def default_format(arch: str) -> str:
     return "torchvision" if arch in TORCHVISION_ARCHS else "timm" if arch.startswith(TIMM_PREFIX) else "native"
 
 
-def export_encoder(model: PretrainModel, path: str | Path, fmt: str, info: EncoderInfo) -> Path:
-    """Write ``model``'s encoder to ``path`` in ``fmt`` with ``info`` beside it (see the module
-    docstring); returns ``path``."""
+def check_format(arch: str, fmt: str) -> None:
+    """Refuse a format ``arch``'s encoder has no counterpart in, naming the one to use."""
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    timm_arch = model.arch.startswith(TIMM_PREFIX)
-    if (fmt == "torchvision" and model.arch not in TORCHVISION_ARCHS) or (
-            fmt == "timm" and not (timm_arch or model.arch in TORCHVISION_ARCHS)):
-        raise ExportError(f"model.arch {model.arch!r} has no {fmt} counterpart; use --format "
-                          f"{default_format(model.arch)} (or safetensors): the export carries what rebuilds it")
-    path = Path(path)
+    timm_arch = arch.startswith(TIMM_PREFIX)
+    if (fmt == "torchvision" and arch not in TORCHVISION_ARCHS) or (
+            fmt == "timm" and not (timm_arch or arch in TORCHVISION_ARCHS)):
+        raise ExportError(f"model.arch {arch!r} has no {fmt} counterpart; use --format "
+                          f"{default_format(arch)} (or safetensors): the export carries what rebuilds it")
+
+
+def export_files(path: str | Path) -> tuple[Path, Path]:
+    """Every file an export to ``path`` writes: the tensors and the sidecar."""
+    return Path(path), sidecar(path)
+
+
+def export_encoder(model: PretrainModel, path: str | Path, fmt: str, info: EncoderInfo,
+                   classifier: nn.Linear | None = None) -> Path:
+    """Write ``model``'s encoder to ``path`` in ``fmt`` with ``info`` beside it (see the module
+    docstring), and a fine-tuned model's ``classifier`` under ``fc.*``; returns ``path``."""
+    check_format(model.arch, fmt)
+    path, side = export_files(path)
     state = encoder_state(model)
-    text = json.dumps(dataclasses.asdict(info), indent=2) + "\n"
+    if classifier is not None:
+        state.update({k: v.detach().cpu().contiguous() for k, v in zip(CLASSIFIER_KEYS, (classifier.weight,
+                                                                                         classifier.bias))})
+    text = info_json(info)
     if fmt == "safetensors":
         try:
             from safetensors.torch import save
@@ -146,31 +100,33 @@ def export_encoder(model: PretrainModel, path: str | Path, fmt: str, info: Encod
         data = save(state, metadata={"arch": model.arch, "encoder_info": text})
         ckpt.write_atomic(path, lambda f: f.write(data), "encoder")
     else:
-        ckpt.save_atomic(state, path)
-    ckpt.write_text_atomic(sidecar(path), text)
+        ckpt.save_atomic(state, path, "encoder")
+    ckpt.write_text_atomic(side, text, "the encoder's sidecar")
     return path
 
 
-def load_encoder(path: str | Path, arch: str) -> PretrainModel:
-    """An exported encoder (any of ``FORMATS``) as a ``PretrainModel`` of ``arch`` (its
-    ``EncoderInfo``'s when ``read_info`` found one) with no projection head (evaluation uses the
-    encoder's features only)."""
-    path = Path(path)
+def read_tensors(path: Path, arch: str) -> dict[str, torch.Tensor]:
+    """The tensors of an export of ``arch`` (any of ``FORMATS``)."""
     if is_safetensors(path):
-        try:
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-        except ImportError as exc:
-            raise ExportError(f"reading {path} needs the safetensors package: {SAFETENSORS_HINT}") from exc
-        with safe_open(str(path), "pt") as f:
-            saved_arch = (f.metadata() or {}).get("arch")
+        saved_arch = safetensors_metadata(path).get("arch")
         if saved_arch and saved_arch != arch:
             raise ExportError(f"{path} holds a {saved_arch} encoder, not {arch}: pass --arch {saved_arch}")
+        from safetensors.torch import load_file  # safetensors_metadata checked it is installed
         state = load_file(str(path))
     else:
         state = ckpt.load(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ExportError(f"{path} is neither a training checkpoint nor an exported encoder")
+    return state
+
+
+def encoder_model(path: str | Path, arch: str, classes: int = 0) -> tuple[PretrainModel, nn.Linear | None]:
+    """An exported encoder of ``arch`` as a ``PretrainModel`` with no projection head (evaluation
+    uses the encoder's features only), and the linear classifier of a fine-tuned model of
+    ``classes`` classes (its sidecar's ``classes``; None when ``classes`` is 0)."""
+    path = Path(path)
+    state = read_tensors(path, arch)
+    head = {k: state.pop(k) for k in CLASSIFIER_KEYS if k in state} if classes else {}
     encoder, feature_dim = build_encoder(arch)
     try:
         missing, unexpected = encoder.load_state_dict(state, strict=False)
@@ -181,18 +137,44 @@ def load_encoder(path: str | Path, arch: str) -> PretrainModel:
     if missing or unexpected:
         raise ExportError(f"{path} does not fit a {arch} encoder (missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]}): pass the --arch it was trained with")
-    return PretrainModel(arch, encoder, feature_dim, nn.Identity())
+    classifier = None
+    if classes:
+        if sorted(head) != sorted(CLASSIFIER_KEYS) or tuple(head["fc.weight"].shape) != (classes, feature_dim):
+            raise ExportError(f"{path}: its sidecar names {classes} classes but the file holds no "
+                              f"{classes} x {feature_dim} classifier (fc.weight, fc.bias); re-save it")
+        classifier = nn.Linear(feature_dim, classes)
+        classifier.load_state_dict({"weight": head["fc.weight"], "bias": head["fc.bias"]})
+    return PretrainModel(arch, encoder, feature_dim, nn.Identity()), classifier
 
 
-def is_safetensors(path: Path) -> bool:
-    """Whether ``path`` holds a safetensors file (an 8-byte header length, then the JSON header),
-    whatever its name: ``tools.export --format safetensors --out encoder.pth`` is one too."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
-    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
+class LoadedEncoder(NamedTuple):
+    encoder: nn.Module  # eval mode; images [N, 3, r, r] prepared by info.transform() -> features [N, F]
+    info: EncoderInfo  # arch, image side, normalisation, labeled-subset rule, classes (fine-tuned)
+
+
+def load_encoder(path: str | Path, arch: str | None = None, classifier: bool = False) -> LoadedEncoder:
+    """Any export of this project (every format, every arch, fine-tuned models too) as
+    ``(encoder, info)``: the encoder module in eval mode and its sidecar's ``EncoderInfo``.
+
+    ``arch`` is needed only for an export without a sidecar (written before sidecars existed):
+    then ``info`` assumes ImageNet's normalisation at 224 px. With ``classifier=True``, a
+    fine-tuned model (``train.evaluate --method finetune``) comes back as encoder + its linear
+    layer, giving logits over ``info.classes``."""
+    path = Path(path)
+    info = read_info(path)
+    if info is None:
+        if arch is None:
+            raise ExportError(f"{path} has no sidecar {sidecar(path)} to say its arch: pass arch=")
+        try:
+            check_arch(arch)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
+        info = EncoderInfo(arch, 224, IMAGENET_MEAN, IMAGENET_STD)
+    if classifier and not info.classes:
+        raise ExportError(f"{path} holds no classifier (not a fine-tuned model): load it with classifier=False")
+    model, head = encoder_model(path, arch or info.arch, len(info.classes or ()))
+    module = nn.Sequential(model.encoder, head) if classifier else model.encoder
+    return LoadedEncoder(module.eval(), info)
 
 
 def load_pretrained(path: str | Path) -> tuple[PretrainModel, PretrainConfig, Path, dict]:

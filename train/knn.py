@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+PERCENT_DECIMALS = 4  # accuracies in percent: 1 image in 10^6 still shows
+
 
 @torch.no_grad()
 def extract_features(encoder, loader: DataLoader, device: torch.device, channels_last: bool = True,
@@ -43,10 +45,16 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
     return torch.cat(scores)
 
 
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 and top-5 accuracy in percent of ``scores [N, C]`` against ``labels [N]``, counted
+    exactly and rounded to ``PERCENT_DECIMALS`` (18.8, not float32's 18.799999356269836)."""
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    n = max(len(labels), 1)
+    hits = {"top1": int((top[:, 0] == labels).sum()), "top5": int((top == labels[:, None]).any(dim=1).sum())}
+    return {name: round(100.0 * count / n, PERCENT_DECIMALS) for name, count in hits.items()}
+
+
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes: int, k: int = 20,
                  temperature: float = 0.07) -> dict[str, float]:
     scores = knn_predict(train_feats, train_labels, test_feats, num_classes, k, temperature)
-    top = scores.topk(min(5, num_classes), dim=1).indices
-    top1 = (top[:, 0] == test_labels).float().mean().item()
-    top5 = (top == test_labels[:, None]).any(dim=1).float().mean().item()
-    return {"knn_top1": 100.0 * top1, "knn_top5": 100.0 * top5}
+    return {f"knn_{name}": value for name, value in topk_accuracy(scores, test_labels).items()}

@@ -131,5 +131,7 @@ def host_lead_steps(cfg: PretrainConfig, device: torch.device) -> int:
 
     FFCV copies each batch from a pinned host buffer that its threads refill once the consumer
     has moved on; only a device that has finished the previous step makes that safe (GPU
-    preflight, item 3), so FFCV on CUDA gets no lead."""
+    preflight, item 3), so FFCV on CUDA gets no lead. DALI keeps it: its loader holds each batch's
+    buffers until a CUDA event after the step that reads them has completed
+    (``pipelines.backends.dali.OutputsInUse``)."""
     return 0 if cfg.data.backend == "ffcv" and device.type == "cuda" else cfg.compute.max_host_lead_steps

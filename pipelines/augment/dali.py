@@ -53,6 +53,7 @@ from typing import Sequence
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 
 from pipelines.augment.batched import BRIGHTNESS, CONTRAST, LUMA_WEIGHTS, SATURATION
 from pipelines.augment.draws import ViewDraws, draw_views
@@ -205,22 +206,34 @@ def group_view_params(seeds: np.ndarray, sizes: np.ndarray, groups: Sequence[Vie
 # ---------------------------------------------------------------------------
 
 
-def augment_view(images, params: dict, recipe: SimCLRRecipe, float16: bool, channels_last: bool):
+def colour_map(views, params: dict, mean_on_device: bool):
+    """``color @ x + offset @ mean(x)`` on uint8 HWC ``views``, rounded and clamped to uint8.
+
+    The crop's mean colour is computed where the views are. On the host it becomes
+    ``coord_transform``'s ``T`` argument (one fused pass); DALI's named arguments are CPU
+    tensors, so on the GPU (``mean_on_device``) the mean stays there and the term is added by
+    arithmetic ops instead of a device-to-host copy per view and iteration. Same values either
+    way (``coord_transform`` and ``cast`` round alike)."""
+    mean_rgb = fn.reductions.mean(views, axes=[0, 1], keep_dims=True)  # float [1, 1, 3]
+    shift = fn.coord_transform(mean_rgb, M=params["offset"])  # [1, 1, 3], where the views are
+    if not mean_on_device:
+        return fn.coord_transform(views, M=params["color"], T=fn.reshape(shift, shape=[3]), dtype=types.UINT8)
+    mapped = fn.coord_transform(views, M=params["color"], dtype=types.FLOAT) + shift  # broadcast per pixel
+    return fn.cast(dmath.clamp(mapped, 0.0, 255.0), dtype=types.UINT8)
+
+
+def augment_view(images, params: dict, recipe: SimCLRRecipe, float16: bool, channels_last: bool,
+                 mean_on_device: bool | None = None):
     """One normalised view of decoded uint8 HWC ``images`` (DALI DataNodes, any device).
 
     ``params`` maps each name of ``view_fields(recipe)`` to a CPU DataNode (external
-    source). Runs where ``images`` live; the mean colour of each crop goes to
-    the host (``.cpu()``, a small transfer) because DALI's named arguments
-    must be CPU tensors.
+    source). Runs where ``images`` live; ``mean_on_device`` (default: on the GPU) picks
+    ``colour_map``'s route.
     """
     size = [recipe.resolution, recipe.resolution]
     views = fn.resize(images, size=size, roi_start=params["roi_start"], roi_end=params["roi_end"],
                       interp_type=types.INTERP_LINEAR, antialias=True)
-    mean_rgb = fn.reductions.mean(views, axes=[0, 1], keep_dims=True)  # float [1, 1, 3]
-    if mean_rgb.device == "gpu":
-        mean_rgb = mean_rgb.cpu()
-    shift = fn.reshape(fn.coord_transform(mean_rgb, M=params["offset"]), shape=[3])
-    views = fn.coord_transform(views, M=params["color"], T=shift, dtype=types.UINT8)  # rounds and clamps
+    views = colour_map(views, params, views.device == "gpu" if mean_on_device is None else mean_on_device)
     # Float out: a blurred clamped image stays in [0, 255], and skipping the rounding saves ~10 % of the CPU.
     views = fn.gaussian_blur(views, window_size=params["blur_window"], sigma=params["blur_sigma"], dtype=types.FLOAT)
     if recipe.solarize_prob > 0:

@@ -31,6 +31,7 @@ samples in random order (cheap from page cache or local disk).
 """
 from __future__ import annotations
 
+import collections
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -43,6 +44,7 @@ from pipelines.contract import PretrainBatch
 from pipelines.encoded_images import EncodedImages
 from pipelines.errors import BadImageError, DataError
 from pipelines.plan import Position, SamplePlan
+from pipelines.prefetch import Prefetcher
 from pipelines.spec import LoaderSpec
 
 # ---------------------------------------------------------------------------
@@ -80,7 +82,10 @@ class StreamFeed:
 
     ``start(steps)`` sets the steps of the coming pass; each call returns the
     next step's batch ``(encoded images, sample ids, *view parameters)`` and
-    raises StopIteration after the last step, which ends DALI's epoch.
+    raises StopIteration after the last step, which ends DALI's epoch. The
+    batches (reads, checks, draws: ``batch``) are made in a thread of their
+    own, ``depth`` steps ahead (``pipelines.prefetch``), not in the training
+    thread that DALI calls back from; they are the same batches in the same order.
     Images that fail the host-side checks (``EncodedImages.checked``) follow
     ``on_bad_image`` (``pipelines.bad_images``); the names of those replaced
     wait in ``bad_images[step]`` until the loader yields that step. A
@@ -88,21 +93,29 @@ class StreamFeed:
     """
 
     def __init__(self, images: EncodedImages, plan: Callable[[int], tuple[np.ndarray, np.ndarray]],
-                 groups: Sequence[ViewGroup], pools: ReplacementPools, on_bad_image: str = "error"):
-        self.images, self.plan, self.groups = images, plan, tuple(groups)
+                 groups: Sequence[ViewGroup], pools: ReplacementPools, on_bad_image: str = "error", depth: int = 2):
+        self.images, self.plan, self.groups, self.depth = images, plan, tuple(groups), depth
         self.views = sum(g.count for g in self.groups)
         self.pools, self.on_bad_image = pools, on_bad_image
         self.bad_images: dict[int, tuple[str, ...]] = {}
         self.used_ids: dict[int, np.ndarray] = {}  # images fed per step, until the loader yields it
-        self._steps: Iterator[int] = iter(())
+        self._batches = Prefetcher(self.batch, (), 1)
 
     def start(self, steps: Iterable[int]) -> None:
-        self._steps = iter(steps)
+        self.stop()
         self.bad_images.clear()
         self.used_ids.clear()
+        self._batches = Prefetcher(self.batch, steps, self.depth, name="dali-feed")
+
+    def stop(self) -> None:
+        """Abandon the pass's batches not yet made."""
+        self._batches.stop()
 
     def __call__(self) -> tuple:
-        step = next(self._steps)  # StopIteration ends DALI's epoch
+        return self._batches.next()  # StopIteration ends DALI's epoch
+
+    def batch(self, step: int) -> tuple:
+        """The external source's outputs for ``step``; records its bad and used images."""
         ids, seeds = self.plan(step)
         read = [read_or_replace(int(i), self.images.checked, self.on_bad_image, self.pools) for i in ids]
         data = [d for (d, _), _, _ in read]
@@ -185,6 +198,42 @@ class DaliStream:
         return DataError(f"DALI failed at step {step} (images {', '.join(map(str, ids.tolist()))}): {exc}")
 
 
+class OutputsInUse:
+    """The DALI outputs of the batches handed out that the device may still be reading.
+
+    The PyTorch plugin hands out DALI's own buffers (zero-copy with DALI's dynamic executor);
+    dropping the last reference gives a buffer back to DALI, which may fill it again while a step
+    queued ahead of the device (``compute.host_sync: log``) still reads it. So each batch's
+    outputs stay referenced here until a CUDA event, recorded when the consumer asks for the
+    next batch (its work on this one is queued by then), has completed; ``drain`` waits for
+    them at the end of a pass. Off CUDA the consumer's work is done when it asks again."""
+
+    def __init__(self, device: torch.device):
+        self.enabled = torch.device(device).type == "cuda"
+        self._current = None  # the outputs of the batch out now
+        self._queued: collections.deque = collections.deque()  # (event, outputs) of earlier batches
+
+    def handed_out(self, outputs) -> None:
+        """``outputs`` go out in the next batch: the previous batch's are queued behind an event."""
+        self._queue_current()
+        self._current = outputs
+        while self._queued and self._queued[0][0].query():
+            self._queued.popleft()
+
+    def drain(self) -> None:
+        """Wait until the device has finished with every batch handed out, then let DALI have them."""
+        self._queue_current()
+        while self._queued:
+            self._queued.popleft()[0].synchronize()
+
+    def _queue_current(self) -> None:
+        if self._current is not None and self.enabled:
+            event = torch.cuda.Event()
+            event.record()
+            self._queued.append((event, self._current))
+        self._current = None
+
+
 class DaliPretrainLoader:
     """Yields ``PretrainBatch`` from two DALI pipelines (unlabeled: every view group, support: V
     views) that follow ``plan``."""
@@ -194,14 +243,15 @@ class DaliPretrainLoader:
         self.position = Position(plan.steps_per_epoch)
         pipe_seed = int(np.random.SeedSequence([spec.seed, spec.rank]).generate_state(1)[0] & 0x7FFFFFFF)
         self.unlabeled_steps = UnlabeledSteps(plan)
+        depth = max(1, spec.prefetch)
         feed = StreamFeed(images, self.unlabeled_steps, spec.views, ReplacementPools.single(len(images)),
-                          spec.on_bad_image)
+                          spec.on_bad_image, depth)
         self.unlabeled = DaliStream(feed, spec.batch_size, spec, pipe_seed)
         self.support_steps = self.support = None
         if plan.support is not None:
             self.support_steps = SupportSteps(plan)
             feed = StreamFeed(images, self.support_steps, [ViewGroup(spec.support.views, spec.support_recipe)],
-                              ReplacementPools.by_class(images.labels, labeled), spec.on_bad_image)
+                              ReplacementPools.by_class(images.labels, labeled), spec.on_bad_image, depth)
             self.support = DaliStream(feed, plan.support.batch_size, spec, pipe_seed)
 
     def __len__(self) -> int:
@@ -211,7 +261,10 @@ class DaliPretrainLoader:
         self.position.set(epoch, start_step)
 
     def close(self) -> None:
-        """Nothing to stop between passes: a new pass runs out what an abandoned one left in flight."""
+        """Stop making the feeds' batches; a new pass runs out what an abandoned one left in DALI."""
+        for stream in (self.unlabeled, self.support):
+            if stream is not None:
+                stream.feed.stop()
 
     def state_dict(self) -> dict:
         return {}
@@ -244,6 +297,13 @@ class DaliPretrainLoader:
             if stream is not None:
                 stream.start(steps)
         firsts = np.cumsum([0] + [g.count for g in self.spec.views])
+        in_use = OutputsInUse(self.device)
+        try:
+            yield from self._batches(epoch, steps, firsts, in_use)
+        finally:
+            in_use.drain()
+
+    def _batches(self, epoch: int, steps: range, firsts: np.ndarray, in_use: OutputsInUse) -> Iterator[PretrainBatch]:
         for step in steps:
             u = self.unlabeled.next()
             groups = tuple(self._batch([u[f"view{v}"] for v in range(a, b)]) for a, b in zip(firsts[:-1], firsts[1:]))
@@ -257,6 +317,7 @@ class DaliPretrainLoader:
                 r = self.spec.support_recipe.resolution
                 support = groups[0].new_zeros((0, 3, r, r))
                 labels = torch.zeros(0, dtype=torch.int64)
+            in_use.handed_out((u, out) if self.support is not None else u)
             streams = [s for s in (self.unlabeled, self.support) if s is not None]
             bad = sum((s.feed.bad_images.pop(step, ()) for s in streams), ())
             for s in streams:

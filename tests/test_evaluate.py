@@ -145,3 +145,98 @@ def test_shard_dataset_reads_converted_tars_in_index_order(tmp_path):
         image, label = ds[i]
         assert label == i // 3
         assert np.array_equal(image, np.asarray(Image.open(path).convert("RGB")))
+
+# --------------------------------------------------------------------------- issue 35: paths stay inside --data
+
+
+def test_a_split_outside_data_is_refused(tmp_path, capsys):
+    from tests.helpers.exports import small_export
+    data = make_split_tree(tmp_path / "data", classes=2, train_per_class=2, val_per_class=1, size=16)
+    make_split_tree(tmp_path / "other", classes=2, train_per_class=2, val_per_class=1, size=16)  # readable, outside
+    _, export = small_export(tmp_path)
+    for flag, split in (("--val-split", "../other/val"), ("--train-split", str(tmp_path / "other" / "train"))):
+        assert evaluate.main(["--checkpoint", str(export), "--data", str(data), flag, split, "--no-progress",
+                              "--num-workers", "0"]) == 2
+        assert f"{flag} {split!r} must name a folder inside --data" in capsys.readouterr().err
+
+
+def test_a_conversion_sub_folder_as_data_names_the_folder_to_pass(tmp_path, capsys):
+    from tests.helpers.exports import small_export
+    from tools.convert_imagenet import ConvertOptions, convert
+    src = make_split_tree(tmp_path / "src", classes=2, train_per_class=2, val_per_class=1, size=16)
+    convert(ConvertOptions(src=str(src), out=str(tmp_path / "conv"), splits=("train", "val"), formats=("dali",),
+                           shard_size=2, shard_multiple=1, jobs=1, progress=False))
+    _, export = small_export(tmp_path)
+    for sub in ("dali", "dali/train"):
+        assert evaluate.main(["--checkpoint", str(export), "--data", str(tmp_path / "conv" / sub), "--no-progress",
+                              "--num-workers", "0"]) == 2
+        assert capsys.readouterr().err.strip().endswith(f"pass --data {tmp_path / 'conv'}")
+    assert evaluate.main(["--checkpoint", str(export), "--data", str(tmp_path / "conv"), "--no-progress",
+                          "--num-workers", "0", "--k", "1"]) == 0
+
+
+def test_accuracies_are_exact_percentages_in_the_json():
+    """47 of 250 right is 18.8 %, not float32's 18.799999356269836."""
+    labels = torch.zeros(250, dtype=torch.long)
+    scores = torch.zeros(250, 7)
+    scores[:47, 0] = 1.0  # right
+    scores[47:, 1] = 1.0  # wrong, but class 0 is in each row's top 5 (ties broken low)
+    res = evaluate.topk_accuracy(scores, labels)
+    assert json.dumps(res) == '{"top1": 18.8, "top5": 100.0}'
+    assert knn_accuracy(F.normalize(torch.eye(3), dim=1), torch.arange(3), F.normalize(torch.eye(3), dim=1),
+                        torch.tensor([0, 1, 0]), num_classes=3, k=1)["knn_top1"] == round(200 / 3, 4)
+
+
+# --------------------------------------------------------------------------- issue 35: fine-tuning says what it does
+
+
+def _val_accuracy_by_hand(model_path: Path, val_dir: Path) -> float:
+    """Top-1 of a saved fine-tuned model on every image of ``val_dir``, read with PIL and prepared by
+    its sidecar's transform, one image at a time (train.evaluate batches them through a DataLoader)."""
+    from PIL import Image
+
+    from train.export import load_encoder
+    net, info = load_encoder(model_path, classifier=True)
+    right = total = 0
+    for label, cls in enumerate(info.classes):
+        for image in sorted((val_dir / cls).iterdir()):
+            with torch.no_grad():
+                logits = net(info.transform()(Image.open(image).convert("RGB"))[None])
+            right += int(logits.argmax(1).item() == label)
+            total += 1
+    return round(100.0 * right / total, 4)
+
+
+def test_finetuning_logs_each_epoch_saves_its_model_and_notes_a_tiny_labeled_set(trained_run, tmp_path, capsys):
+    data, run_dir = trained_run
+    saved, out = tmp_path / "ft.pth", tmp_path / "res.json"
+    args = ["--checkpoint", str(run_dir), "--data", str(data), "--method", "finetune", "--epochs", "3",
+            "--num-workers", "0", "--no-progress", "--finetune-out", str(saved), "--output", str(out)]
+    assert evaluate.main([*args, "--finetune-val-every", "2"]) == 0
+    printed = capsys.readouterr()
+    res = json.loads(out.read_text())
+    log = res["finetune_log"]
+    assert [e["epoch"] for e in log] == [1, 2, 3]
+    assert [e["val_top1"] is not None for e in log] == [False, True, True]  # every 2nd epoch, and the last
+    for e in log:
+        line = next(l for l in printed.out.splitlines() if l.startswith(f"fine-tune epoch {e['epoch']}/3:"))
+        assert f"loss {e['loss']:.4f}" in line and f"train top-1 {e['train_top1']:.2f}%" in line
+        assert e["loss"] > 0 and 0 <= e["train_top1"] <= 100 and e["lr"] > 0
+    assert log[-1]["val_top1"] == res["top1"] and log[-1]["val_top5"] == res["top5"]
+    assert res["finetuned_model"] == str(saved) and f"fine-tuned model saved: {saved}" in printed.out
+    assert "so a result below kNN and the linear probe is expected" in printed.err  # 4 labeled images per class
+    assert res["notes"] and res["notes"][0] in printed.out
+    assert _val_accuracy_by_hand(saved, data / "val") == res["top1"]
+    assert evaluate.main(args) == 2  # its own earlier model is not replaced: refused before any work
+    assert f"{saved} and {saved}.json exist" in capsys.readouterr().err
+
+
+def test_finetuning_saves_beside_the_checkpoint_by_default(trained_run, tmp_path, capsys):
+    data, run_dir = trained_run
+    ckpt_file = sorted(run_dir.glob("ckpt-*.pt"))[-1]
+    copy = tmp_path / ckpt_file.name
+    copy.write_bytes(ckpt_file.read_bytes())
+    assert evaluate.main(["--checkpoint", str(copy), "--data", str(data), "--method", "finetune", "--epochs", "1",
+                          "--num-workers", "0", "--no-progress", "--seed", "3"]) == 0
+    assert f"fine-tuned model saved: {tmp_path / 'finetuned_suncet_seed3.pth'}" in capsys.readouterr().out
+    assert (tmp_path / "finetuned_suncet_seed3.pth.json").is_file()

@@ -2,10 +2,12 @@
 (issue 15, parts 2 and 3)."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -155,3 +157,106 @@ def test_a_timm_backbone_trains_exports_and_reloads_with_identical_features(tmp_
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(reloaded(x), model.features(x))
     torch.testing.assert_close(direct.eval()(x), model.features(x), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- issue 35: every file checked first
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    from tests.helpers.exports import training_checkpoint
+    data = make_split_tree(tmp_path / "data", classes=2, train_per_class=2, val_per_class=1, size=16)
+    return training_checkpoint(tmp_path / "ckpt-000000010.pt", data)
+
+
+def test_a_foreign_sidecar_beside_out_is_not_replaced_without_force(checkpoint, tmp_path, capsys):
+    out = tmp_path / "enc.pth"
+    (tmp_path / "enc.pth.json").write_text("someone else's notes\n")
+    assert export_tool.main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    assert f"{out}.json exists" in capsys.readouterr().err
+    assert not out.exists() and (tmp_path / "enc.pth.json").read_text() == "someone else's notes\n"
+    assert export_tool.main(["--checkpoint", str(checkpoint), "--out", str(out), "--force"]) == 0
+    assert json.loads((tmp_path / "enc.pth.json").read_text())["arch"] == "resnet18-small"
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_an_out_that_names_a_folder_is_refused(checkpoint, tmp_path, capsys, force):
+    assert export_tool.main(["--checkpoint", str(checkpoint), "--out", f"{tmp_path}/newdir/", *force]) == 2
+    assert "is a directory; give a file name" in capsys.readouterr().err
+    assert not (tmp_path / "newdir").exists()
+    (tmp_path / "existing").mkdir()
+    assert export_tool.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "existing"), *force]) == 2
+    (tmp_path / "enc.pth.json").mkdir()  # a folder where the sidecar goes: refused even with --force
+    assert export_tool.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "enc.pth"), *force]) == 2
+    assert "enc.pth.json is a directory" in capsys.readouterr().err
+    assert not (tmp_path / "enc.pth").exists()
+
+
+# --------------------------------------------------------------------------- issue 35: what the run trained with
+
+
+def test_the_sidecar_records_a_resolution_changed_on_resume(tmp_path, capsys):
+    """A checkpoint whose config history (what the resume side is to record: one entry per start or
+    resume) shows 16 px from step 0 and 32 px from step 4: the sidecar keeps both, evaluation says so."""
+    from tests.helpers.exports import training_checkpoint
+    from tests.pretrain_helpers import tiny_config
+    from train.config import config_to_dict
+    data = make_split_tree(tmp_path / "data", classes=2, train_per_class=3, val_per_class=1, size=16)
+    history = [{"global_step": step, "config": config_to_dict(tiny_config(data, tmp_path / "run",
+                                                                          **{"augment.resolution": side}))}
+               for step, side in ((0, 16), (2, 16), (4, 32))]
+    path = training_checkpoint(tmp_path / "ckpt-000000010.pt", data, history=history, **{"augment.resolution": 32})
+    assert export_tool.main(["--checkpoint", str(path), "--out", str(tmp_path / "enc.pth")]) == 0
+    side = json.loads((tmp_path / "enc.pth.json").read_text())
+    assert side["resolution"] == 32 and side["trained_resolutions"] == [[0, 16], [4, 32]]
+    evaluate.evaluate_checkpoint(tmp_path / "enc.pth", data, evaluate.EvalSettings(num_workers=0, progress=False,
+                                                                                    knn_k=1))
+    assert "16 px from step 0 to 4; 32 px from step 4 to 10" in capsys.readouterr().err
+    plain = training_checkpoint(tmp_path / "ckpt-000000011.pt", data)  # no history recorded: unknown, no note
+    assert export_tool.main(["--checkpoint", str(plain), "--out", str(tmp_path / "plain.pth")]) == 0
+    assert json.loads((tmp_path / "plain.pth.json").read_text())["trained_resolutions"] == []
+
+
+# --------------------------------------------------------------------------- issue 35: one public loader
+
+
+@pytest.mark.parametrize("arch, fmt", [("resnet18", "torchvision"), ("resnet18", "timm"), ("resnet18", "safetensors"),
+                                       ("resnet18-small", "native"), ("resnet18-small", "safetensors"),
+                                       ("timm/resnet10t", "timm"), ("timm/resnet10t", "safetensors")])
+def test_load_encoder_reads_every_format_back_with_the_checkpoint_features(tmp_path, arch, fmt):
+    if fmt == "safetensors":
+        pytest.importorskip("safetensors")
+    if arch.startswith("timm/"):
+        pytest.importorskip("timm")
+    from tests.helpers.exports import training_checkpoint
+    from train.export import load_encoder, load_pretrained
+    data = make_split_tree(tmp_path / "data", classes=2, train_per_class=2, val_per_class=1, size=16)
+    path = training_checkpoint(tmp_path / "ckpt-000000010.pt", data, **{"model.arch": arch, "augment.mean":
+                                                                        "[0.5, 0.4, 0.3]"})
+    out = tmp_path / f"enc.{fmt}"
+    assert export_tool.main(["--checkpoint", str(path), "--format", fmt, "--out", str(out)]) == 0
+    encoder, info = load_encoder(out)  # the README's way: no arch, no config
+    assert not any(m.training for m in encoder.modules())
+    assert (info.arch, info.resolution, info.mean) == (arch, 16, (0.5, 0.4, 0.3))
+    model, cfg, _, _ = load_pretrained(path)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), model.features(x))  # channels-last against contiguous: ulps
+    from PIL import Image
+
+    from pipelines.augment.reference import eval_transform
+    image = Image.fromarray((np.arange(20 * 24 * 3) % 251).astype(np.uint8).reshape(20, 24, 3))
+    assert torch.equal(info.transform()(image), eval_transform(cfg.eval_recipe)(image))
+
+
+def test_load_encoder_of_an_export_without_sidecar_needs_the_arch(tmp_path):
+    from tests.helpers.exports import small_export
+    from train.export import ExportError, load_encoder
+    model, path = small_export(tmp_path)
+    (tmp_path / "enc.pth.json").unlink()
+    with pytest.raises(ExportError, match="pass arch="):
+        load_encoder(path)
+    encoder, info = load_encoder(path, "resnet18-small")
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(encoder(x), model.features(x), rtol=0, atol=0)
+    assert info.resolution == 224  # assumed, as documented

@@ -82,9 +82,10 @@ def labeled_for(cfg: PretrainConfig, s: EvalSettings, root: Path, paths, labels,
                         f"{where}; pass --labeled-list FILE or --labeled-fraction F") from None
 
 
-def conversion_hint(root: Path, split: str) -> None:
-    """Refuse a conversion's sub-folder (``conv/ffcv``, ``conv/dali``) as ``--data``, naming the folder to pass."""
-    if is_converted(root) or (root / split).is_dir():
+def refuse_conversion_sub_folder(root: Path) -> None:
+    """Refuse a conversion's sub-folder (``conv/ffcv``, ``conv/dali``, ``conv/dali/train``) as
+    ``--data``, naming the folder to pass."""
+    if is_converted(root):
         return
     for up in (root.parent, root.parent.parent):
         if is_converted(up):
@@ -101,7 +102,7 @@ def build_eval_data(cfg: PretrainConfig, root: Path, s: EvalSettings, listed_by:
     recipe = cfg.eval_recipe
     if not root.is_dir():
         raise DataError(f"data root not found: {root}")
-    conversion_hint(root, train_split)
+    refuse_conversion_sub_folder(root)
     train, val = open_split_images(root, train_split), open_split_images(root, val_split)
     if val.index.classes != train.index.classes:
         raise DataError(f"class folders of {val.index.root} differ from those of {train.index.root}")

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.errors import DataError
-from pipelines.format import layout
-from pipelines.format.converted import CONVERT_HINT, ConvertedSplit, is_converted, open_converted
+from pipelines.format.converted import ConvertedSplit, is_converted, open_converted
+from pipelines.format.root_advice import misplaced_root
 from pipelines.image_folder import ImageFolderIndex, index_image_folder
 from pipelines.labeled import choose_labeled
 from pipelines.spec import LoaderSpec
@@ -51,19 +51,14 @@ def check_root(root: Path | str, train_split: str, val_split: str | None = None)
 def open_train_split(spec: LoaderSpec) -> TrainSplit:
     """Index the training split of ``spec.root`` for ``spec.backend`` and choose its labeled subset."""
     root = check_root(spec.root, spec.train_split)
+    misplaced = misplaced_root(root, spec.train_split, spec.backend)  # the folder and backend to use instead
+    if misplaced:
+        raise DataError(misplaced)
     converted = None
     if is_converted(root):
-        if spec.backend == "torch":
-            source = layout.read_manifest(root).get("settings", {}).get("src", "the source tree")
-            raise DataError(f"data.root {root} is a converted dataset (it holds {layout.MANIFEST}); the torch "
-                            f"backend reads an ImageFolder tree: set data.backend=dali or ffcv, or point "
-                            f"data.root at the tree it was converted from ({source})")
         converted = open_converted(root, spec.train_split)
         index = converted.index
     else:
-        if spec.backend == "ffcv":
-            raise DataError(f"data.backend=ffcv reads a converted dataset, and {root} holds no {layout.MANIFEST}; "
-                            f"convert it first: {CONVERT_HINT} --formats ffcv")
         index = index_image_folder(root / spec.train_split)
         if index.broken and spec.on_bad_image == "error":
             shown = ", ".join(str(index.root / p) for p in index.broken[:3])

@@ -40,6 +40,7 @@ from pipelines.errors import DataError
 from pipelines.format import layout
 from pipelines.format.manifest import (FORMAT_VERSION, file_record, new_manifest, settings_diff,
                                       split_is_complete, write_json)
+from pipelines.format.root_advice import misplaced_source
 from pipelines.image_folder import find_classes, list_split
 from tools.convert.ffcv_beton import require_ffcv
 from tools.convert.options import FORMATS, SPLIT_NAME, ConversionError, ConvertOptions
@@ -61,6 +62,9 @@ def convert(options: ConvertOptions) -> dict:
     src, out = Path(options.src), Path(options.out)
     if not src.is_dir():
         raise ConversionError(f"--src {src} is not a directory")
+    misplaced = misplaced_source(src, options.splits)  # a conversion, or a split folder: what to pass instead
+    if misplaced:
+        raise ConversionError(misplaced)
     missing = [s for s in options.splits if not (src / s).is_dir()]
     if missing:
         raise ConversionError(f"--src {src} has no folder for split(s) {missing} named by --splits")
@@ -158,7 +162,7 @@ def _open_manifest(out: Path, settings: dict, overwrite: bool) -> dict:
     for split in previous["splits"]:
         remove_targets(out, split)
     (out / layout.LABELS).unlink(missing_ok=True)
-    for name in ("ffcv", "dali", "samples", "labeled"):  # their folders, when nothing else is left in them
+    for name in layout.OUTPUT_DIRS:  # their folders, when nothing else is left in them
         try:
             (out / name).rmdir()
         except OSError:

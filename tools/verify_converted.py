@@ -19,6 +19,7 @@ from pathlib import Path
 from pipelines.errors import DataError
 from pipelines.format import layout
 from pipelines.format.manifest import record_problem
+from pipelines.format.root_advice import conversion_above
 
 
 def verify(out: Path, splits: list[str] | None = None) -> list[str]:
@@ -49,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     if not (out / layout.MANIFEST).is_file():
-        print(f"error: {out} holds no {layout.MANIFEST}", file=sys.stderr)
+        conversion = conversion_above(out)
+        advice = (f": it is a folder inside the conversion {conversion}; check that: python -m tools.verify_converted "
+                  f"{conversion}" if conversion else " (not a conversion: give the converter's --out folder)")
+        print(f"error: {out} holds no {layout.MANIFEST}{advice}", file=sys.stderr)
         return 2
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     try:

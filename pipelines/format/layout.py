@@ -26,6 +26,7 @@ MANIFEST = "manifest.json"
 LABELS = "labels.json"
 PARTIAL = ".partial"  # suffix of outputs being written; renamed when the split completes
 FORMAT_DIRS = ("ffcv", "dali")  # a format's folder, named after it; the rest are listings
+OUTPUT_DIRS = (*FORMAT_DIRS, "samples", "labeled")  # every folder a conversion writes (above)
 
 # Members of each webdataset sample: JPEG bytes, label, sample index (both ASCII decimal, as
 # webdataset writes and reads ``.cls``).

@@ -260,4 +260,4 @@ def test_a_conversions_sub_folder_as_data_root_names_the_out_folder(tree, tmp_pa
     (out / "manifest.json").write_text("{}")
     assert _train(tree, tmp_path / "run", "--set", f"data.root={out / 'dali'}", "--dry-run") == 2
     err = _one_line(capsys)
-    assert f"{out} is a conversion by tools.convert_imagenet: pass it as data.root" in err
+    assert f"inside the converted dataset {out}: set data.root={out}, the conversion itself" in err

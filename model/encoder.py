@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -104,14 +105,46 @@ def check_arch(arch: str) -> None:
         raise ValueError(f"model.arch must be one of {', '.join(ENCODERS)} or timm/<name>, got {arch!r}")
 
 
-def _timm(name: str) -> tuple[nn.Module, int]:
+def _create_timm(name: str) -> tuple[nn.Module, bool]:
+    """The timm model ``name`` without classifier, and whether it takes any image size."""
     import timm
 
     try:
-        net = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+        return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True), True
     except TypeError:  # models without a fixed image size take no dynamic_img_size
-        net = timm.create_model(name, pretrained=False, num_classes=0)
+        return timm.create_model(name, pretrained=False, num_classes=0), False
+
+
+def _timm(name: str) -> tuple[nn.Module, int]:
+    net, _ = _create_timm(name)
     return net, int(net.num_features)
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """What an encoder asks of its images: ``fixed_side``, the only image side it takes (None:
+    any), and ``reduction``, the image side over its last feature map's side."""
+
+    fixed_side: int | None
+    reduction: int
+
+
+# The built-in encoders: torchvision's ResNets reduce 32-fold; the CIFAR stem of resnet18-small 8-fold.
+_REDUCTIONS = {"resnet50": 32, "resnet18": 32, "resnet18-small": 8}
+
+
+def input_geometry(arch: str) -> InputGeometry:
+    """``arch``'s ``InputGeometry``; a timm model is built on the meta device (no weights allocated)
+    and read from its ``pretrained_cfg`` (``input_size``, ``fixed_input_size``) and ``feature_info``."""
+    check_arch(arch)
+    if not arch.startswith(TIMM_PREFIX):
+        return InputGeometry(None, _REDUCTIONS[arch])
+    with torch.device("meta"):
+        net, any_size = _create_timm(arch[len(TIMM_PREFIX):])
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    info = getattr(net, "feature_info", None) or [{}]
+    fixed = cfg.get("fixed_input_size") and not any_size and cfg.get("input_size")
+    return InputGeometry(int(fixed[-1]) if fixed else None, int(info[-1].get("reduction", 32)))
 
 
 def build_encoder(arch: str, zero_init_residual: bool = False) -> tuple[nn.Module, int]:

@@ -8,12 +8,13 @@ The public face of the config modules, which every caller imports from here:
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.augment.recipe import AugmentConfig, SimCLRRecipe, views_per_image
 from pipelines.spec import BACKENDS
-from train.config_checks import validate_config
+from train.config_checks import check_values, config_warnings, validate_config
 from train.config_fields import ConfigError
 from train.config_loss import SUNCET_WEIGHT_RULES, LossConfig, PAWSConfig, SwAVConfig
 from train.config_sections import (OPTIMIZERS, PRECISIONS, ComputeConfig, DataConfig, ModelConfig, OptimConfig,
@@ -100,10 +101,15 @@ def effective_suncet_weight(cfg: PretrainConfig) -> float:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
-    """Load a YAML config (or defaults when ``path`` is None), its ``_base_`` chain, and apply overrides."""
+    """Load a YAML config (or defaults when ``path`` is None), its ``_base_`` chain, and apply overrides;
+    every value is checked on its own (``check_values``) and what is likely a mistake is printed."""
     tree = read_config_tree(path) if path is not None else {}
     tree = merge_trees(tree, parse_overrides(overrides or []))
-    return build_dataclass(PretrainConfig, tree)
+    cfg = build_dataclass(PretrainConfig, tree)
+    check_values(cfg)
+    for warning in config_warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
+    return cfg
 
 
 def with_overlay(cfg: PretrainConfig, path: str | Path) -> PretrainConfig:
@@ -112,4 +118,5 @@ def with_overlay(cfg: PretrainConfig, path: str | Path) -> PretrainConfig:
 
 
 def config_from_dict(tree: dict) -> PretrainConfig:
+    """A checkpoint's or an export's config, typed; its values are not held to today's limits."""
     return build_dataclass(PretrainConfig, tree)

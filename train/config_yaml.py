@@ -142,6 +142,23 @@ def shipped_configs() -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def _shipped(name: str) -> Path | None:
+    """The shipped config called ``name`` or ``name.yaml``, if any."""
+    names = shipped_configs()
+    for candidate in (name, f"{name}.yaml"):
+        if candidate in names:
+            return Path(str(importlib.resources.files("configs").joinpath(candidate)))
+    return None
+
+
+def _not_found(what: str, path: Path) -> ConfigError:
+    """``<what> not found: <path>``, the nearest shipped config's name and the list of them."""
+    names = [n[: -len(".yaml")] for n in shipped_configs()]
+    close = difflib.get_close_matches(path.name.removesuffix(".yaml"), names, n=1)
+    return ConfigError(f"{what} not found: {path}" + (f" (did you mean {close[0]}?)" if close else "")
+                       + (f"; shipped configs: {', '.join(names)}" if names else ""))
+
+
 def find_config(path: str | Path) -> Path:
     """``path`` as given, or, when it does not exist, the config of that name shipped with
     the package (``configs/``), so that ``--config configs/demo.yaml``, ``--config demo.yaml``
@@ -149,20 +166,30 @@ def find_config(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
-    if path.parent in (Path("."), Path("configs")):
-        names = shipped_configs()
-        for name in (path.name, f"{path.name}.yaml"):
-            if name in names:
-                return Path(str(importlib.resources.files("configs").joinpath(name)))
-        if names:
-            raise ConfigError(f"config file not found: {path}; shipped configs: {', '.join(n[:-5] for n in names)}")
-    raise ConfigError(f"config file not found: {path}")
+    shipped = _shipped(path.name) if path.parent in (Path("."), Path("configs")) else None
+    if shipped is None:
+        raise _not_found("config file", path)
+    return shipped
+
+
+def find_base(base: str, including: Path) -> Path:
+    """The ``_base_`` file that config ``including`` names: a path relative to ``including``'s
+    folder (or absolute; ``.yaml`` optional) when that file exists, else, for a bare name, the shipped config of
+    that name (``.yaml`` optional), so that a config in any folder can build on a shipped one."""
+    beside = Path(base) if Path(base).is_absolute() else including.parent / base
+    for candidate in (beside, beside.with_name(beside.name + ".yaml")):
+        if candidate.is_file():
+            return candidate
+    shipped = _shipped(base) if Path(base).parent == Path(".") else None
+    if shipped is None:
+        raise _not_found(f"config {including}: {BASE_KEY} {base!r}", beside)
+    return shipped
 
 
 def read_config_tree(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     """The values of config file ``path`` merged over those of its ``_base_`` file(s), recursively
-    (a base path is relative to the file that names it)."""
-    path = find_config(path)
+    (``find_base``: beside the file that names it, else a shipped config)."""
+    path = path if seen else find_config(path)
     if path.resolve() in seen:
         raise ConfigError(f"config {path}: _base_ files form a cycle: {' -> '.join(str(p) for p in seen)}")
     try:
@@ -178,8 +205,7 @@ def read_config_tree(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
         return tree
     if not isinstance(base, str):
         raise ConfigError(f"config {path}: {BASE_KEY} must be a file name, got {base!r}")
-    base_path = Path(base) if Path(base).is_absolute() else path.parent / base
-    return merge_trees(read_config_tree(base_path, seen + (path.resolve(),)), tree)
+    return merge_trees(read_config_tree(find_base(base, path), seen + (path.resolve(),)), tree)
 
 
 def config_to_dict(cfg: Any) -> dict:

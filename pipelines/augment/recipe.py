@@ -20,18 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from pipelines.settings import check_settings, setting
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _check_range(key: str, value: tuple[float, float], low: float, high: float | None, open_low: bool = True) -> None:
-    lo, hi = value
-    ok_low = lo > low if open_low else lo >= low
-    if not (ok_low and lo <= hi and (high is None or hi <= high)):
-        bound = f"{low} {'<' if open_low else '<='} lo <= hi" + (f" <= {high}" if high is not None else "")
-        raise ValueError(f"{key} must satisfy {bound}, got {list(value)}")
 
 
 @dataclass(frozen=True)
@@ -53,20 +47,30 @@ class SimCLRRecipe:
     - normalisation by ``mean`` / ``std`` on [0, 1] pixel values.
     """
 
-    resolution: int = 224
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_prob: float = 0.5
-    jitter_strength: float = 1.0
-    jitter_prob: float = 0.8
-    grayscale_prob: float = 0.2
-    blur_prob: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_kernel_fraction: float = 0.1
-    solarize_prob: float = 0.0
-    solarize_threshold: tuple[float, float] = (0.5, 0.5)
-    mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
-    std: tuple[float, float, float] = field(default=IMAGENET_STD)
+    resolution: int = setting(224, "side of the square view, px", low=8, high=2048,
+                              why="a view's pixels grow with its side squared: 2048 px is 84 x a 224 px view")
+    crop_scale: tuple[float, float] = setting((0.08, 1.0), "area fraction of the image the random crop covers, "
+                                              "drawn uniformly", low=0.0, low_open=True, high=1.0, ordered=True)
+    crop_ratio: tuple[float, float] = setting((3 / 4, 4 / 3), "aspect ratio (width / height) of the crop, drawn "
+                                              "log-uniformly", low=0.0, low_open=True, ordered=True)
+    flip_prob: float = setting(0.5, "probability of a horizontal flip", low=0.0, high=1.0)
+    jitter_strength: float = setting(1.0, "colour jitter strength s: brightness, contrast, saturation factors in "
+                                     "[1 - 0.8 s, 1 + 0.8 s], hue shift in [-0.2 s, 0.2 s]", low=0.0, high=10.0,
+                                     why="factors reach 1 + 0.8 s: beyond 10 most jittered views saturate")
+    jitter_prob: float = setting(0.8, "probability of the colour jitter", low=0.0, high=1.0)
+    grayscale_prob: float = setting(0.2, "probability of turning the view grey (3 channels kept)", low=0.0, high=1.0)
+    blur_prob: float = setting(0.5, "probability of the Gaussian blur", low=0.0, high=1.0)
+    blur_sigma: tuple[float, float] = setting((0.1, 2.0), "blur sigma in pixels, drawn uniformly", low=0.0,
+                                              low_open=True, ordered=True)
+    blur_kernel_fraction: float = setting(0.1, "blur kernel side as a fraction of the resolution (made odd, >= 3)",
+                                          low=0.0, low_open=True, high=1.0)
+    solarize_prob: float = setting(0.0, "probability of solarizing the view (BYOL; 0 in SimCLR)", low=0.0, high=1.0)
+    solarize_threshold: tuple[float, float] = setting((0.5, 0.5), "solarize threshold on [0, 1] pixel values, "
+                                                      "drawn uniformly", low=0.0, high=1.0, ordered=True)
+    mean: tuple[float, float, float] = setting(IMAGENET_MEAN, "per-channel mean subtracted from [0, 1] pixel values",
+                                               low=0.0, high=1.0)
+    std: tuple[float, float, float] = setting(IMAGENET_STD, "per-channel std dividing [0, 1] pixel values", low=0.001,
+                                              low_why="1 / std scales the pixels: smaller overflows fp16")
 
     def __post_init__(self) -> None:
         check_recipe(self, "augment.")
@@ -102,25 +106,10 @@ class SimCLRRecipe:
 
 
 def check_recipe(r, prefix: str) -> None:
-    """Refuse impossible recipe values of ``r`` (a recipe, or the same fields on any object),
-    naming the key as ``prefix + field``."""
-    if r.resolution < 8:
-        raise ValueError(f"{prefix}resolution must be >= 8, got {r.resolution}")
-    _check_range(f"{prefix}crop_scale", r.crop_scale, 0.0, 1.0)
-    _check_range(f"{prefix}crop_ratio", r.crop_ratio, 0.0, None)
-    for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
-        p = getattr(r, name)
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{prefix}{name} must be a probability in [0, 1], got {p}")
-    if not r.jitter_strength >= 0:
-        raise ValueError(f"{prefix}jitter_strength must be >= 0, got {r.jitter_strength}")
-    _check_range(f"{prefix}blur_sigma", r.blur_sigma, 0.0, None)
-    if not 0 < r.blur_kernel_fraction <= 1:
-        raise ValueError(f"{prefix}blur_kernel_fraction must be in (0, 1] (of the resolution), "
-                         f"got {r.blur_kernel_fraction}")
-    _check_range(f"{prefix}solarize_threshold", r.solarize_threshold, 0.0, 1.0, open_low=False)
-    if any(not s > 0 for s in r.std):
-        raise ValueError(f"{prefix}std must be > 0 in every channel, got {list(r.std)}")
+    """Refuse recipe values of ``r`` (a recipe, or the same fields on any object) outside their
+    limits (every number finite, probabilities in [0, 1], ranges in order, ...), naming the key
+    as ``prefix + field``."""
+    check_settings(dataclasses.fields(SimCLRRecipe), r, prefix)
 
 
 RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(SimCLRRecipe))
@@ -142,12 +131,15 @@ class ViewGroup:
         return self.recipe.resolution
 
 
+MAX_VIEWS = 64  # per image, over all groups: far beyond any published recipe (SwAV's largest is 2 + 6)
+
+
 @dataclass(frozen=True)
 class ViewGroupSpec:
     """One entry of the config's ``augment.views``: a count, and the recipe fields that differ
     from the ``augment`` section's (None: as there)."""
 
-    count: int = 2
+    count: int = setting(2, "views of each image in this group", low=1)
     resolution: int | None = None
     crop_scale: tuple[float, float] | None = None
     crop_ratio: tuple[float, float] | None = None
@@ -166,9 +158,6 @@ class ViewGroupSpec:
                 if f.name != "count" and getattr(self, f.name) is not None}
 
 
-MAX_VIEWS = 64  # per image, over all groups: far beyond any published recipe (SwAV's largest is 2 + 6)
-
-
 @dataclass(frozen=True)
 class AugmentConfig(SimCLRRecipe):
     """The config's ``augment`` section: the recipe every view group starts from, and the groups.
@@ -178,7 +167,8 @@ class AugmentConfig(SimCLRRecipe):
     losses pair an image's views), and ``view_groups()`` resolves each entry against this recipe.
     """
 
-    views: tuple[ViewGroupSpec, ...] = ()
+    views: tuple[ViewGroupSpec, ...] = setting((), "view groups (multi-crop), each a count and the recipe keys that "
+                                               "differ from this section's; empty: SimCLR's 2 views")
 
     def __post_init__(self) -> None:
         super().__post_init__()

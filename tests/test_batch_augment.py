@@ -14,22 +14,15 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from pipelines.augment.batched import (
-    BRIGHTNESS,
-    CONTRAST,
-    SATURATION,
     BatchColorAugment,
     ColorAugParams,
-    adjust_brightness,
-    adjust_contrast,
     adjust_hue,
-    adjust_saturation,
     gaussian_blur,
-    grayscale,
-    hflip,
     normalize,
     normalize_only,
     to_unit_float,
 )
+from pipelines.augment.colour_plan import BRIGHTNESS, CONTRAST, HUE, SATURATION, gaussian_taps
 from pipelines.augment.recipe import SimCLRRecipe
 
 ATOL = 1e-5
@@ -90,27 +83,49 @@ def _params_to(p: ColorAugParams, device: torch.device) -> ColorAugParams:
     return ColorAugParams(**{f.name: getattr(p, f.name).to(device) for f in dataclasses.fields(p)})
 
 
+def _only(b: int, **drawn: torch.Tensor) -> ColorAugParams:
+    """Parameters that switch every op off except ``drawn`` (jitter factors neutral, hue 0)."""
+    off, one = torch.zeros(b, dtype=torch.bool), torch.ones(b)
+    base = dict(flip=off, jitter=off, brightness=one, contrast=one, saturation=one, hue=0 * one,
+                order=torch.arange(4).expand(b, 4), grayscale=off, blur=off, sigma=one, solarize=off,
+                threshold=0.5 * one)
+    return ColorAugParams(**(base | drawn))
+
+
+def _raw(aug: BatchColorAugment, x: torch.Tensor, p: ColorAugParams) -> torch.Tensor:
+    """``aug.apply`` with its normalisation undone: float in [0, 1]."""
+    return _unnormalize(aug.apply(x, p), aug.recipe)
+
+
 # --- single ops against torchvision --------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "ours, theirs, lo, hi",
+    "op, theirs, lo, hi",
     [
-        (adjust_brightness, TF.adjust_brightness, 0.0, 2.0),
-        (adjust_contrast, TF.adjust_contrast, 0.0, 2.0),
-        (adjust_saturation, TF.adjust_saturation, 0.0, 2.0),
-        (adjust_hue, TF.adjust_hue, -0.5, 0.5),
+        (BRIGHTNESS, TF.adjust_brightness, 0.0, 2.0),
+        (CONTRAST, TF.adjust_contrast, 0.0, 2.0),
+        (SATURATION, TF.adjust_saturation, 0.0, 2.0),
+        (HUE, TF.adjust_hue, -0.5, 0.5),
     ],
     ids=["brightness", "contrast", "saturation", "hue"],
 )
-def test_jitter_op_matches_torchvision(ours, theirs, lo, hi):
+def test_jitter_op_matches_torchvision(op, theirs, lo, hi):
     x = _images(24, 12, 10)
     f = _factors(24, lo, hi)
     f[1] = lo
     f[2] = hi
-    got = ours(to_unit_float(x), f)
+    got = adjust_hue(to_unit_float(x), f) if op == HUE else None
+    # through the whole stage: the op first, the others neutral after it
+    jitter = torch.ones(24, dtype=torch.bool)
+    order = torch.tensor([op] + [k for k in range(4) if k != op]).expand(24, 4)
+    field = ("brightness", "contrast", "saturation", "hue")[op]
+    aug = BatchColorAugment(SimCLRRecipe(resolution=32))
+    staged = _raw(aug, x, _only(24, jitter=jitter, order=order, **{field: f}))
     want = torch.stack([theirs(x[i], float(f[i])) for i in range(x.shape[0])])
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(staged, want, atol=2 * ATOL, rtol=0)
+    if got is not None:
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
 def test_hue_zero_shift_keeps_image():
@@ -121,10 +136,13 @@ def test_hue_zero_shift_keeps_image():
 def test_grayscale_flip_and_normalize_match_torchvision():
     x = _images(10, 7, 9)
     mask = torch.tensor([True, False] * 5)
+    aug = BatchColorAugment(SimCLRRecipe(resolution=32, blur_prob=0.0))
     want_gray = torch.stack([TF.rgb_to_grayscale(x[i], 3) if mask[i] else x[i] for i in range(10)])
     want_flip = torch.stack([TF.hflip(x[i]) if mask[i] else x[i] for i in range(10)])
-    torch.testing.assert_close(grayscale(x, mask), want_gray, atol=ATOL, rtol=0)
-    torch.testing.assert_close(hflip(x, mask), want_flip, atol=0, rtol=0)
+    torch.testing.assert_close(_raw(aug, x, _only(10, grayscale=mask)), want_gray, atol=ATOL, rtol=0)
+    flipped = aug.apply(x, _only(10, flip=mask))
+    torch.testing.assert_close(flipped, normalize(want_flip, aug.recipe.mean, aug.recipe.std, torch.float32),
+                               atol=0, rtol=0)
     r = SimCLRRecipe()
     got = normalize(x, r.mean, r.std, torch.float32)
     torch.testing.assert_close(got, TF.normalize(x, list(r.mean), list(r.std)), atol=ATOL, rtol=0)
@@ -136,20 +154,26 @@ def test_blur_matches_torchvision(kernel_size):
     sigma = _factors(12, 0.1, 2.0)
     mask = torch.rand(12, generator=torch.Generator().manual_seed(3)) < 0.5
     mask[:2] = torch.tensor([True, False])
-    got = gaussian_blur(x, sigma, kernel_size, mask=mask)
     want = torch.stack(
         [
             TF.gaussian_blur(x[i], [kernel_size] * 2, [float(sigma[i])] * 2) if mask[i] else x[i]
             for i in range(12)
         ]
     )
+    taps = torch.from_numpy(gaussian_taps(sigma.numpy(), kernel_size)).repeat_interleave(3, dim=0)
+    torch.testing.assert_close(gaussian_blur(x, taps)[mask], want[mask], atol=ATOL, rtol=0)
+    resolution = int(kernel_size / SimCLRRecipe().blur_kernel_fraction)  # a recipe with this kernel size
+    aug = BatchColorAugment(SimCLRRecipe(resolution=resolution))
+    assert aug.recipe.blur_kernel_size == kernel_size
+    got = _raw(aug, x, _only(12, blur=mask, sigma=sigma))
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-    assert torch.equal(got[~mask], x[~mask])  # the delta kernel is exact
+    assert torch.equal(aug.apply(x, _only(12, blur=mask, sigma=sigma))[~mask],
+                       aug.apply(x, _only(12, sigma=sigma))[~mask])  # samples not drawn are left alone
 
 
 def test_blur_rejects_images_smaller_than_kernel():
     with pytest.raises(ValueError, match="larger"):
-        gaussian_blur(torch.rand(2, 3, 4, 4), torch.ones(2), 9)
+        gaussian_blur(torch.rand(2, 3, 4, 4), torch.ones(6, 9) / 9)
 
 
 # --- the whole pipeline against torchvision ------------------------------------------
@@ -333,5 +357,7 @@ def test_cuda_matches_cpu_with_same_params():
     assert y.device.type == "cuda" and y.is_contiguous(memory_format=torch.channels_last)
     ref = BatchColorAugment(SimCLRRecipe(resolution=64))
     torch.testing.assert_close(y.float().cpu(), ref.apply(x, _params_to(p, torch.device("cpu"))), atol=5e-2, rtol=2e-2)
+    planned = aug.plan(_params_to(p, torch.device("cpu")), cuda)  # from the host: one pinned copy
+    assert torch.equal(aug.apply(x.to(cuda), planned), aug.apply(x.to(cuda), p))
     with pytest.raises(ValueError, match="generator is on"):
-        aug(x.to(cuda), torch.Generator())
+        aug.sample_params(4, torch.Generator(), cuda)

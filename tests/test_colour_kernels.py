@@ -8,7 +8,7 @@ it may differ by half a grey level plus float noise. Images are smooth
 gradients with noise, with saturated, grey and channel-tie regions.
 
 ``finish_view`` with planned draws (``pipelines.augment.draws``) is checked
-against the device stage on the same draws (``ColorAugParams.from_draws``),
+against the device stage on the same draws (``BatchColorAugment.plan``),
 and its distributions on structured images where each op leaves a signature
 (5-sigma binomial tolerances). numba compiles the kernel once (cached on disk).
 """
@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.augment.batched import BatchColorAugment, ColorAugParams, gaussian_kernels
+from pipelines.augment.batched import BatchColorAugment, ColorAugParams
+from pipelines.augment.colour_plan import gaussian_taps
 from pipelines.augment.colour_kernels import color_augment_image, finish_view
 from pipelines.augment.draws import draw_rows, draw_views, image_seeds, recipe_vector
 from pipelines.augment.recipe import SimCLRRecipe
@@ -197,9 +198,9 @@ def test_planned_views_match_the_device_stage_on_the_same_draws():
     images = natural_images(b, seed=7)
     out = run_planned(images, recipe)
     draws = draw_views(_seeds(b), 0, 1, np.full((b, 2), (H, W)), recipe)
-    params = ColorAugParams.from_draws(draws, "cpu")
-    assert params.flip.any() and params.solarize.any() and params.jitter.any() and params.blur.any()
-    ref = BatchColorAugment(recipe).apply(torch.from_numpy(images).permute(0, 3, 1, 2), params)
+    assert draws.flip.any() and draws.solarize.any() and draws.jitter.any() and draws.blur.any()
+    aug = BatchColorAugment(recipe)
+    ref = aug.apply(torch.from_numpy(images).permute(0, 3, 1, 2), aug.plan(draws, "cpu"))
     ref = ref * torch.tensor(recipe.std).view(1, 3, 1, 1) + torch.tensor(recipe.mean).view(1, 3, 1, 1)
     err = np.abs(out / 255 - ref.permute(0, 2, 3, 1).double().numpy())
     # solarize may invert a pixel within half a level of its threshold on one side only
@@ -277,10 +278,10 @@ def test_blur_sigma_distribution(parallel_stripes_run):
     recipe, x, gray, blurred = parallel_stripes_run
     red = x[:, RES // 2, RES // 2, 0]  # an even column: stripe A
     blurred = blurred & ~gray
-    grid = torch.linspace(0.3, 2.5, 2000)
-    taps = gaussian_kernels(grid, recipe.blur_kernel_size)  # [N, 3]
-    amp = (taps[:, 1] - taps[:, 0] - taps[:, 2]).numpy()  # decreasing in sigma
-    sigma = np.interp((red[blurred] - 127.5) / 127.5, amp[::-1], grid.numpy()[::-1])
+    grid = np.linspace(0.3, 2.5, 2000)
+    taps = gaussian_taps(grid, recipe.blur_kernel_size)  # [N, 3]
+    amp = taps[:, 1] - taps[:, 0] - taps[:, 2]  # decreasing in sigma
+    sigma = np.interp((red[blurred] - 127.5) / 127.5, amp[::-1], grid[::-1])
     lo, hi = recipe.blur_sigma
     assert sigma.min() > lo - 0.05 and sigma.max() < hi + 0.15
     for q in (0.25, 0.5, 0.75):

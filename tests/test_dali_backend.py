@@ -23,7 +23,7 @@ import torchvision.transforms.v2.functional as TF  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
 from train.data import build_loaders  # noqa: E402
-from pipelines.augment.batched import BRIGHTNESS, CONTRAST, HUE, SATURATION  # noqa: E402
+from pipelines.augment.colour_plan import BRIGHTNESS, CONTRAST, HUE, SATURATION  # noqa: E402
 from pipelines.augment.dali import (  # noqa: E402
     blur_window,
     color_transform,

@@ -7,8 +7,10 @@ over samples and no host-device synchronisation.
 
 Two steps, so that the randomness can be tested apart from the maths:
 
-1. ``BatchColorAugment.sample_params`` draws all per-sample parameters into a
-   ``ColorAugParams`` with one ``torch.rand`` call on the images' device;
+1. the parameters: ``BatchColorAugment.sample_params`` draws them into a
+   ``ColorAugParams`` with one ``torch.rand`` call (the loaders take the plan's
+   draws, ``pipelines.augment.draws``); ``BatchColorAugment.plan`` turns them, on the
+   host, into a ``colour_plan.ColourPlan`` on the device, in one copy;
 2. ``BatchColorAugment.apply`` is deterministic given those parameters.
 
 Order and conventions follow torchvision's SimCLR pipeline
@@ -19,24 +21,29 @@ every jitter op, hue as a fraction of the colour circle, blur sigma in pixels,
 reflect padding. uint8 input is divided by 255 first and all maths runs in
 float32 (torchvision's PIL/uint8 path rounds to 8 bits after every op; this
 path does not). The output is cast to the requested dtype only at the end.
+
+Cost: each op runs only on the samples that drew it, which the host knows
+(``ColourPlan``): flip, grayscale, blur and solarize on those rows
+(``index_select``, the op, ``index_copy_``), hue at each jitter position on the
+samples that have it there. Brightness, contrast and saturation at one position
+are one blend over the batch (``colour_plan.Blend``), exact for the samples
+that have none of them there. Multiply-adds are fused (``addcmul``), so values
+differ from separate multiplies and adds by float rounding (below 1e-6).
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipelines.augment.colour_plan import Blend, ColorAugParams, ColourPlan, Rows, plan_colour
 from pipelines.augment.recipe import SimCLRRecipe
 
 # Luma weights of torchvision's tensor ``rgb_to_grayscale`` (ITU-R 601-2; its
 # red weight is 0.2989, not 0.299).
 LUMA_WEIGHTS = (0.2989, 0.587, 0.114)
-
-# Jitter op ids, as stored in ``ColorAugParams.order``.
-BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -44,199 +51,88 @@ OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _N_UNIFORMS = 15  # flip, jitter, 4 factors, 4 order keys, gray, blur, sigma, solarize, threshold
 
 
-@dataclass(frozen=True)
-class ColorAugParams:
-    """Per-sample parameters of one batch; every field has length B on dim 0.
-
-    - ``flip``, ``jitter``, ``grayscale``, ``blur``: bool [B], whether the op
-      is applied to that sample;
-    - ``brightness``, ``contrast``, ``saturation``: float32 [B], torchvision
-      blend factors (1 = unchanged), used only where ``jitter`` is set;
-    - ``hue``: float32 [B], hue shift as a fraction of the circle, in
-      [-0.5, 0.5], used only where ``jitter`` is set;
-    - ``order``: int64 [B, 4], a permutation of the op ids
-      (``BRIGHTNESS, CONTRAST, SATURATION, HUE``): ``order[i, k]`` is the op
-      applied ``k``-th to sample ``i``;
-    - ``sigma``: float32 [B], Gaussian blur standard deviation in pixels, used
-      only where ``blur`` is set;
-    - ``solarize``: bool [B], and ``threshold``: float32 [B] on [0, 1] pixel
-      values: where set, values at or above the threshold become ``1 - v``.
-    """
-
-    flip: Tensor
-    jitter: Tensor
-    brightness: Tensor
-    contrast: Tensor
-    saturation: Tensor
-    hue: Tensor
-    order: Tensor
-    grayscale: Tensor
-    blur: Tensor
-    sigma: Tensor
-    solarize: Tensor
-    threshold: Tensor
-
-    def __post_init__(self) -> None:
-        b = self.flip.shape[0]
-        for name in ("flip", "jitter", "brightness", "contrast", "saturation", "hue", "grayscale", "blur", "sigma",
-                     "solarize", "threshold"):
-            if getattr(self, name).shape != (b,):
-                raise ValueError(f"ColorAugParams.{name} must have shape ({b},), got {tuple(getattr(self, name).shape)}")
-        if self.order.shape != (b, 4):
-            raise ValueError(f"ColorAugParams.order must have shape ({b}, 4), got {tuple(self.order.shape)}")
-
-    @property
-    def batch_size(self) -> int:
-        return self.flip.shape[0]
-
-    @classmethod
-    def from_draws(cls, draws, device: torch.device | str, flip: bool = True) -> ColorAugParams:
-        """The parameters of planned views (``pipelines.augment.draws.ViewDraws``) on ``device``;
-        ``flip=False``: the flip was done where the views were cropped."""
-
-        def put(a, dtype):
-            return torch.as_tensor(a).to(device=device, dtype=dtype, non_blocking=True)
-
-        return cls(flip=put(draws.flip & flip, torch.bool), jitter=put(draws.jitter, torch.bool),
-                   brightness=put(draws.brightness, torch.float32), contrast=put(draws.contrast, torch.float32),
-                   saturation=put(draws.saturation, torch.float32), hue=put(draws.hue, torch.float32),
-                   order=put(draws.order, torch.int64), grayscale=put(draws.grayscale, torch.bool),
-                   blur=put(draws.blur, torch.bool), sigma=put(draws.sigma, torch.float32),
-                   solarize=put(draws.solarize, torch.bool), threshold=put(draws.threshold, torch.float32))
-
-
 # ---------------------------------------------------------------------------
 # Batched ops. ``x`` is float [B, 3, H, W] with values in [0, 1]; per-sample
-# parameters are [B] tensors on x's device.
+# parameters are [B] (or [B, 1, 1, 1]) tensors on x's device.
 # ---------------------------------------------------------------------------
 
 
 def to_unit_float(images: Tensor) -> Tensor:
-    """uint8 [B,3,H,W] (0..255) or float in [0, 1] -> float32 in [0, 1], channels-last."""
+    """uint8 [B,3,H,W] (0..255) or float in [0, 1] -> a new float32 tensor in [0, 1], channels-last."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
     if images.dtype == torch.uint8:
         x = images.to(torch.float32).div_(255.0)
     elif images.is_floating_point():
-        x = images.to(torch.float32)
+        x = images.to(torch.float32, copy=True)  # the ops below write into it
     else:
         raise TypeError(f"images must be uint8 or floating point, got {images.dtype}")
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def _per_sample(v: Tensor) -> Tensor:
-    return v.to(torch.float32).view(-1, 1, 1, 1)
-
-
 def rgb_to_gray(x: Tensor) -> Tensor:
     """Luma [B, 1, H, W] with torchvision's weights ``LUMA_WEIGHTS``."""
     r, g, b = x.unbind(dim=1)
-    return (r * LUMA_WEIGHTS[0] + g * LUMA_WEIGHTS[1] + b * LUMA_WEIGHTS[2]).unsqueeze(1)
+    luma = torch.addcmul(torch.addcmul(r * LUMA_WEIGHTS[0], g, _scalar(LUMA_WEIGHTS[1], x.device)), b,
+                         _scalar(LUMA_WEIGHTS[2], x.device))
+    return luma.unsqueeze(1)
 
 
-def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
-    """clamp(factor * x + (1 - factor) * other, 0, 1); factor 1 returns x exactly."""
-    f = _per_sample(factor)
-    return (x * f + other * (1.0 - f)).clamp_(0.0, 1.0)
-
-
-def adjust_brightness(x: Tensor, factor: Tensor) -> Tensor:
-    """Scale by ``factor`` [B] (>= 0) and clamp, like torchvision's adjust_brightness."""
-    return (x * _per_sample(factor)).clamp_(0.0, 1.0)
-
-
-def adjust_contrast(x: Tensor, factor: Tensor) -> Tensor:
-    """Blend with each sample's mean luma (a scalar per image), like torchvision."""
-    mean = rgb_to_gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    return _blend(x, mean, factor)
-
-
-def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
-    """Blend with each pixel's luma, like torchvision's adjust_saturation."""
-    return _blend(x, rgb_to_gray(x), factor)
+def blend(x: Tensor, b: Blend) -> Tensor:
+    """One jitter position's brightness, contrast and saturation (``colour_plan.Blend``), each as
+    torchvision's ``adjust_*``: ``clamp(f x + (1 - f) other, 0, 1)``."""
+    if b.pull is None:
+        return (x * b.scale).clamp_(0.0, 1.0)
+    other = luma = rgb_to_gray(x)
+    if b.contrast:
+        mean = luma.mean(dim=(1, 2, 3), keepdim=True)
+        other = mean if b.saturation is None else torch.where(b.saturation, luma, mean)
+    return torch.addcmul(other * b.pull, x, b.scale).clamp_(0.0, 1.0)
 
 
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     """Rotate hue by ``shift`` [B] (fraction of the circle) in HSV space.
 
     Same HSV model as torchvision's adjust_hue (hexcone, value = max channel);
-    grey pixels (max == min) keep hue 0 and so stay grey.
+    grey pixels (max == min) keep hue 0 and so stay grey. Written for few kernels: the
+    hue of the max channel c (ties: red, then green, as torchvision) is
+    ``2 c + (x[c+1] - x[c+2]) / delta`` sixths, taken with one gather; the output
+    channels are computed together.
     """
-    r, g, b = x.unbind(dim=1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    delta = maxc - minc
-    grey = delta == 0
-    safe_delta = torch.where(grey, torch.ones_like(delta), delta)
-    safe_max = torch.where(maxc == 0, torch.ones_like(maxc), maxc)
-    sat = delta / safe_max
-    # Hue in sixths of the circle; red wins ties, then green (as torchvision).
-    h_r = (g - b) / safe_delta
-    h_g = (b - r) / safe_delta + 2.0
-    h_b = (r - g) / safe_delta + 4.0
-    h6 = torch.where(maxc == r, h_r, torch.where(maxc == g, h_g, h_b))
-    h6 = torch.where(grey, torch.zeros_like(h6), h6)
-    h6 = torch.remainder(h6 + 6.0 * shift.to(torch.float32).view(-1, 1, 1), 6.0)
-    # HSV -> RGB: channel n in (5, 3, 1) for (R, G, B) is v - v s clamp(min(k, 4 - k), 0, 1)
-    # with k = (n + h6) mod 6.
-    vs = maxc * sat
-    out = []
-    for n in (5.0, 3.0, 1.0):
-        k = torch.remainder(h6 + n, 6.0)
-        out.append(maxc - vs * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
-    return torch.stack(out, dim=1).clamp_(0.0, 1.0)
+    maxc, argmax = x.max(dim=1, keepdim=True)
+    delta = maxc - x.amin(dim=1, keepdim=True)
+    tiny = torch.finfo(torch.float32).tiny  # 0 -> tiny: grey pixels get 0 / tiny = 0, others are unchanged
+    h6 = torch.gather(x.roll(-1, dims=1) - x.roll(1, dims=1), 1, argmax).div_(delta.clamp_min(tiny))
+    h6 = h6.add_(argmax, alpha=2).add_(shift.to(torch.float32).view(-1, 1, 1, 1) * 6.0).remainder_(6.0)
+    vs = maxc * (delta / maxc.clamp_min(tiny))  # value x saturation
+    # HSV -> RGB: channel n in (5, 3, 1) for (R, G, B) is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6
+    k = (h6 + _per_channel((5.0, 3.0, 1.0), x.device)).remainder_(6.0)
+    return torch.addcmul(maxc, vs, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0), value=-1.0)  # in [0, max]
 
 
-def grayscale(x: Tensor, mask: Tensor) -> Tensor:
-    """Replace samples where ``mask`` [B] is set by their luma, repeated on 3 channels."""
-    return torch.where(mask.view(-1, 1, 1, 1), rgb_to_gray(x).expand_as(x), x)
-
-
-def solarize(x: Tensor, mask: Tensor, threshold: Tensor) -> Tensor:
-    """Where ``mask`` [B] is set, values at or above the sample's ``threshold`` become ``1 - v``
-    (torchvision's ``solarize`` on [0, 1] images)."""
-    hit = mask.view(-1, 1, 1, 1) & (x >= threshold.to(x.dtype).view(-1, 1, 1, 1))
-    return torch.where(hit, 1.0 - x, x)
-
-
-def hflip(x: Tensor, mask: Tensor) -> Tensor:
-    """Mirror left-right the samples where ``mask`` [B] is set."""
-    return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
-
-
-def gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
-    """Normalised 1-D Gaussian taps [B, kernel_size] for per-sample ``sigma`` [B] (pixels)."""
-    radius = kernel_size // 2
-    taps = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
-    s = sigma.to(torch.float32).view(-1, 1)
-    w = torch.exp(-(taps**2) / (2.0 * s * s))
-    return w / w.sum(dim=1, keepdim=True)
-
-
-def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int, mask: Tensor | None = None) -> Tensor:
-    """Separable Gaussian blur with per-sample ``sigma`` [B] (pixels), reflect padding.
-
-    Matches torchvision's gaussian_blur with ``kernel_size`` (odd) and
-    ``sigma`` equal on both axes. Samples where ``mask`` is False get a delta
-    kernel, which leaves them exactly unchanged. Implemented as two grouped
-    convolutions over the batch folded into channels ([1, B*3, H, W]).
-    """
-    if kernel_size % 2 != 1 or kernel_size < 1:
-        raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
+def gaussian_blur(x: Tensor, taps: Tensor) -> Tensor:
+    """Separable Gaussian blur of every sample with its own normalised taps (``taps`` [3 B, K],
+    one row per sample and channel: ``colour_plan.gaussian_taps``), reflect padding; torchvision's
+    gaussian_blur with kernel size K and sigma equal on both axes. Two grouped convolutions over
+    the batch folded into channels ([1, B*3, H, W])."""
     bsz, c, h, w = x.shape
+    kernel_size = taps.shape[1]
     radius = kernel_size // 2
+    if kernel_size % 2 != 1:
+        raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
     if radius >= min(h, w):
         raise ValueError(f"blur kernel {kernel_size} needs images larger than {radius} pixels, got {h}x{w}")
-    kernels = gaussian_kernels(sigma, kernel_size)
-    if mask is not None:
-        delta = torch.zeros_like(kernels)
-        delta[:, radius] = 1.0
-        kernels = torch.where(mask.view(-1, 1), kernels, delta)
-    weight = kernels.repeat_interleave(c, dim=0)  # [B*3, K], one kernel per (sample, channel)
     y = F.pad(x.reshape(1, bsz * c, h, w), (radius, radius, radius, radius), mode="reflect")
-    y = F.conv2d(y, weight.view(bsz * c, 1, 1, kernel_size), groups=bsz * c)
-    y = F.conv2d(y, weight.view(bsz * c, 1, kernel_size, 1), groups=bsz * c)
+    y = F.conv2d(y, taps.view(bsz * c, 1, 1, kernel_size), groups=bsz * c)
+    y = F.conv2d(y, taps.view(bsz * c, 1, kernel_size, 1), groups=bsz * c)
     return y.view(bsz, c, h, w)
+
+
+def _on_rows(x: Tensor, rows: Rows | None, op) -> Tensor:
+    """``x`` with ``op(x[rows], values)`` written back into the rows ``rows`` names."""
+    if rows is not None:
+        x.index_copy_(0, rows.index, op(x.index_select(0, rows.index), rows.values))
+    return x
 
 
 @functools.lru_cache(maxsize=16)
@@ -244,6 +140,12 @@ def _per_channel(values: tuple[float, ...], device: torch.device) -> Tensor:
     """``values`` as a [1, 3, 1, 1] float32 tensor on ``device``, made once: building it from a
     list every call is a blocking host-to-device copy, twice per step on a GPU."""
     return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _scalar(value: float, device: torch.device) -> Tensor:
+    """``value`` as a 0-d float32 tensor on ``device``, made once (an ``addcmul`` factor)."""
+    return torch.tensor(value, dtype=torch.float32, device=device)
 
 
 def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype) -> Tensor:
@@ -274,12 +176,7 @@ class BatchColorAugment:
     Built from a ``SimCLRRecipe``; ``flip=False`` leaves flipping to a CPU
     stage that already did it (FFCV). Output: ``dtype`` (float32, float16 or
     bfloat16), channels-last, on the input's device; maths runs in float32.
-
-    Cost note: with a per-sample op order, each of the four jitter positions
-    evaluates every enabled op on the whole batch and keeps it only where the
-    sample's order puts that op there (brightness, contrast and saturation use
-    a neutral factor of 1 elsewhere, which is exact; hue uses ``torch.where``).
-    Ops whose recipe range is 0 are skipped altogether.
+    Ops whose recipe range or probability is 0 are skipped altogether.
     """
 
     def __init__(self, recipe: SimCLRRecipe, *, flip: bool = True, dtype: torch.dtype = torch.float32) -> None:
@@ -330,60 +227,30 @@ class BatchColorAugment:
             threshold=uniform(14, *r.solarize_threshold),
         )
 
-    def apply(self, images: Tensor, params: ColorAugParams) -> Tensor:
+    def plan(self, draws, device: torch.device | str) -> ColourPlan:
+        """The ``ColourPlan`` of ``draws`` (a ``ColorAugParams``, or the plan's ``ViewDraws``: numpy
+        on the host, no sync; parameters on a GPU are read back first, a sync) on ``device``."""
+        r = self.recipe
+        return plan_colour(draws, self._jitter_ops, self.flip, r.blur_kernel_size if r.blur_prob > 0 else None,
+                           r.solarize_prob > 0, device)
+
+    def apply(self, images: Tensor, params: ColorAugParams | ColourPlan) -> Tensor:
         """Augment ``images`` (uint8 or float in [0, 1], [B,3,H,W]) with fixed ``params``."""
-        if params.batch_size != images.shape[0]:
-            raise ValueError(f"params are for {params.batch_size} samples, images have {images.shape[0]}")
-        x = to_unit_float(images)
-        x = hflip(x, params.flip)
-        if x.device.type == "cpu":
-            x = self._jitter_on_subsets(x, params)
-        else:
-            x = self._jitter(x, params)
-        x = grayscale(x, params.grayscale)
-        if self.recipe.blur_prob > 0:
-            if x.device.type == "cpu":
-                idx = params.blur.nonzero().flatten()
-                if idx.numel():
-                    x[idx] = gaussian_blur(x[idx], params.sigma[idx], self.recipe.blur_kernel_size)
-            else:
-                x = gaussian_blur(x, params.sigma, self.recipe.blur_kernel_size, mask=params.blur)
-        if self.recipe.solarize_prob > 0:
-            x = solarize(x, params.solarize, params.threshold)
+        plan = params if isinstance(params, ColourPlan) else self.plan(params, images.device)
+        if plan.batch_size != images.shape[0]:
+            raise ValueError(f"params are for {plan.batch_size} samples, images have {images.shape[0]}")
+        x = _on_rows(to_unit_float(images), plan.flip, lambda v, _: v.flip(-1))
+        for b, hue in zip(plan.blends, plan.hues):  # one jitter position after the other
+            x = x if b is None else blend(x, b)
+            x = _on_rows(x, hue, adjust_hue)
+        x = _on_rows(x, plan.grayscale, lambda v, _: rgb_to_gray(v).expand_as(v))
+        x = _on_rows(x, plan.blur, gaussian_blur)
+        x = _on_rows(x, plan.solarize, lambda v, t: torch.where(v >= t, 1.0 - v, v))
         return normalize(x, self.recipe.mean, self.recipe.std, self.dtype)
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Draw fresh per-sample parameters from ``generator`` and apply them."""
-        return self.apply(images, self.sample_params(images.shape[0], generator, images.device))
-
-    def _jitter_on_subsets(self, x: Tensor, p: ColorAugParams) -> Tensor:
-        """CPU path, same result as ``_jitter``: each op runs only on the samples
-        that have it at this position (4 passes per jittered sample instead of
-        16 over the whole batch). Index selection needs a host sync, free on CPU
-        but a stall on CUDA, where ``_jitter``'s masked full-batch ops are used."""
-        factors = {BRIGHTNESS: (adjust_brightness, p.brightness), CONTRAST: (adjust_contrast, p.contrast),
-                   SATURATION: (adjust_saturation, p.saturation), HUE: (adjust_hue, p.hue)}
-        for pos in range(4):
-            at_pos = p.order[:, pos]
-            for op in self._jitter_ops:
-                idx = (p.jitter & (at_pos == op)).nonzero().flatten()
-                if idx.numel():
-                    fn, value = factors[op]
-                    x[idx] = fn(x[idx], value[idx])
-        return x
-
-    def _jitter(self, x: Tensor, p: ColorAugParams) -> Tensor:
-        one = torch.ones_like(p.brightness)
-        for pos in range(4):
-            at_pos = p.order[:, pos]
-            for op in self._jitter_ops:
-                sel = p.jitter & (at_pos == op)
-                if op == BRIGHTNESS:
-                    x = adjust_brightness(x, torch.where(sel, p.brightness, one))
-                elif op == CONTRAST:
-                    x = adjust_contrast(x, torch.where(sel, p.contrast, one))
-                elif op == SATURATION:
-                    x = adjust_saturation(x, torch.where(sel, p.saturation, one))
-                else:
-                    x = torch.where(sel.view(-1, 1, 1, 1), adjust_hue(x, p.hue), x)
-        return x
+        """Draw fresh per-sample parameters from ``generator`` (on its device; None: the CPU's
+        default) and apply them, planned on the host as the loaders do."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        params = self.sample_params(images.shape[0], generator, device)
+        return self.apply(images, self.plan(params, images.device))

@@ -46,7 +46,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from pipelines.augment.batched import BRIGHTNESS, CONTRAST, HUE, LUMA_WEIGHTS, SATURATION
+from pipelines.augment.batched import LUMA_WEIGHTS
+from pipelines.augment.colour_plan import BRIGHTNESS, CONTRAST, HUE, SATURATION
 from pipelines.augment.draws import (C_BLUR, C_BRIGHTNESS, C_CONTRAST, C_FLIP, C_GRAY, C_HUE, C_JITTER, C_ORDER,
                                      C_SATURATION, C_SIGMA, C_SOLARIZE, C_THRESHOLD)
 
@@ -211,7 +212,7 @@ def _reflect(i, n):
 
 @njit
 def gaussian_taps(sigma, kernel_size):
-    """Normalised 1-D Gaussian taps (float32), as ``batch_augment.gaussian_kernels``."""
+    """Normalised 1-D Gaussian taps (float32), as ``colour_plan.gaussian_taps``."""
     radius = kernel_size // 2
     taps = np.empty(kernel_size, np.float32)
     s = np.float32(sigma)
@@ -284,7 +285,7 @@ def color_augment_image(src, dst, jitter, brightness, contrast, saturation, hue,
                         kernel_size):
     """The SimCLR colour recipe on one uint8 [H, W, 3] image ``src``, into uint8 ``dst``.
 
-    Parameters as one sample of ``batch_augment.ColorAugParams``: ``jitter``,
+    Parameters as one sample of ``colour_plan.ColorAugParams``: ``jitter``,
     ``gray`` and ``blur`` switch the ops on; ``brightness``, ``contrast``,
     ``saturation`` are blend factors (1: op skipped), ``hue`` a shift in
     fractions of the circle (0: skipped); ``order`` (4 ints) the op ids in the

@@ -55,7 +55,8 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
-from pipelines.augment.batched import BRIGHTNESS, CONTRAST, LUMA_WEIGHTS, SATURATION
+from pipelines.augment.batched import LUMA_WEIGHTS
+from pipelines.augment.colour_plan import BRIGHTNESS, CONTRAST, SATURATION
 from pipelines.augment.draws import ViewDraws, draw_views
 from pipelines.augment.recipe import SimCLRRecipe, ViewGroup
 

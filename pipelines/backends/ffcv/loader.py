@@ -23,9 +23,9 @@ solarize) runs is decided once, by ``colour_on_loader(device)``:
   each view right after cropping it (``colour_kernels.finish_view``, numba, on
   FFCV's worker threads), and the step only normalises and casts;
 - on a GPU, the decoder only crops and flips; each view group goes through one
-  ``BatchColorAugment`` call on the device with the views' planned parameters
-  (``ColorAugParams.from_draws``), which the host draws from the batch's
-  sample ids.
+  ``BatchColorAugment`` call on the device with the views' planned parameters,
+  which the host draws from the batch's sample ids and sends in one copy
+  (``BatchColorAugment.plan``).
 
 Every random choice is the plan's (``pipelines.augment.draws``), so the
 views are those of the other backends (within decode tolerance), and a
@@ -33,15 +33,16 @@ resumed pass repeats the batches of an uninterrupted one.
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from pipelines.augment.batched import BatchColorAugment, ColorAugParams
+from pipelines.augment.batched import BatchColorAugment
 from pipelines.augment.colour_kernels import normalize_on_host
-from pipelines.augment.draws import draw_views
+from pipelines.augment.draws import ViewDraws, draw_views
 from pipelines.augment.recipe import ViewGroup
 from pipelines.backends.ffcv.decode import PackedViews, PlannedCropDecoder, sample_of_decode_error
 from pipelines.backends.ffcv.orders import PipelineFailure, ScheduledLoader, SupportSchedule, UnlabeledSchedule
@@ -117,14 +118,12 @@ class ColourStage:
         [count * n, 3, r, r], channels-last."""
         if self.on_loader:  # the CPU: one table lookup per value
             return normalize_on_host(images, self.group.recipe.mean, self.group.recipe.std).to(self.dtype)
-        x = images.permute(0, 3, 1, 2)
         ones = np.ones((len(seeds), 2), np.int64)  # colour draws do not depend on the image's size
         draws = draw_views(seeds, self.first_view, self.group.count, ones, self.group.recipe)
-        params = ColorAugParams.from_draws(draws, images.device, flip=False)
         if image_major:  # draws are view-major (v * n + i); the images, image-major (i * count + v)
-            rows = torch.arange(len(draws), device=images.device).view(self.group.count, -1).T.reshape(-1)
-            params = ColorAugParams(**{f: getattr(params, f)[rows] for f in params.__dataclass_fields__})
-        return self.augment.apply(x, params)
+            rows = np.arange(len(draws)).reshape(self.group.count, -1).T.reshape(-1)
+            draws = ViewDraws(*(getattr(draws, f.name)[rows] for f in fields(ViewDraws)))
+        return self.augment.apply(images.permute(0, 3, 1, 2), self.augment.plan(draws, images.device))
 
 
 class FFCVPretrainLoader:

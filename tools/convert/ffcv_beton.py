@@ -200,7 +200,7 @@ def stored_raw_bytes(size: tuple[int, int], max_resolution: int) -> int:
     return 3 * width * height
 
 
-def plan_pages(verdicts: list[Verdict], settings: "BetonSettings", jobs: int) -> PagePlan:
+def plan_pages(verdicts: list[Verdict], settings: BetonSettings, jobs: int) -> PagePlan:
     """The ``PagePlan`` for the accepted images judged by ``verdicts``. The expected data counts a
     raw image at its raw bytes and a JPEG at its source file's bytes scaled by the resize."""
     raw = [stored_raw_bytes(v.size, settings.max_resolution) for v in verdicts]

@@ -301,6 +301,13 @@ def test_data_modes_refuse_to_run_without_data(capsys):
     assert exc.value.code == 2 and "needs --data" in capsys.readouterr().err
 
 
+def test_backend_list_and_bad_backend():
+    assert cli.parse_backends("ffcv,dali", "torch") == ("ffcv", "dali")
+    assert cli.parse_backends(None, "dali") == ("dali",) and cli.parse_backends("all", "torch")[0] == "pil-reference"
+    with pytest.raises(ValueError, match="unknown backend"):
+        cli.parse_backends("ffcv,tensorflow", "torch")
+
+
 def test_mode_list_and_bad_mode():
     assert cli.parse_modes("e2e,decode") == ("decode", "e2e")
     assert cli.parse_modes("all") == cli.MODES
@@ -338,7 +345,7 @@ def test_step_variants_are_timed_in_one_run_against_eager(tmp_path, capsys):
     rows = report["results"]
     assert [r["variant"] for r in rows] == variants and all(r["status"] == "ok" for r in rows)
     settings = {r["variant"]: r["settings"] for r in rows}
-    assert settings["eager"] == {"method": "simclr", "views_per_image": 2, "lars_foreach": False, "host_sync": "step",
+    assert settings["eager"] == {"method": "simclr", "unlabeled_batch_size": 4, "views_per_image": 2, "lars_foreach": False, "host_sync": "step",
                                  "compile": False, "cuda_graphs": False, "precision": "fp32",
                                  "network_images_per_unlabeled": 3.0}
     assert settings["foreach+nosync"]["lars_foreach"] and settings["foreach+nosync"]["host_sync"] == "log"
@@ -428,3 +435,24 @@ def test_views_take_crop_scales_in_exponent_notation():
     for bad in ("2x16:1e-3", "2x16:-1-2", "2x16:1e-3-", "2x16:0.1-0.4-1"):
         with pytest.raises(ValueError, match="--views: expected COUNTxRES"):
             cli.parse_views(bad)
+
+
+def test_overlay_variants_take_switches_and_the_command_lines_set(tmp_path, capsys):
+    """``@FILE+foreach`` is that overlay's step with the switch, compared with ``@FILE``; the command
+    line's ``--set`` (here --batch-size 4) wins over an overlay's value (8), as over --config's."""
+    swav = tmp_path / "swav.yaml"
+    swav.write_text("loss: {method: swav, suncet_weight: 0.0, swav: {prototypes: 10}}\n"
+                    "data: {unlabeled_batch_size: 8}\n")
+    variants = f"config,@{swav},@{swav}+foreach"
+    code, report, stdout = _run(["--mode", "compute", "--step-variants", variants] + TINY, tmp_path, capsys)
+    assert code == 0, [r.get("reason") for r in report["results"]]
+    simclr, sw, fast = report["results"]
+    assert [r["reference"] for r in (simclr, sw, fast)] == ["config", "config", f"@{swav}"]
+    assert fast["settings"]["method"] == "swav" and fast["settings"]["lars_foreach"] and not sw["settings"]["lars_foreach"]
+    ips, ref = fast["figures"]["images_per_s"], sw["figures"]["images_per_s"]
+    assert fast["vs_eager"]["windows"] == pytest.approx([a / b for a, b in zip(ips["windows"], ref["windows"])])
+    assert sw["settings"]["unlabeled_batch_size"] == 4  # --batch-size 4, not the overlay's 8
+    assert f"  @{swav}+foreach: " in stdout and f"of @{swav}'s" in stdout
+    with pytest.raises(SystemExit):
+        throughput.main(["--mode", "compute", "--step-variants", f"@{swav}+turbo"] + TINY)
+    assert "unknown token(s) turbo" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Images/s per GPU: how fast each loader backend feeds, how fast this device trains, and which is the bottleneck.
 
-    python -m tools.throughput [--backend {torch,dali,ffcv,all}] --data DIR --mode {decode,loader,compute,augment,e2e,all}
+    python -m tools.throughput [--backend {torch,dali,ffcv,pil-reference}[,...] | all] --data DIR
+        --mode {decode,loader,compute,augment,e2e,host}[,...] | all [--feed-rate IMG_S]
         [--config configs/X.yaml] [--set key=value ...] [--steps N] [--warmup N] [--windows N]
         [--step-variants eager,foreach,nosync,compile,...] [--json out.json] [--plot out.png]
 
@@ -80,8 +81,9 @@ DATA_MODES = ("decode", "loader", "e2e", "host")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.throughput", description=__doc__.splitlines()[0])
-    p.add_argument("--backend", choices=[*BACKENDS, pil_reference.NAME, "all"],
-                   help="loader backend(s) to measure (default: the config's); pil-reference is the baseline users "
+    p.add_argument("--backend",
+                   help=f"loader backend(s) to measure: one of {', '.join([pil_reference.NAME, *BACKENDS])}, a "
+                        "comma-separated list, or all (default: the config's); pil-reference is the baseline users "
                         "run today (solo-learn's torchvision-on-PIL pipeline, tools/bench/pil_reference.py); all: "
                         "the baseline and every backend")
     p.add_argument("--mode", default="all", help=f"one of {', '.join(MODES)}, a comma-separated list, or all")
@@ -100,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="shortcut for --set data.num_workers=...")
     p.add_argument("--step-variants", default=CONFIG,
                    help="--mode compute: comma-separated training-step variants timed in turns, e.g. "
-                        "eager,foreach,nosync,compile,foreach+nosync (default: config, the config's step)")
+                        "eager,foreach,nosync,compile,foreach+nosync, or other objectives' steps, @FILE and "
+                        "@FILE+foreach (tools/bench/variants.py; default: config, the config's step)")
     p.add_argument("--decode-workers", type=int,
                    help="processes for --mode decode (default: usable cores / local ranks)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -152,6 +155,19 @@ def parse_modes(text: str) -> tuple[str, ...]:
         raise ValueError(f"--mode: unknown mode(s) {', '.join(unknown) or '(none)'}; "
                          f"choose from {', '.join(MODES)} or all")
     return tuple(m for m in MODES if m in names)  # fixed order: decode first, before any worker pool exists
+
+
+def parse_backends(text: str | None, default: str) -> tuple[str, ...]:
+    """``--backend``: one name, a comma-separated list or ``all``, in the order given."""
+    known = (pil_reference.NAME, *BACKENDS)
+    if text == "all":
+        return known
+    names = tuple(dict.fromkeys(b.strip() for b in (text or default).split(",") if b.strip()))
+    unknown = [b for b in names if b not in known]
+    if unknown or not names:
+        raise ValueError(f"--backend: unknown backend(s) {', '.join(unknown) or '(none)'}; "
+                         f"choose from {', '.join(known)}, a comma-separated list, or all")
+    return names
 
 
 def parse_data_for(items: list[str]) -> dict[str, str]:
@@ -221,7 +237,7 @@ def run_modes(cfg: PretrainConfig, ctx: DistContext, modes: tuple[str, ...], bac
         add(result_row("decode", "-", lambda: measure.measure_decode(root, shape, timing, workers, cfg.run.seed), dist))
     if "compute" in modes:
         progress(f"compute: timing {args.step_variants}")
-        add(*measure.compute_rows(cfg, ctx, timing, parse_variants(args.step_variants)))
+        add(*measure.compute_rows(cfg, ctx, timing, parse_variants(args.step_variants), config_overrides(args)))
     if "augment" in modes:
         add(result_row("augment", "-", lambda: measure.measure_augment(cfg, shape, timing, ctx.device), dist))
     buffered = cfg.data.num_workers * cfg.data.prefetch_factor  # batches the workers prepare ahead
@@ -354,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         data_for = parse_data_for(args.data_for)
         cfg = load_config(args.config, config_overrides(args))
         cfg.validate()
+        backends = parse_backends(args.backend, cfg.data.backend)
     except (ConfigError, ValueError) as exc:
         parser.error(str(exc))
     if args.data and not Path(args.data).is_dir():
@@ -364,7 +381,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data and any(m in DATA_MODES for m in modes):
         parser.error(f"--mode {','.join(m for m in modes if m in DATA_MODES)} needs --data DIR "
                      "(compute and augment need none)")
-    backends = (pil_reference.NAME, *BACKENDS) if args.backend == "all" else (args.backend or cfg.data.backend,)
     try:
         ctx = init_distributed(args.device)
     except DeviceError as exc:

@@ -317,16 +317,18 @@ def synthetic_batch(shape: StepShape, device: torch.device, dtype: torch.dtype, 
                          torch.arange(shape.unlabeled), epoch=0, step=0)
 
 
-def compute_rows(cfg: PretrainConfig, ctx: DistContext, timing: Timing, variants: Sequence[str]) -> list[dict]:
+def compute_rows(cfg: PretrainConfig, ctx: DistContext, timing: Timing, variants: Sequence[str],
+                 overrides: Sequence[str] = ()) -> list[dict]:
     """One ``compute`` row per step variant, timed in turns on synthetic
     device-resident batches; every variant starts from the same weights. A
     variant that cannot be built or fails in its warm-up gets its own
-    ``unavailable``/``error`` row; the others are still timed."""
+    ``unavailable``/``error`` row; the others are still timed. ``overrides``
+    (the command line's ``--set``) apply over an ``@FILE`` variant's overlay too."""
     prepared: list[tuple[str, dict, StepDriver]] = []
     rows: dict[str, dict] = {}
     for name in variants:
         try:
-            vcfg = variants_lib.variant_config(cfg, name)
+            vcfg = variants_lib.variant_config(cfg, name, tuple(overrides))
             precision = resolve_precision(vcfg.run.precision, ctx.device)
             torch.manual_seed(cfg.run.seed + ctx.rank)
             kit = build_step_kit(vcfg, ctx, precision)

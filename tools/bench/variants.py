@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from train.config import PRECISIONS, PretrainConfig, with_overlay
+from train.config import (PRECISIONS, PretrainConfig, build_dataclass, config_to_dict, merge_trees,
+                          parse_overrides, with_overlay)
 
 CONFIG = "config"
 EAGER = "eager"
@@ -71,11 +72,15 @@ def reference_of(name: str, names: tuple[str, ...] | list[str]) -> str:
     return EAGER if EAGER in names else names[0]
 
 
-def variant_config(cfg: PretrainConfig, name: str) -> PretrainConfig:
-    """``cfg`` (or its ``@FILE`` overlay) with the ``compute`` section (and precision) of variant ``name``."""
+def variant_config(cfg: PretrainConfig, name: str, overrides: tuple[str, ...] = ()) -> PretrainConfig:
+    """``cfg`` (or its ``@FILE`` overlay, with the command line's ``overrides`` applied again over
+    it: ``--set`` wins over an overlay as over the ``--config`` file) with the ``compute`` section
+    (and precision) of variant ``name``."""
     overlay, tokens = split_name(name)
     if overlay is not None:
         cfg = with_overlay(cfg, overlay)
+        if overrides:
+            cfg = build_dataclass(PretrainConfig, merge_trees(config_to_dict(cfg), parse_overrides(list(overrides))))
     if not tokens:
         return cfg
     compute, precision = dataclasses.replace(cfg.compute, **EAGER_SETTINGS), cfg.run.precision
@@ -90,5 +95,6 @@ def variant_config(cfg: PretrainConfig, name: str) -> PretrainConfig:
 def describe(cfg: PretrainConfig, precision_name: str) -> dict:
     """What a variant row records about the step it timed."""
     c = cfg.compute
-    return {"method": cfg.loss.method, "views_per_image": cfg.views_per_image, "lars_foreach": c.lars_foreach,
+    return {"method": cfg.loss.method, "unlabeled_batch_size": cfg.data.unlabeled_batch_size,
+            "views_per_image": cfg.views_per_image, "lars_foreach": c.lars_foreach,
             "host_sync": c.host_sync, "compile": c.compile, "cuda_graphs": c.cuda_graphs, "precision": precision_name}

@@ -456,3 +456,53 @@ def test_overlay_variants_take_switches_and_the_command_lines_set(tmp_path, caps
     with pytest.raises(SystemExit):
         throughput.main(["--mode", "compute", "--step-variants", f"@{swav}+turbo"] + TINY)
     assert "unknown token(s) turbo" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_host_mode_builds_each_backend_as_on_a_gpu(tmp_path, capsys, tiny_data):
+    """--mode host on a CPU: FFCV decodes and crops without colouring (its views stay uint8: the
+    device's colour stage is planned on the host, not applied), the torch backend hands over its
+    workers' uint8 views, DALI's host feed runs without its graph; each gives CPU ms per image."""
+    pytest.importorskip("ffcv")
+    pytest.importorskip("nvidia.dali")
+    import torch
+
+    from tools.bench import host_cost
+    from tools.convert_imagenet import ConvertOptions, convert
+    from train.config import load_config
+    from train.distributed import DistContext
+
+    converted = tmp_path / "converted"
+    convert(ConvertOptions(src=str(tiny_data), out=str(converted), splits=("train",), formats=("ffcv", "dali"),
+                           labeled_fraction=0.5, jobs=1, progress=False))
+    argv = ["--mode", "host", "--backend", "torch,ffcv,dali", "--data", str(tiny_data), "--data-for",
+            f"ffcv={converted}", "--data-for", f"dali={converted}", "--workers", "1"] + TINY
+    code, report, stdout = _run(argv, tmp_path, capsys)
+    assert code == 0, [r.get("reason") for r in report["results"]]
+    rows = {r["backend"]: r for r in report["results"]}
+    for backend in ("torch", "ffcv", "dali"):
+        assert rows[backend]["figures"]["cpu_ms_per_image"]["median"] > 0
+        assert f"  {backend}: " in stdout
+    cfg = load_config(None, cli.config_overrides(cli.build_parser().parse_args(argv)))
+    ctx, data_for = DistContext(0, 1, 0, torch.device("cpu")), {"ffcv": str(converted), "dali": str(converted)}
+    with host_cost.built_as_on_gpu("ffcv", ctx.device):
+        ffcv = cli.train_stream(cfg, "ffcv", data_for, ctx, torch.float32)
+    assert not ffcv.colour_on_loader and ffcv_decides_colour_placement_again()
+    batch = next(host_cost.host_batches(ffcv, "ffcv", ctx.device))
+    assert all(v.dtype == torch.uint8 for v in batch.views) and batch.support_images.dtype == torch.uint8
+    torch_loader = cli.train_stream(cfg, "torch", data_for, ctx, torch.float32)
+    batch = next(host_cost.host_batches(torch_loader, "torch", ctx.device))
+    assert batch.views[0].dtype == torch.uint8 and batch.views[0].shape[-1] == 3  # as the workers made them
+    dali = cli.train_stream(cfg, "dali", data_for, ctx, torch.float32)
+    unlabeled, support = next(host_cost.host_batches(dali, "dali", ctx.device))
+    assert len(unlabeled[0]) == 4 and len(support[0]) == 4  # encoded images of 4 unlabeled, 2 x 2 support
+
+
+def ffcv_decides_colour_placement_again() -> bool:
+    """``built_as_on_gpu`` puts FFCV's own choice back afterwards."""
+    import torch
+
+    from pipelines.backends.ffcv import loader
+
+    return loader.colour_on_loader(torch.device("cpu")) is True

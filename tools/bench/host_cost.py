@@ -9,8 +9,8 @@ will spend:
 - torch: the DataLoader workers decode, cut, flip and colour every view, as on a GPU; the main
   process takes the uint8 batches as they come (on a GPU it only copies and normalises them there);
 - FFCV: FFCV's threads decode, crop and flip (``colour_on_loader`` false, as on a GPU) and the main
-  thread draws every view's colour parameters, as on a GPU; ``BatchColorAugment``, the device's
-  work, is replaced by a pass-through;
+  thread draws and plans every view's colour parameters, as on a GPU; ``BatchColorAugment.apply``,
+  the device's work, is left out;
 - DALI: on a GPU the whole graph (``mixed`` decode, every view's augmentation) runs on the device
   and the host's share is the feed, the ``external_source`` callbacks (the plan, each image's bytes
   read and checked, every view's parameters), called here directly, without the graph.
@@ -30,8 +30,16 @@ from pipelines.contract import PretrainLoader
 from tools.bench.measure import endless
 
 
-class PassThrough:
-    """Stands for the device's colour stage on a CPU: the images as they came."""
+class HostSideOnly:
+    """Stands for the device's colour stage on a CPU: the host's part (planning each batch's
+    parameters, and anything else the stage does) runs as on a GPU; ``apply``, the device's
+    work, returns the images as they came."""
+
+    def __init__(self, augment):
+        self.augment = augment
+
+    def __getattr__(self, name: str):
+        return getattr(self.augment, name)
 
     def apply(self, images: torch.Tensor, params) -> torch.Tensor:
         return images
@@ -64,7 +72,7 @@ def host_batches(loader: PretrainLoader, backend: str, device: torch.device) -> 
         if any(stage.on_loader for stage in stages):
             raise RuntimeError("the FFCV loader coloured its views on the host: built outside built_as_on_gpu?")
         for stage in stages:
-            stage.augment = PassThrough()
+            stage.augment = HostSideOnly(stage.augment)
     elif backend == "torch":
         loader._to_device = lambda images, recipe: images  # the GPU's copy and normalisation
     return endless(loader)

@@ -240,3 +240,16 @@ def test_finetuning_saves_beside_the_checkpoint_by_default(trained_run, tmp_path
                           "--num-workers", "0", "--no-progress", "--seed", "3"]) == 0
     assert f"fine-tuned model saved: {tmp_path / 'finetuned_suncet_seed3.pth'}" in capsys.readouterr().out
     assert (tmp_path / "finetuned_suncet_seed3.pth.json").is_file()
+
+
+def test_scoring_between_epochs_does_not_change_what_fine_tuning_trains(trained_run):
+    """The crops of a num_workers=0 loader come from the global RNG: scoring the held-out split
+    after every epoch must not draw from it, or the result would depend on --finetune-val-every."""
+    data, run_dir = trained_run
+    logs = {}
+    for every in (1, 0):
+        s = evaluate.EvalSettings(method="finetune", finetune_epochs=2, finetune_val_every=every, num_workers=0,
+                                  progress=False)
+        res = evaluate.evaluate_checkpoint(run_dir, data, s)
+        logs[every] = [(e["loss"], e["train_top1"]) for e in res["finetune_log"]], res["top1"], res["top5"]
+    assert logs[1] == logs[0]

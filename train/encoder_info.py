@@ -85,7 +85,8 @@ class EncoderInfo:
         parts = [f"{side} px from step {start}" + (f" to {end}" if end is not None else "")
                  for (start, side), end in zip(self.trained_resolutions, ends)]
         return (f"note: {source} was trained at several image sides ({'; '.join(parts)}: a resume changed "
-                f"augment.resolution); evaluating at {self.resolution} px, the last; --resolution picks another")
+                f"augment.resolution); evaluating at {self.resolution} px, the last (an export evaluates at "
+                "another with --resolution)")
 
 
 def stretches_of(history: list | None) -> tuple[tuple[int, int], ...]:

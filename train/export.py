@@ -112,7 +112,10 @@ def read_tensors(path: Path, arch: str) -> dict[str, torch.Tensor]:
         if saved_arch and saved_arch != arch:
             raise ExportError(f"{path} holds a {saved_arch} encoder, not {arch}: pass --arch {saved_arch}")
         from safetensors.torch import load_file  # safetensors_metadata checked it is installed
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # a damaged file: safetensors raises its own error types
+            raise ExportError(f"{path} is not a readable safetensors file ({type(exc).__name__})") from None
     else:
         state = ckpt.load(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -97,14 +97,15 @@ def finetune(model: PretrainModel, data: EvalData, s: EvalSettings, device, chan
     gen = torch.Generator().manual_seed(s.seed)
     loader = DataLoader(data.labeled_augmented, batch_size=batch, shuffle=True, drop_last=True,
                         num_workers=s.num_workers, generator=gen)
-    val_loader = DataLoader(data.val, batch_size=s.batch_size, shuffle=False, num_workers=s.num_workers)
+    val_loader = DataLoader(data.val, batch_size=s.batch_size, shuffle=False, num_workers=s.num_workers,
+                            generator=torch.Generator().manual_seed(s.seed))  # scoring leaves the global RNG alone
     opt = finetune_optimizer(net, s.finetune_lr * batch / 256)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.finetune_epochs * len(loader))
     log: list[EpochLog] = []
     for epoch in tqdm(range(1, s.finetune_epochs + 1), desc="fine-tune", disable=not s.progress, leave=False):
         net.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for images, y in loader:
+        loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+        for images, y in loader:  # sums stay on the device: no host sync per step
             y = y.to(device)
             logits = net(images.to(device, memory_format=fmt))
             loss = F.cross_entropy(logits, y)
@@ -113,13 +114,14 @@ def finetune(model: PretrainModel, data: EvalData, s: EvalSettings, device, chan
             lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
         last = epoch == s.finetune_epochs
         val = score(net, val_loader, device, fmt, s.progress) if last or (
             s.finetune_val_every and epoch % s.finetune_val_every == 0) else {}
-        log.append(EpochLog(epoch, round(loss_sum / seen, 6), round(100.0 * correct / seen, PERCENT_DECIMALS), lr,
+        log.append(EpochLog(epoch, round(loss_sum.item() / seen, 6), round(100.0 * correct.item() / seen,
+                                                                         PERCENT_DECIMALS), lr,
                             val.get("top1"), val.get("top5")))
         tqdm.write(log[-1].line(s.finetune_epochs), file=sys.stdout)
     saved = None

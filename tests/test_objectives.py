@@ -16,14 +16,18 @@ from tests.helpers.dist import free_port
 from tests.test_losses import _gloo_group
 from train.config import load_config
 from train.objectives import ObjectiveSpec
-from train.objectives.paws import PAWS
+from pipelines.sampler import ClassBalancedSampler
+from train.objectives.paws import PAWS, smoothed_one_hot, step_classes
 from train.objectives.swav import SwAV, sinkhorn
 
 T = 0.1
 
 
-def _spec(method: str, b: int, views: int, support: int = 0, world: int = 1, suncet: float = 0.0, **loss):
-    cfg = load_config(None, [f"loss.method={method}", *(f"loss.{k}={v}" for k, v in loss.items())])
+def _spec(method: str, b: int, views: int, support: int = 0, world: int = 1, suncet: float = 0.0, classes: int = 2,
+          unique: bool = False, **loss):
+    cfg = load_config(None, [f"loss.method={method}", f"data.support_classes={classes}",
+                             f"data.unique_classes={str(unique).lower()}",
+                             *(f"loss.{k}={v}" for k, v in loss.items())])
     return ObjectiveSpec(cfg, unlabeled=b, views=views, global_views=2, support=support, suncet_weight=suncet,
                          world_size=world, device=torch.device("cpu"))
 
@@ -167,10 +171,12 @@ def test_swav_queue_fills_is_used_once_full_and_survives_a_checkpoint():
     objective, head = _swav(b, 2, **{"swav.queue_length": 4, "swav.queue_start_epoch": 1})
     objective.begin_step(0, 0)
     assert objective.queue is None  # before its epoch
-    objective.begin_step(1, 5)
-    assert objective.queue.shape == (2, 4, 4) and not objective.queue.any()
-    seen = []
+    seen, used = [], []
     for step in range(3):
+        objective.begin_step(1, 5 + step)
+        if step == 0:
+            assert objective.queue.shape == (2, 4, 4) and not objective.queue.any()
+        used.append(objective.use_queue)
         z = torch.nn.functional.normalize(torch.randn(2 * b, 4), dim=1)
         scores = head.prototypes(z)
         objective((z, scores), (), torch.zeros(0))
@@ -178,11 +184,15 @@ def test_swav_queue_fills_is_used_once_full_and_survives_a_checkpoint():
     # newest first: the queue holds the last two steps' rows of each assigned crop
     torch.testing.assert_close(objective.queue[0], torch.cat([seen[2][:b], seen[1][:b]]))
     torch.testing.assert_close(objective.queue[1], torch.cat([seen[2][b:], seen[1][b:]]))
-    assert objective.use_queue  # full after two steps, used from the third
-    restored, _ = _swav(b, 2, **{"swav.queue_length": 4, "swav.queue_start_epoch": 1})
-    restored.load_state_dict(objective.state_dict())
-    torch.testing.assert_close(restored.queue, objective.queue)
-    assert restored.use_queue
+    assert used == [False, False, True]  # full after two steps, used from the third
+    state = objective.state_dict()
+    assert state["queued"] == 4
+    for saved in (state, {"queue": state["queue"], "use_queue": True}):  # today's checkpoint, and one without the count
+        restored, _ = _swav(b, 2, **{"swav.queue_length": 4, "swav.queue_start_epoch": 1})
+        restored.load_state_dict(saved)
+        torch.testing.assert_close(restored.queue, objective.queue)
+        restored.begin_step(1, 8)
+        assert restored.use_queue
     # with the queue on, the codes equal Sinkhorn over [queue scores; batch scores], batch rows kept
     z = torch.nn.functional.normalize(torch.randn(2 * b, 4), dim=1)
     scores = head.prototypes(z)
@@ -191,9 +201,23 @@ def test_swav_queue_fills_is_used_once_full_and_survives_a_checkpoint():
     torch.testing.assert_close(codes, sinkhorn(torch.cat([queued, scores[:b].detach()]), 0.05, 3)[-b:])
 
 
+def test_swav_queue_half_filled_in_an_older_checkpoint_counts_its_rows():
+    b = 2
+    objective, head = _swav(b, 2, **{"swav.queue_length": 6, "swav.queue_start_epoch": 0})
+    objective.begin_step(0, 0)
+    z = torch.nn.functional.normalize(torch.randn(2 * b, 4), dim=1)
+    objective((z, head.prototypes(z)), (), torch.zeros(0))
+    restored, _ = _swav(b, 2, **{"swav.queue_length": 6, "swav.queue_start_epoch": 0})
+    restored.load_state_dict({"queue": objective.state_dict()["queue"], "use_queue": False})
+    assert restored.queued == objective.queued == 2
+    for full in (False, False, True):  # 2 rows, then 4, then 6 of 6 before the step
+        restored.begin_step(0, 1)
+        assert restored.use_queue == full
+
+
 def test_paws_loss_equals_the_naive_formula():
     b, views, classes, per = 3, 4, 3, 2
-    objective = PAWS(_spec("paws", b, views, support=classes * per, suncet_weight=0.0))
+    objective = PAWS(_spec("paws", b, views, support=classes * per, classes=classes, suncet_weight=0.0))
     g = torch.Generator().manual_seed(2)
     h, p = (torch.randn(views * b, 5, generator=g, dtype=torch.float64) for _ in range(2))
     hs, ps = (torch.randn(classes * per, 5, generator=g, dtype=torch.float64) for _ in range(2))
@@ -204,6 +228,30 @@ def test_paws_loss_equals_the_naive_formula():
     assert total.item() == pytest.approx(expected, rel=1e-6)
     assert loss.item() == pytest.approx(without, rel=1e-6) and memax.item() == pytest.approx(expected - without, rel=1e-5)
     assert memax.item() < 0  # minus an entropy
+
+
+def naive_label_matrix(labels: list[int], smoothing: float) -> torch.Tensor:
+    """One row per label over the sorted distinct labels: 1 - s + s/C on its class, s/C elsewhere."""
+    classes = sorted(set(labels))
+    off = smoothing / len(classes)
+    return torch.tensor([[1 - smoothing + off if c == label else off for c in classes] for label in labels])
+
+
+@pytest.mark.parametrize("world, unique, views", [(1, False, 1), (1, True, 2), (2, False, 1), (2, True, 2),
+                                                  (3, False, 2), (3, True, 1)])
+def test_paws_label_matrix_over_the_samplers_support_sets(world, unique, views):
+    """The gathered support set of real sampler steps (each rank class-major, ranks in order, an
+    image's views adjacent; sparse unsorted class ids): the label matrix is the naive one, bit for
+    bit, with its class count known from the config instead of read back from the device."""
+    classes, per_class, ids = 3, 2, [907, 12, 455, 3, 610, 78, 231, 999, 40]
+    labels = np.repeat(ids, 4)
+    samplers = [ClassBalancedSampler(labels, classes, per_class, rank=r, world_size=world, unique_classes=unique,
+                                     seed=1) for r in range(world)]
+    spec = _spec("paws", 4, 2, support=classes * per_class * views, world=world, classes=classes, unique=unique)
+    for step in range(len(samplers[0])):
+        gathered = torch.cat([torch.from_numpy(labels[s.batch(0, step)]).repeat_interleave(views) for s in samplers])
+        got = smoothed_one_hot(gathered, step_classes(spec), 0.1)
+        assert torch.equal(got, naive_label_matrix(gathered.tolist(), 0.1)), step
 
 
 # --------------------------------------------------------------------------- two processes

@@ -6,12 +6,12 @@ and LARS momentum after a few steps on resnet18-small in fp32; a non-finite
 step must be skipped (or stop the run) the same way without a host sync."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import pytest
 import torch
 
+from tests.helpers.host_syncs import host_syncs_forbidden
 from tools.bench.measure import StepShape, synthetic_batch
 from train.config import ConfigError, load_config
 from train.distributed import DistContext
@@ -152,27 +152,6 @@ def test_all_switches_in_float32_stay_as_close_to_exact_as_the_eager_step(eager_
         assert fast_err <= 1.5 * eager_err + 1e-6, (key, fast_err.item(), eager_err.item())
 
 
-@contextlib.contextmanager
-def _host_syncs_forbidden():
-    """Make every Python-level device-to-host read raise (on a CPU machine the
-    nearest thing to ``torch.cuda.set_sync_debug_mode('error')``)."""
-    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-
-    def forbidden(name):
-        def raise_(*args, **kwargs):
-            raise AssertionError(f"host sync: Tensor.{name} called inside the step")
-        return raise_
-
-    for name in names:
-        setattr(torch.Tensor, name, forbidden(name))
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
-
-
 @pytest.mark.parametrize("grad_scaler", [False, True])
 def test_unsynced_step_reads_nothing_back(grad_scaler):
     kit = _kit(_cfg(lars_foreach=True, host_sync="log"))
@@ -181,7 +160,7 @@ def test_unsynced_step_reads_nothing_back(grad_scaler):
         kit._steps.clear()
     step, (batch,) = kit.step_for_epoch(0), _batches(1)
     step(batch)  # first step: momentum buffers are created
-    with _host_syncs_forbidden():
+    with host_syncs_forbidden():
         results = [step(batch) for _ in range(2)]
     records = StepRecords(skip_nonfinite=False)
     for r in results:
@@ -193,7 +172,7 @@ def test_unsynced_step_reads_nothing_back(grad_scaler):
 def test_the_sync_guard_catches_the_eager_step():
     kit = _kit(_cfg())
     step, (batch,) = kit.step_for_epoch(0), _batches(1)
-    with _host_syncs_forbidden(), pytest.raises(AssertionError, match="host sync: Tensor.item"):
+    with host_syncs_forbidden(), pytest.raises(AssertionError, match="host sync: Tensor.item"):
         step(batch)
 
 

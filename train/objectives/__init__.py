@@ -38,7 +38,7 @@ class ObjectiveSpec:
     ``global_views`` of them are the first group's (SwAV assigns codes from two of them, PAWS
     takes its targets from two). ``support`` rows come class-major (``pipelines.contract``)."""
 
-    cfg: object  # the PretrainConfig (its loss section and model head settings)
+    cfg: object  # the PretrainConfig (its loss section, model head settings, support classes)
     unlabeled: int
     views: int
     global_views: int
@@ -49,12 +49,15 @@ class ObjectiveSpec:
 
 
 class Objective(Protocol):
-    """One objective's loss for one phase; built once, called every step."""
+    """One objective's loss for one phase; built once, called every step. Neither the loss nor the
+    hooks wait for the device (no ``.item()``, ``nonzero``, ``unique``, boolean-mask indexing or
+    tensors made from Python lists): a step with ``compute.host_sync: log`` only launches work."""
 
     names: tuple[str, ...]  # the losses ``__call__`` returns, in order; the total last
 
     def begin_step(self, epoch: int, global_step: int) -> None:
-        """Before the forward pass of ``global_step`` (SwAV: its queue starts at an epoch)."""
+        """Before the forward pass of ``global_step``, on the host (SwAV: the prototypes are normalised,
+        the queue starts at an epoch)."""
 
     def __call__(self, views: Outputs, support: Outputs, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The losses, each the mean over the global batch (identical on every rank)."""
@@ -63,7 +66,7 @@ class Objective(Protocol):
         """Between backward and the optimizer step (SwAV: frozen prototypes lose their gradient)."""
 
     def after_update(self, model: nn.Module) -> None:
-        """After the optimizer step (SwAV: the prototypes are normalised again)."""
+        """After the optimizer step."""
 
     def state_dict(self) -> dict:
         """What resuming needs beyond the model and optimizer (SwAV: its queue)."""

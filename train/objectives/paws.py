@@ -49,13 +49,23 @@ def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
     return sharp / sharp.sum(dim=1, keepdim=True)
 
 
-def smoothed_one_hot(labels: torch.Tensor, smoothing: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``[M, C]`` label matrix over the C distinct classes of ``labels`` (in sorted order)."""
-    classes, index = torch.unique(labels, sorted=True, return_inverse=True)
-    off = smoothing / len(classes)
-    y = torch.full((len(labels), len(classes)), off, device=labels.device, dtype=dtype)
-    y[torch.arange(len(labels), device=labels.device), index] = 1.0 - smoothing + off
-    return y
+def step_classes(spec: ObjectiveSpec) -> int:
+    """The distinct classes of a step's gathered support set: ``data.support_classes``, times the
+    ranks with ``data.unique_classes`` (the sampler draws a step's classes distinct, ``pipelines.sampler``)."""
+    d = spec.cfg.data
+    return d.support_classes * (spec.world_size if d.unique_classes else 1)
+
+
+def smoothed_one_hot(labels: torch.Tensor, classes: int, smoothing: float,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[M, classes]`` label matrix of ``labels``, which hold ``classes`` distinct values, in sorted
+    order (``torch.unique``'s, without its wait for the device: the number of classes is known)."""
+    ordered, order = labels.sort(stable=True)
+    first = torch.cat([torch.ones_like(ordered[:1], dtype=torch.bool), ordered[1:] != ordered[:-1]])
+    column = torch.empty_like(order).scatter_(0, order, first.long().cumsum(0) - 1)  # classes below the row's
+    off = smoothing / classes
+    y = torch.full((len(labels), classes), off, device=labels.device, dtype=dtype)
+    return y.scatter_(1, column[:, None], 1.0 - smoothing + off)
 
 
 def snn(query: torch.Tensor, supports: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
@@ -68,13 +78,15 @@ class PAWS(NoState):
         loss = spec.cfg.loss
         self.settings, self.tau = loss.paws, loss.temperature
         self.unlabeled, self.views, self.world_size = spec.unlabeled, spec.views, spec.world_size
+        self.classes = step_classes(spec)
         self.names = ("loss_paws", "loss_memax", "loss")
 
     def __call__(self, views: Outputs, support: Outputs, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h, p = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in views)
         hs, ps = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in support)
         b = self.unlabeled
-        y = smoothed_one_hot(all_gather_no_grad(labels.to(p.device)), self.settings.label_smoothing, p.dtype)
+        y = smoothed_one_hot(all_gather_no_grad(labels.to(p.device)), self.classes, self.settings.label_smoothing,
+                             p.dtype)
         # 1. anchors: every view's prediction against every rank's support predictions (with gradient)
         probs = snn(p, all_gather_with_grad(F.normalize(ps, dim=1)), y, self.tau)  # [V*B, C]
         # 2. targets: the projections of the other global view, sharpened; local views take their mean
@@ -83,7 +95,7 @@ class PAWS(NoState):
             t = sharpen(snn(h[: 2 * b], supports, y, self.tau), self.settings.sharpen)
             t = torch.cat([t[b:], t[:b]])  # view 0's target from view 1 and the reverse
             targets = torch.cat([t, (0.5 * (t[:b] + t[b:])).repeat(self.views - 2, 1)])
-            targets[targets < TARGET_FLOOR] = 0.0
+            targets = targets.masked_fill(targets < TARGET_FLOOR, 0.0)
         local = (-(targets * torch.log(probs)).sum(dim=1)).mean()
         loss = local + (all_reduce_no_grad(local.detach()) / self.world_size - local.detach())
         # 3. me-max: the entropy of the mean sharpened prediction over the global batch, maximised

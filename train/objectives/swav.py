@@ -19,7 +19,10 @@ forward: the same weights at every forward), and get no update for the first
 ``loss.swav.queue_length`` > 0 each rank keeps ``queue_length / world size``
 earlier embeddings of each assigned crop from epoch
 ``loss.swav.queue_start_epoch`` on, used once full (as the official code), and
-checkpointed.
+checkpointed with the count of rows pushed, which decides "full" on the host.
+
+Nothing in the loss or the hooks waits for the device (``compute.host_sync:
+log``): index tensors are built once, and the queue's fill is counted on the host.
 
 SwAV + SuNCEt (no code in the paper; these choices are ours, README): SuNCEt on
 the support images' normalised embeddings ``z`` (the ones the prototypes
@@ -39,7 +42,7 @@ from torch import nn
 from model.head import SwAVHead
 from train.distributed import all_gather_no_grad, all_reduce_no_grad
 from train.losses import init_suncet_loss
-from train.objectives import ObjectiveSpec, Outputs
+from train.objectives import NoState, ObjectiveSpec, Outputs
 
 VIEWS = "codes from the first two views of group 0; every view predicts them"
 HEAD_PER_RESOLUTION = False  # facebookresearch/swav src/resnet50.py: the head runs once on every crop's features
@@ -68,7 +71,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Ten
     return (q * b).T
 
 
-class SwAV:
+class SwAV(NoState):
     def __init__(self, spec: ObjectiveSpec, prototypes: nn.Linear, normalize: Callable[[], None]):
         loss = spec.cfg.loss
         self.settings = loss.swav
@@ -80,8 +83,12 @@ class SwAV:
         length = self.settings.queue_length - self.settings.queue_length % global_batch  # as the official code
         self.queue_rows = length // spec.world_size
         self.queue: torch.Tensor | None = None
-        self.use_queue = False
+        self.queued = 0  # rows pushed into each assigned crop's queue so far, at most queue_rows
+        self.use_queue = False  # this step reads the queue: it was full before the step
         self.global_step = 0
+        # the views predicting each assigned crop's codes (every other view), as device indices
+        self.predictors = tuple(torch.tensor([v for v in range(spec.views) if v != crop], device=spec.device)
+                                for crop in range(ASSIGNED))
         self.weight = spec.suncet_weight
         self.suncet = (init_suncet_loss(spec.support, loss.temperature, spec.world_size, spec.device)
                        if spec.suncet_weight > 0 and spec.support > 0 else None)
@@ -89,18 +96,23 @@ class SwAV:
         normalize()
 
     def begin_step(self, epoch: int, global_step: int) -> None:
+        """Start the queue at its epoch; decide on the host whether this step reads it (full before
+        the step, as the official check of its last row) and count the rows the step pushes."""
         self.global_step = global_step
         if self.queue is None and self.queue_rows > 0 and epoch >= self.settings.queue_start_epoch:
             dim = self.prototypes.weight.shape[1]
             self.queue = torch.zeros(ASSIGNED, self.queue_rows, dim, device=self.device)
+            self.queued = 0
+        if self.queue is not None:
+            self.use_queue = self.queued >= self.queue_rows
+            self.queued = min(self.queued + self.unlabeled, self.queue_rows)
 
     def codes(self, scores: torch.Tensor, z: torch.Tensor, crop: int) -> torch.Tensor:
         """The codes of assigned crop ``crop`` (its rows of ``scores``), through the queue when on."""
         b = self.unlabeled
         out = scores[crop * b : (crop + 1) * b].detach()
         if self.queue is not None:
-            if self.use_queue or bool(self.queue[crop, -1].any()):
-                self.use_queue = True
+            if self.use_queue:
                 out = torch.cat([self.queue[crop] @ self.prototypes.weight.detach().T.to(self.queue.dtype),
                                  out.to(self.queue.dtype)])
             self.queue[crop, b:] = self.queue[crop, :-b].clone()
@@ -114,8 +126,8 @@ class SwAV:
         loss = scores.new_zeros(())
         for crop in range(ASSIGNED):
             q = self.codes(scores, z, crop).to(log_p.dtype)
-            others = [v for v in range(self.views) if v != crop]
-            loss = loss - (q[None] * log_p[others]).sum(dim=2).mean()  # mean over the other views and images
+            predicted = log_p.index_select(0, self.predictors[crop])
+            loss = loss - (q[None] * predicted).sum(dim=2).mean()  # mean over the other views and images
         local = loss / ASSIGNED
         total = all_reduce_no_grad(local.detach()) / self.world_size
         return local + (total - local.detach())  # the value: the global mean; the gradient: this rank's
@@ -136,24 +148,31 @@ class SwAV:
         self.normalize()
 
     def state_dict(self) -> dict:
-        """Every rank's queue, ``[world size, 2, rows, dim]`` (a collective: every rank calls it)."""
+        """Every rank's queue, ``[world size, 2, rows, dim]`` (a collective: every rank calls it),
+        and the rows pushed into it."""
         if self.queue is None:
-            return {"queue": None, "use_queue": self.use_queue}
-        return {"queue": all_gather_no_grad(self.queue[None]).cpu(), "use_queue": self.use_queue}
+            return {"queue": None, "queued": 0}
+        return {"queue": all_gather_no_grad(self.queue[None]).cpu(), "queued": self.queued}
 
     def load_state_dict(self, state: dict) -> None:
         """This rank's queue; a queue saved on another number of ranks starts empty again (noted)."""
         queues = state.get("queue")
-        self.use_queue = bool(state.get("use_queue", False))
+        self.queue, self.queued = None, 0
         if queues is None:
-            self.queue = None
-        elif queues.shape[0] != self.world_size or queues.shape[2] != self.queue_rows:
+            return
+        if queues.shape[0] != self.world_size or queues.shape[2] != self.queue_rows:
             print(f"note: SwAV's queue was saved on {queues.shape[0]} rank(s) with {queues.shape[2]} rows each; "
                   f"this run has {self.world_size} x {self.queue_rows}: it fills again from empty", file=sys.stderr)
-            self.queue, self.use_queue = None, False
-        else:
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            self.queue = queues[rank].to(self.device)
+            return
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.queue = queues[rank].to(self.device)
+        self.queued = int(state["queued"]) if "queued" in state else filled_rows(queues[0, 0])
+
+
+def filled_rows(queue: torch.Tensor) -> int:
+    """The rows pushed into one crop's queue ``[rows, dim]``, read from a checkpoint written before the
+    count was saved: the queue fills from its first row, and every pushed row is a unit vector."""
+    return int(queue.ne(0).any(dim=1).sum())
 
 
 def build(spec: ObjectiveSpec, model: nn.Module) -> SwAV:

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where --method finetune saves its model, an export with its classifier (default: "
                         "finetuned_<protocol>_seed<seed>.pth beside the checkpoint; refused if it exists)")
     p.add_argument("--finetune-val-every", type=int, default=1,
-                   help="score the held-out split every N fine-tuning epochs (0: after the last only)")
+                   help="score the held-out split every N fine-tuning epochs (0: after the last only); each "
+                        "score is one pass over the held-out split, which can cost more than an epoch on few labels")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch for features and scoring")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--seed", type=int, default=0, help="seed of draws (held-out cap, fine-tuning order)")

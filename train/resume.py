@@ -13,16 +13,25 @@ epoch continues at the same image: none repeated or skipped across the change.
 A world size that does not divide the global batch is refused, naming the sizes
 that do.
 
-Other changes are named, key by key, with the checkpoint's value and the new
-one: data settings are warned about; the schedule's (``optim.epochs``,
-``warmup_epochs``, ``start_lr``, ``lr``, ``final_lr``) are refused unless the
-run allows them (``--allow-schedule-change``); the optimiser's other settings
-are warned about.
+Every other change, in any section, is named key by key with the checkpoint's
+value and the new one. What the checkpoint's tensors cannot follow is refused in
+one line: the objective (``loss.method``), the optimizer (``optim.name``), the
+model's weight shapes (``model.*`` but SyncBN and memory format) and SwAV's
+prototypes. The schedule's keys (``optim.epochs``, ``warmup_epochs``,
+``start_lr``, ``lr``, ``final_lr``) are refused unless the run allows them
+(``--allow-schedule-change``). What changes how the run trains (data, augment,
+loss, optim, model, the seed) is warned about; how it runs and records (the
+``compute`` section, logging, checkpoint cadence) is noted.
+
+``config_history`` keeps the record a run's checkpoints carry of which settings
+each stretch of steps trained with, so that an export can describe an encoder
+trained at one resolution and resumed at another.
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
+from typing import Any
 
 from train.config import ConfigError, PretrainConfig, config_from_dict, config_to_dict, effective_suncet_weight
 from train.data import support_spec
@@ -32,25 +41,70 @@ WEIGHTLESS_MODEL_KEYS = ("sync_bn", "sync_bn_group_size", "channels_last")
 # Optimiser settings that change the learning-rate schedule of the steps still to come.
 SCHEDULE_KEYS = ("epochs", "warmup_epochs", "start_lr", "lr", "final_lr")
 PER_RANK_KEYS = ("unlabeled_batch_size", "support_classes", "support_images_per_class")
+# Settings of how a run runs and records, not of what it trains: a change is a note, not a warning.
+RUNNING_KEYS = ("run.output_dir", "run.log_every_steps", "run.checkpoint_every_steps", "run.keep_checkpoints",
+                "run.knn_every_epochs", "run.knn_k", "run.progress_bar", "run.logger", "run.preempt_signals",
+                "run.preempt_grace_s", "data.num_workers", "data.prefetch_factor", "data.knn_max_samples")
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
+
+
+ABSENT = _Absent()  # a view group's key on one side of a comparison only
+HISTORY_KEY = "config_history"  # the checkpoint's record (``config_history``)
+
+
+def flat_settings(cfg: PretrainConfig) -> dict[str, Any]:
+    """Every setting of ``cfg`` by dotted key (``augment.views[1].resolution``; a view group's
+    unset fields left out)."""
+    out: dict[str, Any] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                walk(item, f"{key}.{name}" if key else name)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):
+                walk({k: v for k, v in item.items() if v is not None}, f"{key}[{i}]")
+        else:
+            out[key] = value
+
+    walk(config_to_dict(cfg), "")
+    return out
+
+
+def config_changes(saved_cfg: PretrainConfig, cfg: PretrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (checkpoint's value, new value)}`` for every setting that differs ("absent"
+    for a view group's key on one side only)."""
+    before, after = flat_settings(saved_cfg), flat_settings(cfg)
+    keys = list(before) + [k for k in after if k not in before]
+    return {k: (before.get(k, ABSENT), after.get(k, ABSENT)) for k in keys
+            if before.get(k, ABSENT) != after.get(k, ABSENT)}
+
+
+def weight_keys(cfg: PretrainConfig) -> list[str]:
+    """The settings the checkpoint's model and optimizer state depend on: the objective, the
+    optimizer, the model's shapes and, for SwAV, its prototypes."""
+    model = [f"model.{f.name}" for f in dataclasses.fields(cfg.model) if f.name not in WEIGHTLESS_MODEL_KEYS]
+    return ["loss.method", "optim.name", *model] + (["loss.swav.prototypes"] if cfg.loss.method == "swav" else [])
+
+
+def describe(changes: dict[str, tuple[Any, Any]], keys) -> list[str]:
+    return [f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in keys]
 
 
 def check_model(saved_cfg: PretrainConfig, cfg: PretrainConfig) -> None:
-    """Refuse a checkpoint whose objective, optimizer or model differs from the config's (its head,
-    weights or optimizer state would not load, or would train towards another loss)."""
-    if saved_cfg.loss.method != cfg.loss.method:
-        raise ConfigError(f"cannot resume: the checkpoint trained loss.method={saved_cfg.loss.method}, this run asks "
-                          f"for {cfg.loss.method}; resume with loss.method={saved_cfg.loss.method} or start another "
-                          "run.output_dir")
-    if saved_cfg.optim.name != cfg.optim.name:
-        raise ConfigError(f"cannot resume: the checkpoint trained with optim.name={saved_cfg.optim.name}, this run "
-                          f"asks for {cfg.optim.name} (their states do not load into each other); resume with "
-                          f"optim.name={saved_cfg.optim.name} or start another run.output_dir")
-    saved, now = config_to_dict(saved_cfg.model), config_to_dict(cfg.model)
-    changed = [f"model.{k}: {v!r} in the checkpoint, {now[k]!r} now" for k, v in saved.items()
-               if v != now[k] and k not in WEIGHTLESS_MODEL_KEYS]
-    if changed:
-        raise ConfigError("cannot resume: the model differs from the checkpoint's (" + "; ".join(changed) +
-                          "); resume with the checkpoint's model settings or start another run.output_dir")
+    """Refuse a checkpoint whose objective, optimizer, model shapes or SwAV prototypes differ from
+    the config's (its head, weights or optimizer state would not load, or would train towards
+    another loss)."""
+    changes = config_changes(saved_cfg, cfg)
+    refused = [k for k in weight_keys(saved_cfg) if k in changes]
+    if refused:
+        raise ConfigError("cannot resume: the checkpoint's weights or optimizer state do not fit this config ("
+                          + "; ".join(describe(changes, refused)) + "); resume with the checkpoint's values ("
+                          + ", ".join(f"{k}={changes[k][0]}" for k in refused) + ") or start another run.output_dir")
 
 
 def _split(total: int, world_size: int, what: str, per_rank_key: str, saved: str) -> int:
@@ -105,12 +159,6 @@ def global_batch(cfg: PretrainConfig, world_size: int) -> dict:
             "support_images_per_class": per_class, "world_size": world_size}
 
 
-def changed_keys(section: str, saved, now, skip: tuple[str, ...] = ()) -> list[str]:
-    """``section.key: old -> new`` for every field of two config sections that differs."""
-    before, after = config_to_dict(saved), config_to_dict(now)
-    return [f"{section}.{k}: {before[k]!r} -> {after[k]!r}" for k in before if k not in skip and before[k] != after[k]]
-
-
 def resumed_config(saved: dict, cfg: PretrainConfig, world_size: int,
                    allow_schedule_change: bool = False) -> PretrainConfig:
     """The config a run resumed from checkpoint contents ``saved`` trains with (see the module
@@ -133,20 +181,34 @@ def resumed_config(saved: dict, cfg: PretrainConfig, world_size: int,
         print("note: a resumed run keeps its global batch: " + "; ".join(overridden), file=sys.stderr)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **sizes))
     saved_data = dataclasses.replace(saved_cfg.data, **sizes)
-    data_changes = changed_keys("data", saved_data, cfg.data)
-    if data_changes:
-        print("warning: resuming with other data settings than the checkpoint's: " + "; ".join(data_changes),
-              file=sys.stderr)
-    schedule = changed_keys("optim", saved_cfg.optim, cfg.optim,
-                            skip=tuple(k for k in config_to_dict(cfg.optim) if k not in SCHEDULE_KEYS))
+    changes = config_changes(dataclasses.replace(saved_cfg, data=saved_data), cfg)
+    schedule = [f"optim.{k}" for k in SCHEDULE_KEYS if f"optim.{k}" in changes]
     if schedule and not allow_schedule_change:
         raise ConfigError("cannot resume: the learning-rate schedule differs from the checkpoint's ("
-                          + "; ".join(schedule) + "); resume with the checkpoint's values, or pass "
-                          "--allow-schedule-change to continue on the new schedule from this step")
-    other = changed_keys("optim", saved_cfg.optim, cfg.optim, skip=SCHEDULE_KEYS)
-    if schedule or other:
-        print("warning: resuming with other optimiser settings than the checkpoint's: " + "; ".join(schedule + other),
-              file=sys.stderr)
+                          + "; ".join(describe(changes, schedule)) + "); resume with the checkpoint's values, or "
+                          "pass --allow-schedule-change to continue on the new schedule from this step")
+    trained = [k for k in changes if k not in RUNNING_KEYS and not k.startswith("compute.")]
+    running = [k for k in changes if k not in trained]
+    if trained:
+        print("warning: resuming with settings other than the checkpoint's, used from this step on: "
+              + "; ".join(describe(changes, trained)), file=sys.stderr)
+    if running:
+        print("note: resuming with other run settings: " + "; ".join(describe(changes, running)), file=sys.stderr)
     warn_if_suncet_weight_changed(dataclasses.replace(saved_cfg, data=saved_data), cfg)
     cfg.validate(world_size)
     return cfg
+
+
+
+def config_history(saved: dict | None, cfg: PretrainConfig, global_step: int) -> list[dict]:
+    """What a checkpoint records of the settings its run trained with: ``{"global_step", "config"}``
+    for the start and for every resume that changed a setting, oldest first (``train.export`` reads
+    it: an encoder trained at one resolution and resumed at another says so). ``saved``: the
+    resumed checkpoint's contents (None for a fresh start, at step 0); one written before this
+    record starts its history with its own config at step 0."""
+    if saved is None:
+        return [{"global_step": 0, "config": config_to_dict(cfg)}]
+    history = list(saved.get(HISTORY_KEY) or [{"global_step": 0, "config": saved["config"]}])
+    if config_changes(saved_config(history[-1]["config"]), cfg):
+        history.append({"global_step": global_step, "config": config_to_dict(cfg)})
+    return history

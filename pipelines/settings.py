@@ -35,7 +35,7 @@ class Limits:
     low_why: str = ""  # why the lower bound, where it is not plain
 
     def describe(self) -> str:
-        """The rule in a few symbols: ``in [0, 1]``, ``>= 1``, ``1 .. 65536``, ``one of a, b``."""
+        """The rule in a few symbols: ``in [0, 1]``, ``>= 1, <= 65536``, ``one of a, b``."""
         if self.choices:
             return "one of " + ", ".join(self.choices)
         parts = []

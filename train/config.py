@@ -9,10 +9,11 @@ The public face of the config modules, which every caller imports from here:
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.augment.recipe import AugmentConfig, SimCLRRecipe, views_per_image
+from pipelines.settings import setting
 from pipelines.spec import BACKENDS
 from train.config_checks import check_values, config_warnings, validate_config
 from train.config_fields import ConfigError
@@ -33,13 +34,18 @@ __all__ = [
 
 @dataclass
 class PretrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    data: DataConfig = setting(doc="What the run reads: the image folder or conversion, the labeled subset, the "
+                               "step's unlabeled images and its support set.", factory=DataConfig)
+    augment: AugmentConfig = setting(doc="The views: SimCLR's recipe, and the view groups of multi-crop.",
+                                     factory=AugmentConfig)
+    model: ModelConfig = setting(doc="The encoder and the objective's heads.", factory=ModelConfig)
+    optim: OptimConfig = setting(doc="The optimizer and its learning-rate schedule: linear warm-up, then cosine "
+                                 "decay, a pure function of the global step.", factory=OptimConfig)
+    loss: LossConfig = setting(doc="The objective: SimCLR, SwAV or PAWS, SuNCEt's weight, and what a non-finite "
+                               "step does.", factory=LossConfig)
+    run: RunConfig = setting(doc="The run folder, seed, precision, logging, checkpoints, kNN monitor and "
+                             "preemption.", factory=RunConfig)
+    compute: ComputeConfig = setting(doc="How the step runs on the device.", factory=ComputeConfig)
 
     @property
     def support_batch_size(self) -> int:

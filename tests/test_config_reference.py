@@ -58,7 +58,7 @@ def test_a_row_reads_the_field_it_documents():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_the_small_folder_config_trains_on_a_small_folder(tmp_path, capsys):
     """configs/small_folder.yaml as shipped, with only the folder, the run folder and the run's
     length set: its batch, resolution, model, support set and kNN monitor train and evaluate."""

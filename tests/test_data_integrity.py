@@ -326,7 +326,9 @@ def test_10_resuming_with_another_model_names_the_keys(tmp_path, capsys):
     assert _train_main(root, tmp_path / "run", "--set", "run.max_steps_per_epoch=1", "--set", "run.knn_every_epochs=0") == 0
     capsys.readouterr()
     assert _train_main(root, tmp_path / "run", "--set", "model.head_out_dim=8", "--resume", "auto") == 2
-    assert "model.head_out_dim: 16 in the checkpoint, 8 now" in _one_line_error(capsys)
+    error = _one_line_error(capsys)
+    assert "do not fit this config (model.head_out_dim: 16 -> 8)" in error, error
+    assert "resume with the checkpoint's values (model.head_out_dim=16)" in error, error
 
 
 @pytest.mark.parametrize("content", ["[]", "null", '{"splits": []}', '{"splits": {"train": {"files": [1]}}}'])

@@ -1,6 +1,7 @@
 """End-to-end tests of ``python -m train.pretrain`` on tiny generated JPEG trees."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -16,8 +17,10 @@ from model import build_model
 from tests.pretrain_helpers import make_split_tree, read_metrics, step_losses, tiny_config, tiny_overrides
 from train import checkpoint as ckpt
 from train import pretrain
+from train.data import build_loaders
 from train.distributed import DistContext
 from train.step import NonFiniteLossError
+from train.trainer import seed_everything
 from tests.helpers.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +121,36 @@ def test_nonfinite_loss_skipped_when_configured(data_root, tmp_path, monkeypatch
     state, _ = ckpt.load_latest(tmp_path / "run")
     assert state["train_state"]["skipped_steps"] == 1
     assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("host_sync", ["step", "log"])
+def test_skipping_gives_up_after_a_run_of_nonfinite_steps(data_root, tmp_path, monkeypatch, capsys, host_sync):
+    """Before: with every step non-finite, loss.on_nonfinite=skip skipped them all and exited 0."""
+    _poison_nt_xent(monkeypatch, lambda call: float("nan"))
+    settings = {"run.knn_every_epochs": 0, "loss.on_nonfinite": "skip", "loss.max_skipped_in_a_row": 3,
+                "compute.host_sync": host_sync, "run.log_every_steps": 5}
+    assert pretrain.main(["--device", "cpu", *_set_args(tiny_overrides(data_root, tmp_path / "run", **settings))]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: 3 steps in a row had a non-finite loss or gradients and were skipped "
+                          "(loss.on_nonfinite=skip, loss.max_skipped_in_a_row=3): the 3 steps up to epoch 0 step 2")
+    assert "raise loss.max_skipped_in_a_row" in err and err.count("\n") == 1
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("share, code", [(0.05, 3), (0.2, 0)])
+def test_a_run_that_skipped_more_than_its_share_says_so_in_its_summary_and_exit_code(data_root, tmp_path, monkeypatch,
+                                                                                      capsys, share, code):
+    _poison_nt_xent(monkeypatch, lambda call: float("inf") if call == 2 else 1.0)  # 1 of the 10 steps
+    settings = {"run.knn_every_epochs": 0, "loss.on_nonfinite": "skip", "loss.max_skipped_share": share}
+    assert pretrain.main(["--device", "cpu", *_set_args(tiny_overrides(data_root, tmp_path / "run", **settings))]) \
+        == code
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["skipped_steps"], summary["skipped_share"]) == (1, 0.1)
+    assert summary["skipped_over_limit"] is (code != 0)
+    err = capsys.readouterr().err
+    said = "error: 1 of 10 steps (10.0%) were non-finite and skipped (loss.on_nonfinite=skip), more than " \
+           "loss.max_skipped_share=0.05"
+    assert (said in err) is (code != 0), err
 
 
 def test_unsynced_nonfinite_step_stops_at_the_next_check_without_a_checkpoint(data_root, tmp_path, monkeypatch):
@@ -256,8 +289,8 @@ def test_two_process_torchrun_matches_one_process(data_root, tmp_path):
     assert int(first["global_step"]) == 1
 
     cfg = tiny_config(data_root, tmp_path / "unused", **extra)
-    pretrain.seed_everything(cfg.run.seed)  # as rank 0 (DDP broadcasts its weights): seed, loaders, model
-    loaders = [pretrain.build_loaders(cfg, rank, 2, torch.device("cpu")) for rank in range(2)]
+    seed_everything(cfg.run.seed)  # as rank 0 (DDP broadcasts its weights): seed, loaders, model
+    loaders = [build_loaders(cfg, rank, 2, torch.device("cpu")) for rank in range(2)]
     core, *_ = build_model_and_optimizer(cfg, CPU, resolve_precision("fp32", torch.device("cpu")))
     core.train()
     batches = []
@@ -277,7 +310,7 @@ def test_two_process_torchrun_matches_one_process(data_root, tmp_path):
     weight = (88 / 40) * 4 / 8  # paper_ratio (the default): 4 support images against 2 x 4 views per rank
     assert float(first["loss"]) == pytest.approx((loss_nt + weight * loss_sc).item(), rel=1e-4)
     # And one process with the same global batch (8 unlabeled, 4 classes x 2) sees those very views.
-    one = pretrain.build_loaders(tiny_config(data_root, tmp_path / "unused", **dict(
+    one = build_loaders(tiny_config(data_root, tmp_path / "unused", **dict(
         extra, **{"data.unlabeled_batch_size": 8, "data.support_images_per_class": 2})), 0, 1, torch.device("cpu"))
     one.train.set_epoch(0)
     single = next(iter(one.train))

@@ -1,42 +1,46 @@
 """SimCLR + SuNCEt pre-training: ``python -m train.pretrain --config configs/X.yaml``.
 
-Runs alone or under ``torchrun`` (one or many nodes) or SLURM. Layout follows
-torchvision's references: ``build_parser``, ``main`` (wiring only),
-``train_one_epoch`` and ``evaluate_knn``.
+Runs alone or under ``torchrun`` (one or many nodes) or SLURM. Layout follows torchvision's
+references: ``build_parser``, ``main`` (wiring only), ``train_one_epoch`` and ``evaluate_knn``,
+with ``run`` the loop over epochs. What the loop trains with and saves is ``train.trainer``; what
+it writes, ``train.run_logger``; what it prints, ``train.console``; how it stops when told to,
+``train.preemption``.
+
+Exit codes: 0 done (or already finished), 1 an error during the run, 2 a config, data or run
+directory refused at start, 3 done but more than ``loss.max_skipped_share`` of the steps were
+skipped as non-finite, 143 stopped by a signal at a checkpoint (``--resume auto`` continues).
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
-import random
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
 from pipelines.errors import DataError, LoaderFailure
 from train import checkpoint as ckpt
-from train import export
 from train.config import ConfigError, PretrainConfig, config_to_dict, load_config
-from train.console import Progress, banner
-from train.data import Loaders, build_loaders
+from train.console import FIRST_BATCH_WORK, Progress, banner
+from train.curves import RunShape
 from train.distributed import DeviceError, DistContext, all_reduce_sum, init_distributed, shutdown_distributed
+from train.dry_run import dry_run
 from train.knn import extract_features, knn_accuracy
-from train.lars import LayerwiseSGD
-from train.precision import resolve_precision
+from train.log_window import LogWindow
 from train.preemption import PREEMPTED_EXIT, Preempted, Preemption
-from train.resume import global_batch, resumed_config
+from train.resume import resumed_config
+from train.run_files import finished_summary, read_metrics
 from train.run_lock import RunDirError, RunLock
 from train.run_logger import RunLogger
-from train.schedule import WarmupCosineSchedule
+from train.start import resolve_resume, resume_after_restart
 from train.step import NonFiniteLossError, StepRecords
-from train.wiring import StepKit, build_step_kit, configure_backends
+from train.trainer import Trainer, TrainState, build_trainer, seed_everything
+from train.wiring import configure_backends
+
+TOO_MANY_SKIPPED_EXIT = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,97 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (the file, its _base_ files and every --set) as YAML and exit")
     p.add_argument("--dry-run", action="store_true",
-                   help="build the data, model and step, train one step, print what a run would do, and exit "
-                        "without writing anything")
+                   help="build the data, model and step, train one step and time a second, print what a run "
+                        "would do and how long it would train, and exit without writing anything")
     return p
 
 
-@dataclass
-class TrainState:
-    """Where the run is: the next step to train is ``step`` of ``epoch``."""
-
-    epoch: int = 0
-    step: int = 0
-    global_step: int = 0
-    skipped_steps: int = 0
-    bad_images: int = 0  # unreadable images replaced (data.on_bad_image=skip), all ranks
-
-
-@dataclass
-class Trainer:
-    """The objects a step needs, wired once by ``main``."""
-
-    cfg: PretrainConfig
-    ctx: DistContext
-    kit: StepKit  # model, optimizer, scaler, precision and the training steps
-    schedule: WarmupCosineSchedule
-    loaders: Loaders
-    steps_per_epoch: int
-    logger: RunLogger | None  # main rank of a run; attached after the resume checks
-
-    @property
-    def model(self) -> torch.nn.Module:  # DDP-wrapped when distributed
-        return self.kit.model
-
-    @property
-    def core(self) -> torch.nn.Module:  # the bare model (checkpoints, kNN, export)
-        return self.kit.core
-
-    @property
-    def optimizer(self) -> LayerwiseSGD:
-        return self.kit.optimizer
-
-    @property
-    def scaler(self) -> torch.amp.GradScaler:
-        return self.kit.scaler
-
-    def checkpoint_state(self, state: TrainState, objective: dict, rng: dict) -> dict:
-        return {
-            "model": self.core.state_dict(),
-            "objective": objective,  # SwAV's queue; empty for the others
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "train_state": asdict(state),
-            "config": config_to_dict(self.cfg),
-            "world_size": self.ctx.world_size,
-            "global_batch": global_batch(self.cfg, self.ctx.world_size),  # what a resumed run keeps
-            "rng": rng,  # every rank's generators (ckpt.gather_rng_states)
-            "loader": self.loaders.train.state_dict(),  # what the stream needs beyond (epoch, step)
-        }
-
-    def save(self, state: TrainState) -> None:
-        objective = self.kit.objective_state()  # on every rank: SwAV gathers every rank's queue
-        rng = ckpt.gather_rng_states(self.ctx.device)  # on every rank: each saves its own generators
-        if self.ctx.is_main:
-            ckpt.save_checkpoint(self.checkpoint_state(state, objective, rng), Path(self.cfg.run.output_dir),
-                                 state.global_step, self.cfg.run.keep_checkpoints)
-        if self.ctx.distributed:
-            torch.distributed.barrier()
-
-
-class LogWindow:
-    """The steps since the last log row: each logged loss is their mean (steps read back one by one
-    with ``compute.host_sync=step``, or together at the log step), ``images_per_s`` and
-    ``data_wait_frac`` are over the window's wall time."""
-
-    def __init__(self) -> None:
-        self.start, self.images, self.waited = time.perf_counter(), 0, 0.0
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, read_back: dict[str, float]) -> None:
-        steps = int(read_back.pop("steps", 1))
-        for key, value in read_back.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value * steps
-            self.counts[key] = self.counts.get(key, 0) + steps
-
-    def means(self) -> dict[str, float]:
-        seconds = max(time.perf_counter() - self.start, 1e-9)
-        out = {key: self.sums[key] / self.counts[key] for key in self.sums}
-        return out | {"images_per_s": self.images / seconds, "data_wait_frac": self.waited / seconds}
-
-
-def train_one_epoch(tr: Trainer, state: TrainState, preemption: Preemption | None = None) -> None:
+def train_one_epoch(tr: Trainer, state: TrainState, progress: Progress, preemption: Preemption | None = None) -> None:
     """Train from ``state.step`` to the end of ``state.epoch``; checkpoints every
     ``run.checkpoint_every_steps`` global steps, and where ``preemption`` says the run stops
     (then raises ``Preempted``).
@@ -157,11 +76,10 @@ def train_one_epoch(tr: Trainer, state: TrainState, preemption: Preemption | Non
     row (``LogWindow``)."""
     cfg, ctx = tr.cfg, tr.ctx
     train_step = tr.kit.step_for_epoch(state.epoch)
-    records = StepRecords(skip_nonfinite=cfg.loss.on_nonfinite == "skip")
+    records = StepRecords(cfg.loss.on_nonfinite == "skip", cfg.loss.max_skipped_in_a_row, state.skipped_in_a_row)
     lead = tr.kit.host_lead()
     loader = tr.loaders.train
     loader.set_epoch(state.epoch, state.step)
-    bar = Progress(tr.steps_per_epoch, state.step, f"epoch {state.epoch}", ctx.is_main and cfg.run.progress_bar)
     tr.model.train()
     batches = iter(loader)
     bad_here = 0  # this rank's bad images not yet added to state.bad_images
@@ -181,29 +99,26 @@ def train_one_epoch(tr: Trainer, state: TrainState, preemption: Preemption | Non
         window.images += batch.unlabeled_batch_size
         state.step += 1
         state.global_step += 1
-        if ctx.is_main:
-            bar.update(1)
+        progress.update(state.global_step)
         log_now = state.global_step % cfg.run.log_every_steps == 0 or state.step == tr.steps_per_epoch
         save_now = state.global_step % cfg.run.checkpoint_every_steps == 0 and state.step < tr.steps_per_epoch
-        if log_now or save_now or train_step.syncs_every_step:
-            out = records.check()  # waits for the device; raises NonFiniteLossError (loss.on_nonfinite=stop)
+        stop = preemption.agreed(collective_point=log_now) if preemption is not None else False
+        if log_now or save_now or stop or train_step.syncs_every_step:  # a checkpoint records checked counts
+            out = records.check()  # waits for the device; raises NonFiniteLossError (see loss.on_nonfinite)
             state.skipped_steps += int(out.pop("skipped"))
+            state.skipped_in_a_row = records.in_a_row
             window.add(out)
         if log_now:
             means = window.means()
-            if ctx.is_main:
-                bar.show({"loss": f"{means['loss']:.4f}", "lr": f"{lr:.3g}", "img/s": f"{means['images_per_s']:.1f}",
-                          "data wait": f"{100 * means['data_wait_frac']:.0f}%"}, log_step=True)
+            progress.show({"loss": f"{means['loss']:.4f}", "lr": f"{lr:.3g}", "img/s": f"{means['images_per_s']:.1f}",
+                           "data wait": f"{100 * means['data_wait_frac']:.0f}%"}, log_step=True)
             window = LogWindow()
-        if log_now or save_now:  # the same steps on every rank: a collective is safe here
+        if log_now or save_now or stop:  # the same steps on every rank (ranks stop at log steps): collectives are safe
             state.bad_images += all_reduce_sum(bad_here, ctx.device)
             bad_here = 0
-        if log_now:
-            row = {"global_step": state.global_step, "epoch": state.epoch, "step": state.step, "lr": lr,
-                   "skipped": state.skipped_steps, "bad_images": state.bad_images, **means}
-            if tr.logger is not None:
-                tr.logger.log(row)
-        stop = preemption.agreed(collective_point=log_now) if preemption is not None else False
+        if log_now and tr.logger is not None:
+            tr.logger.log({"global_step": state.global_step, "epoch": state.epoch, "step": state.step, "lr": lr,
+                           "skipped": state.skipped_steps, "bad_images": state.bad_images, **means})
         if save_now or stop:
             tr.save(state)
         if stop:
@@ -211,7 +126,6 @@ def train_one_epoch(tr: Trainer, state: TrainState, preemption: Preemption | Non
             raise Preempted(f"stopped by {preemption.received or 'a signal on another rank'} at epoch {state.epoch} "
                             f"step {state.step} (global step {state.global_step}); checkpoint written in "
                             f"{cfg.run.output_dir}: continue with --resume auto")
-    bar.close()
     loader.close()  # a pass cut short (max_steps_per_epoch) stops its workers
 
 
@@ -239,78 +153,45 @@ def evaluate_knn(tr: Trainer) -> dict[str, float] | None:
     return knn_accuracy(train_f, train_y, test_f, test_y, loaders.num_classes, k=tr.cfg.run.knn_k)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def resolve_resume(resume: str, run_dir: Path) -> tuple[dict, Path] | None:
-    if resume == "none":
-        existing = ckpt.list_checkpoints(run_dir)
-        if existing:
-            raise ConfigError(f"{run_dir} already holds checkpoints (newest {existing[-1].name}); "
-                              "pass --resume auto to continue it, or choose another run.output_dir")
-        return None
-    path = run_dir if resume == "auto" else Path(resume)
-    if resume != "auto" and not (path.is_dir() or path.is_file()):  # a pipe would block the reader
-        raise ConfigError(f"--resume: no checkpoint file or run folder at {path}")
-    try:
-        if path.is_dir() or resume == "auto":  # a run folder: its newest readable checkpoint
-            loaded = ckpt.load_latest(path)
-            if loaded is None and resume != "auto":
-                raise ConfigError(f"--resume {path}: the folder holds no checkpoint (ckpt-*.pt)")
-        else:
-            loaded = ckpt.load(path), path
-        return None if loaded is None else (ckpt.require_training_state(*loaded), loaded[1])
-    except ckpt.CheckpointError as exc:  # not what train.pretrain writes: named in one line
-        raise ConfigError(f"--resume: {exc}") from None
-
-
-def build_trainer(cfg: PretrainConfig, ctx: DistContext) -> Trainer:
-    """Everything a run builds, writing nothing: the run attaches its ``RunLogger`` once it has
-    checked that the checkpoint fits (``_run``)."""
-    try:
-        precision = resolve_precision(cfg.run.precision, ctx.device)  # once per run
-    except ValueError as exc:  # fp16 without CUDA
-        raise ConfigError(str(exc)) from None
-    loaders = build_loaders(cfg, ctx.rank, ctx.world_size, ctx.device, precision.input_dtype)
-    kit = build_step_kit(cfg, ctx, precision)
-    o = cfg.optim
-    steps = len(loaders.train)
-    if cfg.run.max_steps_per_epoch is not None:
-        steps = min(steps, cfg.run.max_steps_per_epoch)
-    try:
-        schedule = WarmupCosineSchedule(steps_per_epoch=steps, epochs=o.epochs, warmup_epochs=o.warmup_epochs,
-                                        start_lr=o.start_lr, peak_lr=o.lr, final_lr=o.final_lr)
-    except ValueError as exc:
-        raise ConfigError(f"optim (epochs/warmup_epochs): {exc}") from exc
-    return Trainer(cfg, ctx, kit, schedule, loaders, steps, None)
-
-
 def run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none", allow_schedule_change: bool = False) -> dict:
     if resume == "none":
         cfg.validate(ctx.world_size)  # a resumed run is validated once its checkpoint has set the per-rank sizes
     run_dir = Path(cfg.run.output_dir)
+    if ctx.is_main:
+        RunLock.check(run_dir)  # a directory in use is refused before its checkpoints are read
+    loaded = resolve_resume(resume, run_dir)
+    cfg = resumed_config(loaded[0], cfg, ctx.world_size, allow_schedule_change) if loaded is not None else cfg
+    cfg.validate(ctx.world_size)
+    state = TrainState(**loaded[0]["train_state"]) if loaded else TrainState()
+    if loaded and state.epoch >= cfg.optim.epochs:
+        finished = finished_summary(run_dir, state.global_step, ctx.is_main)
+        if finished is not None:  # nothing to train, nothing to write
+            if ctx.is_main:
+                print(f"note: the run in {run_dir} is finished ({state.epoch} epochs, {state.global_step} steps; "
+                      "summary.json): nothing to train, nothing written")
+            return finished
+    rows = read_metrics(run_dir / "metrics.csv") if ctx.is_main else []  # refused before anything is written
     lock = RunLock(run_dir) if ctx.is_main else None  # one run per directory; dies with the process
     try:
         if ctx.is_main:
             stale = ckpt.remove_stale_temp_files(run_dir)  # no write of ours is in progress: we hold the lock
             if stale:
                 print(f"note: removed {len(stale)} temp file(s) of writes a killed run left ({', '.join(stale[:3])})")
-        return _run(cfg, ctx, resume, run_dir, allow_schedule_change)
+        return _run(cfg, ctx, loaded, state, rows)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path, allow_schedule_change: bool) -> dict:
-    loaded = resolve_resume(resume, run_dir)
-    cfg = resumed_config(loaded[0], cfg, ctx.world_size, allow_schedule_change) if loaded is not None else cfg
-    cfg.validate(ctx.world_size)
+def start_trainer(cfg: PretrainConfig, ctx: DistContext, loaded: tuple[dict, Path] | None, state: TrainState,
+                  rows: list[dict[str, str]]) -> Trainer:
+    """The trainer built, its files attached (main rank: ``rows`` are metrics.csv's, read at
+    start) and the checkpoint loaded, with the banner printed."""
+    run_dir = Path(cfg.run.output_dir)
     seed_everything(cfg.run.seed)
     configure_backends(cfg, ctx.device)
-    state = TrainState(**loaded[0]["train_state"]) if loaded else TrainState()
+    if ctx.is_main:
+        print(f"building the {cfg.data.backend} data pipeline, the kNN sets and the model ...", flush=True)
     tr = build_trainer(cfg, ctx)
     if state.step > tr.steps_per_epoch:  # before the logger trims metrics.csv to the checkpoint
         tr.loaders.train.close()
@@ -318,37 +199,41 @@ def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path, allo
                           f"epoch now has {tr.steps_per_epoch} steps (the dataset, or run.max_steps_per_epoch, "
                           "changed since); resume with the data and settings the run started with")
     if ctx.is_main:
-        tr.logger = RunLogger(run_dir, cfg, state.global_step if loaded else None)
+        shape = RunShape.of(cfg, ctx.world_size, tr.steps_per_epoch, tr.loaders.num_classes)
+        tr.logger = RunLogger(run_dir, cfg, state.global_step if loaded else None, shape=shape, rows=rows)
     resumed = None
     if loaded:
         saved, path = loaded
-        tr.core.load_state_dict(saved["model"])
-        tr.optimizer.load_state_dict(saved["optimizer"])
-        tr.scaler.load_state_dict(saved["scaler"])
-        tr.kit.resume_objective(saved.get("objective") or {})
-        ckpt.set_rng_state(saved["rng"], ctx.rank, ctx.device)
-        if saved.get("loader") is not None:
-            tr.loaders.train.load_state_dict(saved["loader"])
+        tr.load(saved)
         resumed = f"resumed from {path.name} at epoch {state.epoch} step {state.step}, global step {state.global_step}"
     if ctx.is_main:
         print(banner(cfg, ctx.world_size, ctx.device, tr.kit.precision.name, tr.loaders, tr.steps_per_epoch,
                      resumed), flush=True)
-    if tr.loaders.knn_off and ctx.is_main:
-        print(f"note: kNN monitor off (run.knn_every_epochs={cfg.run.knn_every_epochs}): {tr.loaders.knn_off}")
-    knn = None
+        if tr.loaders.knn_off:
+            print(f"note: kNN monitor off (run.knn_every_epochs={cfg.run.knn_every_epochs}): {tr.loaders.knn_off}")
+        tr.logger.log({"global_step": state.global_step, "epoch": state.epoch, "step": state.step}
+                      | ({"resumed": 1} if loaded else {"lr": tr.schedule.lr(0)}))
+    return tr
+
+
+def _run(cfg: PretrainConfig, ctx: DistContext, loaded: tuple[dict, Path] | None, state: TrainState,
+         rows: list[dict[str, str]]) -> dict:
+    tr = start_trainer(cfg, ctx, loaded, state, rows)
+    run_dir = Path(cfg.run.output_dir)
+    progress = Progress(cfg.optim.epochs, tr.steps_per_epoch, state.global_step, ctx.is_main and cfg.run.progress_bar)
     try:
         with Preemption(cfg.run.preempt_signals, ctx.distributed, ctx.device, cfg.run.preempt_grace_s,
                         cfg.run.output_dir) as preemption:
             if loaded and state.step == 0 and state.epoch > 0 and knn_due(cfg, state.epoch - 1) and ctx.is_main:
                 # the checkpoint is an epoch's end: its kNN point is in metrics.csv unless the run stopped
                 # (preempted, killed) between that checkpoint and the evaluation; then it is evaluated now
-                knn = tr.logger.knn_at(state.global_step)
-                if knn is None:
-                    knn = log_knn(tr, state, state.epoch - 1, "evaluated on resume: the run stopped before it")
-            if knn is None and loaded and state.epoch >= cfg.optim.epochs:
-                knn = earlier_knn(run_dir)  # a finished run's
+                if tr.logger.knn_at(state.global_step) is None:
+                    log_knn(tr, state, state.epoch - 1, progress, "evaluated on resume: the run stopped before it")
+            if state.epoch < cfg.optim.epochs and ctx.is_main:
+                print(f"waiting for the first batch: {FIRST_BATCH_WORK.get(cfg.data.backend, 'the stream starts')}",
+                      flush=True)
             while state.epoch < cfg.optim.epochs:
-                train_one_epoch(tr, state, preemption)
+                train_one_epoch(tr, state, progress, preemption)
                 epoch = state.epoch
                 state.epoch, state.step = state.epoch + 1, 0
                 tr.save(state)  # before evaluating: an evaluation failure never costs the epoch
@@ -356,22 +241,16 @@ def _run(cfg: PretrainConfig, ctx: DistContext, resume: str, run_dir: Path, allo
                     raise Preempted(f"stopped by {preemption.received or 'a signal on another rank'} at the end of "
                                     f"epoch {epoch}; checkpoint written in {run_dir}: continue with --resume auto")
                 if knn_due(cfg, epoch) and ctx.is_main:
-                    knn = log_knn(tr, state, epoch)
+                    log_knn(tr, state, epoch, progress)
     except NonFiniteLossError as exc:
-        raise NonFiniteLossError(f"{exc}. Last good checkpoint kept in {run_dir}; "
-                                 "lower optim.lr or set loss.on_nonfinite=skip") from exc
+        raise type(exc)(f"{exc}. Last good checkpoint kept in {run_dir}; {exc.remedy}") from exc
     except Preempted:
         if tr.logger is not None:
             tr.logger.close()
         raise
-    summary = {"run_dir": str(run_dir.resolve()), "global_step": state.global_step,
-               "skipped_steps": state.skipped_steps, "bad_images": state.bad_images, **(knn or {})}
-    if ctx.is_main:
-        summary["encoder"] = str(export_encoder(tr, run_dir, state.global_step).resolve())
-        tr.logger.write_curves()
-        tr.logger.write_summary(summary)
-        tr.logger.close()
-    return summary
+    finally:
+        progress.close()
+    return finish(tr, state)
 
 
 def knn_due(cfg: PretrainConfig, epoch: int) -> bool:
@@ -379,58 +258,31 @@ def knn_due(cfg: PretrainConfig, epoch: int) -> bool:
     return bool(cfg.run.knn_every_epochs) and (epoch + 1) % cfg.run.knn_every_epochs == 0
 
 
-def log_knn(tr: Trainer, state: TrainState, epoch: int, note: str = "") -> dict[str, float] | None:
+def log_knn(tr: Trainer, state: TrainState, epoch: int, progress: Progress, note: str = "") -> None:
     """Evaluate the kNN monitor after ``epoch``, log it at the current global step, redraw the curves."""
     knn = evaluate_knn(tr)
     if knn is not None:
         tr.logger.log({"global_step": state.global_step, "epoch": epoch, **knn})
         tr.logger.write_curves()
-        print(f"epoch {epoch}: kNN top-1 {knn['knn_top1']:.2f}%  top-5 {knn['knn_top5']:.2f}%"
-              + (f" ({note})" if note else ""))
-    return knn
+        progress.note(f"epoch {epoch + 1}/{tr.cfg.optim.epochs}: kNN top-1 {knn['knn_top1']:.2f}%  "
+                      f"top-5 {knn['knn_top5']:.2f}%" + (f" ({note})" if note else ""))
 
 
-def earlier_knn(run_dir: Path) -> dict | None:
-    """The kNN figures of a finished run's ``summary.json`` (resuming it trains nothing more)."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    knn = {k: v for k, v in summary.items() if k.startswith("knn_")} if isinstance(summary, dict) else {}
-    return knn or None
-
-
-def export_encoder(tr: Trainer, run_dir: Path, global_step: int) -> Path:
-    """The encoder for other tools (``train.export``) with its ``EncoderInfo`` beside it: torchvision's
-    format where the arch is a torchvision one, timm's for timm models, the encoder's own keys
-    otherwise (``python -m tools.export`` writes more formats)."""
-    arch = tr.cfg.model.arch
-    fmt = export.default_format(arch)
-    name = arch.replace("/", "-")
-    path = run_dir / (f"encoder_{name}.pth" if fmt == "native" else f"encoder_{name}_{fmt}.pth")
-    return export.export_encoder(tr.core, path, fmt, export.EncoderInfo.of(tr.cfg, run_dir, global_step))
-
-
-def dry_run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none") -> dict:
-    """Build everything a run builds and train one step, writing nothing: a config that passes
-    here will not fail at start (run directory, data, model, step), whatever it does later."""
-    cfg.validate(ctx.world_size)
-    if ctx.is_main:  # what the run itself would refuse at start
-        RunLock.check(cfg.run.output_dir)
-        resolve_resume(resume, Path(cfg.run.output_dir))
-    seed_everything(cfg.run.seed)
-    configure_backends(cfg, ctx.device)
-    tr = build_trainer(cfg, ctx)
-    if ctx.is_main:
-        print(banner(cfg, ctx.world_size, ctx.device, tr.kit.precision.name, tr.loaders, tr.steps_per_epoch, None))
-    loader = tr.loaders.train
-    loader.set_epoch(0)
-    batch = next(iter(loader))
-    tr.model.train()
-    tr.schedule.apply(tr.optimizer, 0)
-    out = StepRecords(skip_nonfinite=False).add(tr.kit.step_for_epoch(0)(batch)).check()
-    loader.close()
-    return out
+def finish(tr: Trainer, state: TrainState) -> dict:
+    """The end of a run: the encoder, the curves and summary.json (main rank); the summary."""
+    cfg = tr.cfg
+    share = state.skipped_steps / max(state.global_step, 1)
+    summary = {"run_dir": str(Path(cfg.run.output_dir).resolve()), "epochs": state.epoch,
+               "global_step": state.global_step, "skipped_steps": state.skipped_steps,
+               "skipped_share": round(share, 6), "skipped_over_limit": share > cfg.loss.max_skipped_share,
+               "bad_images": state.bad_images}
+    if tr.ctx.is_main:
+        summary |= tr.logger.last_knn()
+        summary["encoder"] = str(tr.export_encoder(state.global_step).resolve())
+        tr.logger.write_curves()
+        tr.logger.write_summary(summary)
+        tr.logger.close()
+    return summary
 
 
 def _importable(name: str) -> bool:
@@ -458,18 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     except DeviceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    resume = args.resume
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if restarted and resume != "auto" and (resume == "none" or ckpt.list_checkpoints(Path(cfg.run.output_dir))):
-        # torchrun restarted the group: continue from where it got, not from --resume's starting point
-        resume = "auto"
-        if ctx.is_main:
-            print("note: torchrun restarted the workers; resuming from the newest checkpoint (--resume auto)")
+    resume = resume_after_restart(args.resume, Path(cfg.run.output_dir), ctx.is_main)
     try:
         if args.dry_run:
-            out = dry_run(cfg, ctx, resume)
+            said = dry_run(cfg, ctx, resume)
             if ctx.is_main:
-                print(f"dry run: one step trained, loss {out['loss']:.4f}; nothing written")
+                print(said)
             return 0
         summary = run(cfg, ctx, resume, args.allow_schedule_change)
     except (ConfigError, DataError, RunDirError) as exc:
@@ -489,9 +335,17 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_distributed()
     if ctx.is_main:
         print(f"done: {summary['global_step']} steps; run directory {summary['run_dir']}; "
-              f"encoder {summary['encoder']}")
+              f"encoder {summary.get('encoder')}")
         if "knn_top1" in summary:
             print(f"final kNN top-1 {summary['knn_top1']:.2f}%")
+    if summary.get("skipped_over_limit"):
+        if ctx.is_main:
+            print(f"error: {summary['skipped_steps']} of {summary['global_step']} steps "
+                  f"({summary['skipped_share']:.1%}) were non-finite and skipped (loss.on_nonfinite=skip), more than "
+                  f"loss.max_skipped_share={cfg.loss.max_skipped_share:g}: the encoder is written but suspect "
+                  "(summary.json says so too)",
+                  file=sys.stderr)
+        return TOO_MANY_SKIPPED_EXIT
     return 0
 
 

@@ -35,6 +35,14 @@ OK, BAD_LOSS, BAD_GRADS = (0.0, 0.0), (1.0, 0.0), (0.0, 1.0)  # (loss non-finite
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf: the run stops and the last checkpoint stays intact."""
 
+    remedy = "lower optim.lr or set loss.on_nonfinite=skip"
+
+
+class SkipLimitError(NonFiniteLossError):
+    """Too many non-finite steps in a row were skipped (``loss.on_nonfinite=skip``)."""
+
+    remedy = "lower optim.lr, or raise loss.max_skipped_in_a_row"
+
 
 @dataclass(frozen=True)
 class StepSettings:
@@ -171,10 +179,15 @@ class StepRecords:
     floats, ``steps`` (how many were averaged) and ``skipped`` (the number of
     non-finite steps among them, whose updates were skipped). With
     ``skip_nonfinite=False`` it raises ``NonFiniteLossError`` for the first
-    non-finite step instead, naming its epoch, step and losses."""
+    non-finite step instead, naming its epoch, step and losses.
 
-    def __init__(self, skip_nonfinite: bool):
-        self.skip_nonfinite = skip_nonfinite
+    ``in_a_row`` counts the skipped steps since the last finite one, across
+    checks (start it from a checkpoint's count); the step that makes it
+    ``max_in_a_row`` raises ``SkipLimitError``, naming the count and the steps:
+    a run whose every step is non-finite stops instead of skipping to its end."""
+
+    def __init__(self, skip_nonfinite: bool, max_in_a_row: int | None = None, in_a_row: int = 0):
+        self.skip_nonfinite, self.max_in_a_row, self.in_a_row = skip_nonfinite, max_in_a_row, in_a_row
         self.pending: list[StepResult] = []
 
     def add(self, result: StepResult) -> StepRecords:
@@ -193,12 +206,19 @@ class StepRecords:
             *losses, bad_loss, bad_grads = row
             if not (bad_loss or bad_grads):
                 good.append(losses)
+                self.in_a_row = 0
                 continue
+            values = ", ".join(f"{k}={v:.4g}" for k, v in zip(record.names, losses))
             if not self.skip_nonfinite:
-                raise NonFiniteLossError(
-                    f"non-finite {'loss' if bad_loss else 'gradients'} at epoch {record.epoch} step {record.step}: "
-                    + ", ".join(f"{k}={v:.4g}" for k, v in zip(record.names, losses)))
+                raise NonFiniteLossError(f"non-finite {'loss' if bad_loss else 'gradients'} at epoch {record.epoch} "
+                                         f"step {record.step}: {values}")
             skipped += 1
+            self.in_a_row += 1
+            if self.max_in_a_row is not None and self.in_a_row >= self.max_in_a_row:
+                raise SkipLimitError(f"{self.in_a_row} steps in a row had a non-finite loss or gradients and were "
+                                     f"skipped (loss.on_nonfinite=skip, loss.max_skipped_in_a_row="
+                                     f"{self.max_in_a_row}): the {self.in_a_row} steps up to epoch {record.epoch} "
+                                     f"step {record.step}, the last with {values}")
         kept = good or [rows[-1][:-2]]  # every step skipped: the last one's (non-finite) values
         means = [sum(column) / len(kept) for column in zip(*kept)]
         return dict(zip(pending[-1].names, means)) | {"skipped": float(skipped), "steps": float(len(kept))}

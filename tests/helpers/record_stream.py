@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from train import pretrain
+from train import pretrain, trainer
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
@@ -59,14 +59,14 @@ class RecordingLoader:
 def main() -> int:
     path, args = sys.argv[1], sys.argv[2:]
     sleep = float(os.environ.get("RECORD_STEP_SLEEP", "0"))
-    real_build = pretrain.build_loaders
+    real_build = trainer.build_loaders
 
     def build_recording(*a, **k):
         loaders = real_build(*a, **k)
         loaders.train = RecordingLoader(loaders.train, path, sleep)
         return loaders
 
-    pretrain.build_loaders = build_recording
+    trainer.build_loaders = build_recording
     return pretrain.main(args)
 
 

@@ -46,7 +46,7 @@ class SwAVHead(nn.Module):
 
     ``forward`` gives ``(z, scores)``: the normalised embeddings ``[N, out_dim]`` and their
     prototype scores ``[N, K]`` (cosines once the prototypes are normalised, which the SwAV
-    objective does after every update)."""
+    objective does before every forward)."""
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, prototypes: int):
         super().__init__()

@@ -135,8 +135,14 @@ class _Prototypes(nn.Module):
             self.prototypes.weight.copy_(torch.nn.functional.normalize(self.prototypes.weight, dim=1))
 
 
-def _swav(b: int, views: int, world: int = 1, dim: int = 4, k: int = 6, **loss) -> tuple[SwAV, _Prototypes]:
+def _swav(b: int, views: int, world: int = 1, dim: int = 4, k: int = 6, weights: torch.Tensor | None = None,
+          **loss) -> tuple[SwAV, _Prototypes]:
+    """SwAV built on prototypes of ``dim`` x ``k`` (holding ``weights`` when given: a model loaded
+    from a checkpoint before the objective is built)."""
     head = _Prototypes(dim, k)
+    if weights is not None:
+        with torch.no_grad():
+            head.prototypes.weight.copy_(weights)
     spec = _spec("swav", b, views, world=world, **{"swav.prototypes": k, **loss})
     return SwAV(spec, head.prototypes, head.normalize_prototypes), head
 
@@ -152,18 +158,47 @@ def test_swav_loss_equals_the_naive_swapped_prediction():
     assert loss.item() == pytest.approx(expected, rel=1e-9) and total.item() == pytest.approx(expected, rel=1e-9)
 
 
-def test_swav_prototypes_are_normalised_and_frozen_first():
+def test_swav_prototypes_are_normalised_before_every_forward_and_frozen_first():
     objective, head = _swav(2, 2, **{"swav.freeze_prototypes_steps": 3})
-    torch.testing.assert_close(head.prototypes.weight.norm(dim=1), torch.ones(6))  # at construction
     for step, frozen in ((0, True), (2, True), (3, False)):
+        with torch.no_grad():
+            head.prototypes.weight.mul_(3.0)  # an update
         objective.begin_step(0, step)
+        torch.testing.assert_close(head.prototypes.weight.norm(dim=1), torch.ones(6))
         head.prototypes.weight.grad = torch.ones_like(head.prototypes.weight)
         objective.before_update(None)
         assert (head.prototypes.weight.grad is None) == frozen, step
-    with torch.no_grad():
-        head.prototypes.weight.mul_(3.0)
-    objective.after_update(None)
-    torch.testing.assert_close(head.prototypes.weight.norm(dim=1), torch.ones(6))
+
+
+def _updates(objective: SwAV, head: _Prototypes, steps: range) -> list[torch.Tensor]:
+    """Steps of SwAV's hooks around a stand-in update of the prototypes; the weights each forward saw."""
+    seen = []
+    for step in steps:
+        objective.begin_step(0, step)
+        seen.append(head.prototypes.weight.detach().clone())
+        objective.before_update(head)
+        with torch.no_grad():
+            head.prototypes.weight.add_(torch.randn(head.prototypes.weight.shape,
+                                                    generator=torch.Generator().manual_seed(step)), alpha=0.1)
+        objective.after_update(head)
+    return seen
+
+
+def test_swav_resumed_from_a_checkpoint_sees_the_uninterrupted_prototypes_bit_for_bit():
+    """A checkpoint holds the prototypes as the update left them; a new objective built on them
+    (a resumed run) normalises them once before the next forward, as the uninterrupted run does
+    (normalising twice differs in the last bits: the resumed run drifted)."""
+    torch.manual_seed(0)
+    objective, head = _swav(2, 2, dim=32, k=200)
+    uninterrupted = _updates(objective, head, range(6))
+    torch.manual_seed(0)
+    first, head = _swav(2, 2, dim=32, k=200)
+    _updates(first, head, range(3))
+    saved = head.prototypes.weight.detach().clone(), first.state_dict()  # the checkpoint after step 2
+    resumed, head = _swav(2, 2, dim=32, k=200, weights=saved[0])
+    resumed.load_state_dict(saved[1])
+    for step, (got, want) in enumerate(zip(_updates(resumed, head, range(3, 6)), uninterrupted[3:]), start=3):
+        assert torch.equal(got, want), step
 
 
 def test_swav_queue_fills_is_used_once_full_and_survives_a_checkpoint():

@@ -13,11 +13,12 @@ and for every other view ``v`` the cross-entropy ``-sum_k q_k log softmax(s_v /
 t)_k``; averaged over the other views, then over the assigned crops. Sinkhorn
 is distributed: its row and total sums are all-reduced, so the codes are those
 of one process holding every rank's rows (tested). The prototypes are
-normalised after every update (the official code does it before every
-forward: the same weights at every forward), and get no update for the first
-``loss.swav.freeze_prototypes_steps`` global steps. With
-``loss.swav.queue_length`` > 0 each rank keeps ``queue_length / world size``
-earlier embeddings of each assigned crop from epoch
+normalised before every forward, as the official code does (so a checkpoint
+holds them as the update left them, and a resumed run normalises them once,
+as the uninterrupted run does: normalising is not idempotent in floating
+point), and get no update for the first ``loss.swav.freeze_prototypes_steps``
+global steps. With ``loss.swav.queue_length`` > 0 each rank keeps ``queue_length
+/ world size`` earlier embeddings of each assigned crop from epoch
 ``loss.swav.queue_start_epoch`` on, used once full (as the official code), and
 checkpointed with the count of rows pushed, which decides "full" on the host.
 
@@ -93,12 +94,13 @@ class SwAV(NoState):
         self.suncet = (init_suncet_loss(spec.support, loss.temperature, spec.world_size, spec.device)
                        if spec.suncet_weight > 0 and spec.support > 0 else None)
         self.names = ("loss_swav", "loss_suncet", "loss") if self.suncet else ("loss_swav", "loss")
-        normalize()
 
     def begin_step(self, epoch: int, global_step: int) -> None:
-        """Start the queue at its epoch; decide on the host whether this step reads it (full before
-        the step, as the official check of its last row) and count the rows the step pushes."""
+        """Normalise the prototypes; start the queue at its epoch; decide on the host whether this
+        step reads it (full before the step, as the official check of its last row) and count the
+        rows the step pushes."""
         self.global_step = global_step
+        self.normalize()
         if self.queue is None and self.queue_rows > 0 and epoch >= self.settings.queue_start_epoch:
             dim = self.prototypes.weight.shape[1]
             self.queue = torch.zeros(ASSIGNED, self.queue_rows, dim, device=self.device)
@@ -143,9 +145,6 @@ class SwAV(NoState):
     def before_update(self, model: nn.Module) -> None:
         if self.global_step < self.settings.freeze_prototypes_steps:
             self.prototypes.weight.grad = None  # no update from the optimizer, momentum included
-
-    def after_update(self, model: nn.Module) -> None:
-        self.normalize()
 
     def state_dict(self) -> dict:
         """Every rank's queue, ``[world size, 2, rows, dim]`` (a collective: every rank calls it),

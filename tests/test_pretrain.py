@@ -237,6 +237,30 @@ def test_fresh_run_refuses_directory_with_checkpoints(data_root, tmp_path, capsy
     assert "--resume auto" in capsys.readouterr().err
 
 
+def test_a_resume_that_changes_the_resolution_is_recorded_in_the_checkpoints_and_the_exported_sidecar(data_root,
+                                                                                                      tmp_path):
+    """Before: checkpoints carried no config history, so the sidecar of an encoder trained at 16 px
+    and resumed at 24 px said 24 px only."""
+    from train.encoder_info import read_info
+
+    run_dir = tmp_path / "run"
+    settings = {"run.max_steps_per_epoch": 2, "run.knn_every_epochs": 0}  # 2 epochs x 2 steps, ckpt-2 and ckpt-4
+    assert pretrain.main(["--device", "cpu", *_set_args(tiny_overrides(data_root, run_dir, **settings))]) == 0
+    (run_dir / "ckpt-000000004.pt").unlink()  # as if stopped after the checkpoint of step 2
+    (run_dir / "summary.json").unlink()
+    first, _ = ckpt.load_latest(run_dir)
+    assert [(h["global_step"], h["config"]["augment"]["resolution"]) for h in first["config_history"]] == [(0, 16)]
+    larger = tiny_overrides(data_root, run_dir, **settings, **{"augment.resolution": 24})
+    assert pretrain.main(["--device", "cpu", *_set_args(larger), "--resume", "auto"]) == 0
+    state, path = ckpt.load_latest(run_dir)
+    assert path.name == "ckpt-000000004.pt"
+    assert [(h["global_step"], h["config"]["augment"]["resolution"]) for h in state["config_history"]] == \
+        [(0, 16), (2, 24)]
+    encoder = json.loads((run_dir / "summary.json").read_text())["encoder"]
+    info = read_info(encoder)
+    assert info.trained_resolutions == ((0, 16), (2, 24)) and info.resolution == 24
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_reproduces_uninterrupted_losses(data_root, tmp_path):
     common = ["-m", "train.pretrain", "--device", "cpu"]

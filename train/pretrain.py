@@ -31,7 +31,7 @@ from train.dry_run import dry_run
 from train.knn import extract_features, knn_accuracy
 from train.log_window import LogWindow
 from train.preemption import PREEMPTED_EXIT, Preempted, Preemption
-from train.resume import resumed_config
+from train.resume import config_history, resumed_config
 from train.run_files import finished_summary, read_metrics
 from train.run_lock import RunDirError, RunLock
 from train.run_logger import RunLogger
@@ -193,6 +193,7 @@ def start_trainer(cfg: PretrainConfig, ctx: DistContext, loaded: tuple[dict, Pat
     if ctx.is_main:
         print(f"building the {cfg.data.backend} data pipeline, the kNN sets and the model ...", flush=True)
     tr = build_trainer(cfg, ctx)
+    tr.history = config_history(loaded[0] if loaded else None, cfg, state.global_step)
     if state.step > tr.steps_per_epoch:  # before the logger trims metrics.csv to the checkpoint
         tr.loaders.train.close()
         raise ConfigError(f"cannot resume: the checkpoint stopped at step {state.step} of epoch {state.epoch}, but an "

@@ -5,7 +5,7 @@ writes from them: checkpoints and, at the end, the encoder.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from train.data import Loaders, build_loaders
 from train.distributed import DistContext
 from train.lars import LayerwiseSGD
 from train.precision import resolve_precision
-from train.resume import global_batch
+from train.resume import HISTORY_KEY, global_batch
 from train.run_logger import RunLogger
 from train.schedule import WarmupCosineSchedule
 from train.wiring import StepKit, build_step_kit
@@ -47,6 +47,9 @@ class Trainer:
     loaders: Loaders
     steps_per_epoch: int
     logger: RunLogger | None  # main rank of a run; attached after the resume checks
+    # the settings each stretch of the run trained with (``train.resume.config_history``), set once at
+    # start: every checkpoint carries it, and the exported encoder's sidecar reads its resolutions
+    history: list[dict] = field(default_factory=list)
 
     @property
     def model(self) -> torch.nn.Module:  # DDP-wrapped when distributed
@@ -76,6 +79,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "train_state": asdict(state),
             "config": config_to_dict(self.cfg),
+            HISTORY_KEY: self.history,
             "world_size": self.ctx.world_size,
             "global_batch": global_batch(self.cfg, self.ctx.world_size),  # what a resumed run keeps
             "rng": rng,  # every rank's generators (ckpt.gather_rng_states)
@@ -109,7 +113,8 @@ class Trainer:
         fmt = export.default_format(arch)
         name = arch.replace("/", "-")
         path = run_dir / (f"encoder_{name}.pth" if fmt == "native" else f"encoder_{name}_{fmt}.pth")
-        return export.export_encoder(self.core, path, fmt, export.EncoderInfo.of(self.cfg, run_dir, global_step))
+        info = export.EncoderInfo.of(self.cfg, run_dir, global_step, history=self.history or None)
+        return export.export_encoder(self.core, path, fmt, info)
 
 
 def build_trainer(cfg: PretrainConfig, ctx: DistContext) -> Trainer:

@@ -3,6 +3,7 @@ run continues exactly, on one process and on two torchrun workers; the log rows 
 window; TensorBoard keeps the step a run resumed at; curves.png is written."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -27,54 +28,112 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def _command(data_root: Path, run_dir: Path, procs: int, record: Path | None, batch: int, per_class: int,
-             resume: bool = False) -> list[str]:
+             resume: bool = False, torchrun: bool = False, workers: int = 0) -> list[str]:
     overrides = tiny_overrides(data_root, run_dir, **{**SETTINGS, "data.unlabeled_batch_size": batch,
-                                                      "data.support_images_per_class": per_class})
+                                                      "data.support_images_per_class": per_class,
+                                                      "data.num_workers": workers})
     launcher = (["-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-port", str(free_port())]
-                if procs > 1 else [])
+                if procs > 1 or torchrun else [])
     program = ["-m", "tests.helpers.record_stream", str(record)] if record is not None else ["-m", "train.pretrain"]
     return [sys.executable, *launcher, *program, "--device", "cpu", *_set_args(overrides),
             *(["--resume", "auto"] if resume else [])]
 
 
+# (processes, under torchrun, DataLoader workers, SIGTERM to the whole process group). torchrun's agent
+# passes the signal on with os.killpg to each worker's group, DataLoader workers included, as a
+# group kill of a plain run does (and SLURM, which signals every process of the job step)
+LAUNCHES = {"plain": (1, False, 0, False), "torchrun-2-ranks": (2, True, 0, False),
+            "plain-group-2-workers": (1, False, 2, True), "torchrun-2-workers": (1, True, 2, False)}
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("procs", [1, 2])
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("launch", list(LAUNCHES))
 def test_sigterm_mid_epoch_writes_a_checkpoint_and_the_resumed_run_gives_the_uninterrupted_losses(
-        data_root, tmp_path, procs):
+        data_root, tmp_path, launch):
+    procs, torchrun, workers, to_group = LAUNCHES[launch]
     batch, per_class = 8 // procs, 2 // procs  # the same global batch on 1 and 2 ranks
-    reference = subprocess.run(_command(data_root, tmp_path / "reference", procs, None, batch, per_class), cwd=REPO,
-                               env=_env(), capture_output=True, text=True, timeout=300)
+
+    def command(run_dir: Path, record: Path | None = None, resume: bool = False) -> list[str]:
+        return _command(data_root, run_dir, procs, record, batch, per_class, resume, torchrun, workers)
+
+    reference = subprocess.run(command(tmp_path / "reference"), cwd=REPO, env=_env(), capture_output=True, text=True,
+                               timeout=600)
     assert reference.returncode == 0, reference.stdout + reference.stderr
 
     run_dir, record = tmp_path / "run", tmp_path / "stream.jsonl"
-    first = subprocess.Popen(_command(data_root, run_dir, procs, record, batch, per_class), cwd=REPO,
-                             env=dict(_env(), RECORD_STEP_SLEEP="0.4"), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(command(run_dir, record), cwd=REPO, env=dict(_env(), RECORD_STEP_SLEEP="0.4"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 240
     while len(read_records(record) if record.exists() else []) < 2 * procs:  # the second step is under way
         assert first.poll() is None and time.time() < deadline, first.communicate()[0]
         time.sleep(0.05)
-    first.send_signal(signal.SIGTERM)  # to the process, or to torchrun's agent, which passes it on
+    if to_group:
+        os.killpg(first.pid, signal.SIGTERM)  # the trainer and its DataLoader workers
+    else:
+        first.send_signal(signal.SIGTERM)  # to the process, or to torchrun's agent, which passes it on
     out, _ = first.communicate(timeout=120)
-    if procs > 1:
+    if torchrun:
         _wait_for_no_worker(run_dir)
+    assert "killed by signal" not in out, out
     worker_codes = out.count("preempted: stopped by SIGTERM")
     assert worker_codes == 1, out  # the main rank reports it
-    if procs == 1:
+    if not torchrun:
         assert first.returncode == PREEMPTED_EXIT, out
     checkpoints = sorted(p.name for p in run_dir.glob("ckpt-*.pt"))
     assert len(checkpoints) == 1, checkpoints  # no regular checkpoint yet (every 100 steps): the signal's
     stopped_at = int(checkpoints[0][5:14])
     assert 1 <= stopped_at < 5, checkpoints  # mid-epoch (5 steps per epoch)
 
-    resumed = subprocess.run(_command(data_root, run_dir, procs, None, batch, per_class, resume=True), cwd=REPO,
-                             env=_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(command(run_dir, resume=True), cwd=REPO, env=_env(), capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     expected, got = step_losses(tmp_path / "reference"), step_losses(run_dir)
     assert sorted(got) == sorted(expected) == list(range(1, 11))
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), (step, got, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("ended_by", ["grace period", "second signal"])
+def test_a_step_that_never_ends_is_stopped_by_the_grace_period_or_a_second_signal(data_root, tmp_path, ended_by):
+    """The trainer defers SIGTERM to the end of the step: a step that never ends (here stuck in one C
+    call) ignored SIGTERM for good. A second signal, or run.preempt_grace_s after the first, ends it
+    at once, naming why; the last checkpoint stays whole."""
+    from train import checkpoint as ckpt
+    from train.preemption import FORCED_EXIT
+
+    run_dir, record, log = tmp_path / "run", tmp_path / "stream.jsonl", tmp_path / "out.log"
+    marker = tmp_path / "stream.jsonl.hanging"
+    grace = 3 if ended_by == "grace period" else 600
+    overrides = tiny_overrides(data_root, run_dir, **{**SETTINGS, "run.checkpoint_every_steps": 2,
+                                                      "run.preempt_grace_s": grace})
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.hang_run", str(record), "--device", "cpu",
+                                 *_set_args(overrides)], cwd=REPO, env=dict(_env(), HANG_AT_STEP="3"), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not marker.exists():  # steps 0-2 trained, ckpt-2 written, the fourth step hangs
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        if ended_by == "second signal":
+            while "note: SIGTERM received" not in log.read_text():
+                assert proc.poll() is None and time.time() < deadline, log.read_text()
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert proc.returncode == FORCED_EXIT, text
+    reason = "SIGTERM came 3 s ago" if ended_by == "grace period" else "a second SIGTERM"
+    assert f"error: {reason}" in text and "the last checkpoint in" in text, text
+    state, path = ckpt.load_latest(run_dir)
+    assert path.name == "ckpt-000000002.pt" and state["train_state"]["global_step"] == 2
 
 
 def test_preempt_signals_are_checked_naming_the_key():

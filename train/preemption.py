@@ -19,9 +19,15 @@ continues from that step exactly.
 - **A second signal, or ``run.preempt_grace_s`` seconds after the first** without the run having
   stopped, ends the process at once (exit ``FORCED_EXIT``, with a message): the step in flight is
   lost, and the last checkpoint stays intact (checkpoints are written to a temp file and renamed).
+- **At exit**, multiprocessing ends the daemonic children still alive (DataLoader workers a loader
+  never shut down) with SIGTERM and waits for them: with SIGTERM blocked in them it waited for
+  ever, after the run had ended. ``_end_children_at_exit`` (an ``atexit`` hook registered after
+  multiprocessing's, so it runs first) ends them with SIGKILL instead.
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import os
 import select
 import signal
@@ -35,6 +41,17 @@ from train.distributed import all_reduce_sum
 PREEMPTED_EXIT = 143
 FORCED_EXIT = 1
 _STOP = 0  # written to the wakeup pipe by __exit__: no signal has the number 0
+
+
+def _end_children_at_exit() -> None:
+    """SIGKILL for the daemonic children still alive at exit: they block SIGTERM, the signal
+    multiprocessing's own exit hook ends them with before waiting for them."""
+    for child in multiprocessing.active_children():
+        if child.daemon and child.pid is not None:
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 class Preempted(Exception):
@@ -84,6 +101,8 @@ class Preemption:
         self._previous_wakeup_fd = signal.set_wakeup_fd(self._pipe[1], warn_on_full_buffer=False)
         self._watcher = threading.Thread(target=self._watch, name="preemption-watcher", daemon=True)
         self._watcher.start()  # before the block: it inherits the signals unblocked
+        atexit.unregister(_end_children_at_exit)  # registered once, after multiprocessing's (LIFO: runs first)
+        atexit.register(_end_children_at_exit)
         signal.pthread_sigmask(signal.SIG_BLOCK, self.numbers)
         return self
 

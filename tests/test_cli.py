@@ -140,9 +140,10 @@ def test_a_run_logs_plain_lines_when_stdout_is_no_terminal(tree, tmp_path, capsy
                   "--set", "run.progress_bar=true") == 0
     out = capsys.readouterr().out
     assert "\r" not in out  # no redrawn bars in a log file
-    step_lines = [line for line in out.splitlines() if line.startswith("epoch 0 step ")]
+    step_lines = [line for line in out.splitlines() if line.startswith("epoch 1/")]
     assert step_lines and "loss" in step_lines[0] and "img/s" in step_lines[0]
-    assert out.splitlines()[0].startswith("device cpu")  # the banner first
+    lines = out.splitlines()
+    assert lines[0].startswith("building ") and lines[1].startswith("device cpu")  # what it builds, then the banner
     assert "encoder " in out.splitlines()[-1]  # the final line names the exported encoder
 
 

@@ -45,13 +45,21 @@ _STOP = 0  # written to the wakeup pipe by __exit__: no signal has the number 0
 
 def _end_children_at_exit() -> None:
     """SIGKILL for the daemonic children still alive at exit: they block SIGTERM, the signal
-    multiprocessing's own exit hook ends them with before waiting for them."""
-    for child in multiprocessing.active_children():
-        if child.daemon and child.pid is not None:
-            try:
-                os.kill(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    multiprocessing's own exit hook ends them with before waiting for them. torch's SIGCHLD
+    handler is removed first: it reports a DataLoader worker ended by a signal as a failure
+    (a traceback after a run that had finished)."""
+    children = [c for c in multiprocessing.active_children() if c.daemon and c.pid is not None]
+    if not children:
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        try:
+            os.kill(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for child in children:
+        child.join(timeout=5)
 
 
 class Preempted(Exception):

@@ -4,7 +4,7 @@ weights, optimizer state and objective state bit for bit (which catches a drift 
 digits metrics.csv keeps).
 
 SimCLR, SwAV and PAWS, with and without SuNCEt where it applies, two views or multi-crop, on the
-torch backend, and SwAV + SuNCEt multi-crop on FFCV and DALI. SwAV's queue is still filling at the
+torch backend, and SwAV + SuNCEt and PAWS multi-crop on FFCV and DALI. SwAV's queue is still filling at the
 checkpoint and is read after it; its prototypes were updated before it (or unfreeze after it),
 with LARC (the SwAV configs' optimizer) and with LARS. Before the fix a resumed SwAV run
 normalised its prototypes once more than the uninterrupted one and drifted within a few steps."""
@@ -84,10 +84,15 @@ def test_a_run_resumed_mid_epoch_gives_the_uninterrupted_losses_and_weights(obje
     _assert_resumes_exactly(tree, tmp_path, OBJECTIVES[objective])
 
 
+ON_FFCV_AND_DALI = {"swav_suncet_multicrop": {**SWAV, "augment.views": MULTICROP},
+                    "paws_multicrop": OBJECTIVES["paws_multicrop"]}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("objective", sorted(ON_FFCV_AND_DALI))
 @pytest.mark.parametrize("backend", ["ffcv", "dali"])
-def test_swav_suncet_multicrop_on_ffcv_and_dali_resumes_exactly(backend, tree, tmp_path):
+def test_multicrop_objectives_resume_exactly_on_ffcv_and_dali(backend, objective, tree, tmp_path):
     root = tree  # DALI reads ImageFolder trees; FFCV a conversion
     if backend == "ffcv":
         pytest.importorskip("ffcv")
@@ -98,5 +103,5 @@ def test_swav_suncet_multicrop_on_ffcv_and_dali_resumes_exactly(backend, tree, t
                                labeled_fraction=0.5, jobs=1, progress=False))
     else:
         pytest.importorskip("nvidia.dali")
-    _assert_resumes_exactly(root, tmp_path, {**SWAV, "augment.views": MULTICROP, "data.backend": backend,
+    _assert_resumes_exactly(root, tmp_path, {**ON_FFCV_AND_DALI[objective], "data.backend": backend,
                                              "data.num_workers": 1})

@@ -40,7 +40,7 @@ def dry_run(cfg: PretrainConfig, ctx: DistContext, resume: str = "none") -> str:
         losses.append(StepRecords(skip_nonfinite=False).add(step(next(batches), i)).check()["loss"])
         seconds.append(time.perf_counter() - start)
     loader.close()
-    left = tr.total_steps - done
+    left = tr.schedule.total_steps - done
     first = f"one step trained, loss {losses[0]:.4f} ({duration(seconds[0])} with the one-time work)"
     if len(seconds) < 2:
         return f"dry run: {first}; nothing written"

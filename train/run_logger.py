@@ -58,7 +58,7 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False),
                           "config")
-        self._keep_up_to(rows, resume_step)
+        self._rows = self._keep_up_to(rows, resume_step)  # metrics.csv's rows, kept as written
         self._csv_file = open_appending(self.csv_path)
         self._csv = csv.DictWriter(self._csv_file, fieldnames=METRIC_FIELDS, extrasaction="ignore")
         self._tb = None
@@ -73,9 +73,10 @@ class RunLogger:
                 self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
         self._wandb = _start_wandb(self.run_dir, cfg) if cfg.run.logger == "wandb" else None
 
-    def _keep_up_to(self, rows: list[dict[str, str]], resume_step: int | None) -> None:
+    def _keep_up_to(self, rows: list[dict[str, str]], resume_step: int | None) -> list[dict[str, str]]:
         """metrics.csv rewritten with the rows of steps <= ``resume_step`` (done before the
-        checkpoint; none for a fresh run), in the current columns; says what it drops."""
+        checkpoint; none for a fresh run), in the current columns; says what it drops. Returns the
+        rows kept."""
         kept = [] if resume_step is None else [r for r in rows if int(r["global_step"]) <= resume_step]
         if len(kept) < len(rows):
             after = "" if resume_step is None else f" after global step {resume_step}, the checkpoint's,"
@@ -86,13 +87,17 @@ class RunLogger:
         writer.writeheader()
         writer.writerows(kept)
         write_text_atomic(self.csv_path, text.getvalue(), "metrics")
+        return kept
 
     def log(self, row: dict) -> None:
+        written = {k: "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
+                   for k, v in row.items() if k in METRIC_FIELDS}
         try:
-            self._csv.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            self._csv.writerow(written)
             self._csv_file.flush()
         except OSError as exc:  # a full or read-only disk: one line, the checkpoints so far are kept
             raise CheckpointError(f"could not append to {self.csv_path}: {exc.strerror or exc}") from exc
+        self._rows.append({key: written.get(key, "") for key in METRIC_FIELDS})  # as read_metrics reads it
         scalars = {k: v for k, v in row.items() if k not in NOT_SCALARS and isinstance(v, (int, float))}
         if self._tb is not None:
             for key, value in scalars.items():
@@ -101,18 +106,14 @@ class RunLogger:
         if self._wandb is not None and scalars:
             self._wandb.log(scalars, step=row["global_step"])
 
-    def rows(self) -> list[dict[str, str]]:
-        self._csv_file.flush()
-        return read_metrics(self.csv_path)
-
     def knn_at(self, global_step: int) -> dict[str, float] | None:
         """The kNN figures metrics.csv holds for ``global_step``, if any."""
-        found = [knn_of(r) for r in self.rows() if int(r["global_step"]) == global_step and r["knn_top1"]]
+        found = [knn_of(r) for r in self._rows if int(r["global_step"]) == global_step and r["knn_top1"]]
         return found[-1] if found else None
 
     def last_knn(self) -> dict[str, float]:
         """The newest kNN figures of the run (empty before any evaluation)."""
-        found = [knn_of(r) for r in self.rows() if r["knn_top1"]]
+        found = [knn_of(r) for r in self._rows if r["knn_top1"]]
         return found[-1] if found else {}
 
     def write_curves(self) -> Path | None:
@@ -121,7 +122,7 @@ class RunLogger:
             return None
         path = self.run_dir / "curves.png"
         try:
-            draw(curve_data(self.rows(), self.shape), self.shape, path)
+            draw(curve_data(self._rows, self.shape), self.shape, path)
         except Exception as exc:  # noqa: BLE001 -- matplotlib raises anything; a figure never ends a run
             print(f"warning: {path} not drawn ({type(exc).__name__}: {exc}); training goes on", file=sys.stderr)
             return None

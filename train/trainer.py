@@ -67,10 +67,6 @@ class Trainer:
     def scaler(self) -> torch.amp.GradScaler:
         return self.kit.scaler
 
-    @property
-    def total_steps(self) -> int:
-        return self.cfg.optim.epochs * self.steps_per_epoch
-
     def checkpoint_state(self, state: TrainState, objective: dict, rng: dict) -> dict:
         return {
             "model": self.core.state_dict(),
